@@ -1,0 +1,524 @@
+"""The one place speed is measured: training steps, attacks and single convolutions.
+
+Prints one JSON line per measurement (and appends it to `--out` if given) with `what`, `model`,
+`batch`, `backend`, `devices`, `images_per_second`, `seconds_per_step` (median of `--steps`
+timed repetitions after `--warmup` untimed ones), `compile_seconds`, `peak_memory_bytes` (the
+device's peak where the backend reports it, else null), and more context: the XLA memory plan of
+the compiled program, the process's peak RSS, the CPU seconds per step (robust to other
+processes sharing the machine), model FLOPs and the load average at the time.
+
+What is timed (`--what`):
+  natural_step     the natural expert alone (method "natural"): augment + SGD step.
+  robust_step      the robust expert alone (method "pgd_at"): PGD-k in inference mode + SGD step.
+  generalist_step  the whole per-batch Generalist work: both experts, EMA teachers, global mix.
+  pgd20            PGD (`--pgd-steps`, default 20 for this one) against a model in inference mode.
+  autoattack       gen_jax.attacks.autoattack on one batch (labels = the model's own predictions,
+                   so every point starts robust and every stage does its full work).
+  conv             one convolution layer's forward + both gradients, XLA vs the custom VJP.
+
+Synopsis::
+
+    python experiments/bench.py --what generalist_step --model resnet18 --batch 128 --steps 5
+    python experiments/bench.py --what pgd20 --model resnet18 --batch 128 --conv-impl xla
+    python experiments/bench.py --what natural_step --model smallcnn --sweep batch
+    python experiments/bench.py --what robust_step --model smallcnn --sweep pgd_steps
+    python experiments/bench.py --what conv --conv-shape 128,32,32,64,64,3,1
+
+A sweep runs every point in a fresh subprocess (so peak RSS and failures stay per point).
+Model FLOPs follow the usual MFU convention: F = XLA's count for one inference forward pass,
+a training forward+backward = 3F, a PGD iteration (forward + input gradient) = 2F.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(_HERE))  # run from a checkout without installing
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+WHATS = ("natural_step", "robust_step", "generalist_step", "pgd20", "autoattack", "conv")
+METHOD_OF = {"natural_step": "natural", "robust_step": "pgd_at", "generalist_step": "generalist"}
+SWEEPS = {
+    "batch": ("batch", [16, 32, 64, 128, 256, 512]),
+    "pgd_steps": ("pgd_steps", [1, 3, 5, 10, 20]),
+    "model": ("model", ["smallcnn", "resnet18", "wrn34_10"]),
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--what", default="generalist_step",
+                 help=f"comma-separated subset of {','.join(WHATS)}")
+  p.add_argument("--model", default="resnet18")
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--pgd-steps", type=int, default=None,
+                 help="PGD iterations (default: 10 inside training steps, 20 for pgd20)")
+  p.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
+                 help="compute dtype of training steps (attacks always run in float32)")
+  p.add_argument("--conv-impl", default="auto", choices=("auto", "xla", "fast"),
+                 help="xla: nn.Conv; fast/auto: gen_jax.ops.conv.FastConv (custom VJP on CPU)")
+  p.add_argument("--steps", type=int, default=5, help="timed repetitions (median reported)")
+  p.add_argument("--warmup", type=int, default=1, help="untimed repetitions after compiling")
+  p.add_argument("--num-classes", type=int, default=10)
+  p.add_argument("--image-size", type=int, default=32)
+  p.add_argument("--conv-shape", default="128,32,32,64,64,3,1",
+                 help="N,H,W,C_in,C_out,kernel,stride for --what conv")
+  p.add_argument("--aa-attacks", default=None,
+                 help="comma-separated AutoAttack stages (default: the 'standard' list)")
+  p.add_argument("--peak-flops", type=float, default=None,
+                 help="device peak FLOP/s; adds model FLOP utilisation (mfu) to the output")
+  p.add_argument("--sweep", choices=tuple(SWEEPS), default=None,
+                 help="run each value of the sweep in a fresh subprocess")
+  p.add_argument("--sweep-values", default=None, help="comma-separated values overriding the sweep")
+  p.add_argument("--out", default=None, help="also append the JSON lines to this file")
+  p.add_argument("--profile", type=int, default=0, metavar="K",
+                 help="trace one more step with jax.profiler and report the K most costly XLA "
+                 "operations (summed self time, ms) under `top_ops`")
+  p.add_argument("--seed", type=int, default=0)
+  args = p.parse_args(argv)
+  whats = [w.strip() for w in args.what.split(",") if w.strip()]
+  bad = [w for w in whats if w not in WHATS]
+  if bad or not whats:
+    p.error(f"--what must be a comma-separated subset of {WHATS}; got {args.what!r}")
+  args.whats = whats
+  for name in ("batch", "steps", "num_classes", "image_size"):
+    if getattr(args, name) < 1:
+      p.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+  if args.pgd_steps is not None and args.pgd_steps < 1:
+    p.error(f"--pgd-steps must be >= 1; got {args.pgd_steps}")
+  if args.warmup < 0:
+    p.error(f"--warmup must be >= 0; got {args.warmup}")
+  return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement helpers.
+
+
+class _CompileClock:
+  """Sums JAX's own tracing/lowering/compilation durations (jax.monitoring events)."""
+
+  def __init__(self):
+    self.seconds = 0.0
+    self.active = False
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+  def _listen(self, name: str, duration: float, **_: Any) -> None:
+    if self.active and name.startswith("/jax/core/compile/"):
+      self.seconds += duration
+
+  def __enter__(self):
+    self.seconds, self.active = 0.0, True
+    return self
+
+  def __exit__(self, *exc):
+    self.active = False
+
+
+_CLOCK = None
+
+
+def _clock() -> _CompileClock:
+  global _CLOCK  # one listener per process: jax.monitoring cannot unregister a single one
+  if _CLOCK is None:
+    _CLOCK = _CompileClock()
+  return _CLOCK
+
+
+def _time_calls(run_fn: Callable[[], Any], steps: int, warmup: int,
+                profile: int = 0) -> dict[str, Any]:
+  """Times `run_fn` (which must block until its result is ready); the first call compiles."""
+  with _clock() as clock:
+    start = time.perf_counter()
+    jax.block_until_ready(run_fn())
+    first = time.perf_counter() - start
+  for _ in range(warmup):
+    jax.block_until_ready(run_fn())
+  wall, cpu = [], []
+  for _ in range(steps):
+    c0, t0 = time.process_time(), time.perf_counter()
+    jax.block_until_ready(run_fn())
+    wall.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
+  median = statistics.median(wall)
+  extra = {"top_ops": _profile_ops(run_fn, profile)} if profile else {}
+  return {
+      **extra,
+      "seconds_per_step": median,
+      "seconds_all": [round(s, 4) for s in wall],
+      "cpu_seconds_per_step": statistics.median(cpu),
+      # JAX's own trace+lower+compile time; the first call minus a step is an upper bound for
+      # callables JAX does not instrument (e.g. host loops such as AutoAttack).
+      "compile_seconds": clock.seconds if clock.seconds > 0 else max(0.0, first - median),
+      "first_call_seconds": first,
+  }
+
+
+def _profile_ops(run_fn: Callable[[], Any], top: int) -> list[tuple[str, float]]:
+  """Runs `run_fn` once under jax.profiler and returns the `top` XLA operations by total time.
+
+  Uses the profiler's Perfetto JSON export, so no TensorBoard plug-in is needed. Times are summed
+  over threads (the CPU backend runs independent operations concurrently).
+  """
+  import collections  # pylint: disable=g-import-not-at-top
+  import glob  # pylint: disable=g-import-not-at-top
+  import gzip  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    try:
+      jax.block_until_ready(run_fn())
+    finally:
+      jax.profiler.stop_trace()
+    files = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not files:
+      return []
+    with gzip.open(files[0], "rt") as f:
+      trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  totals = collections.Counter()
+  for e in events:
+    name = e.get("name", "")
+    # Keep XLA operations (fusions, dots, convolutions, ...), not the runtime's wrappers.
+    if e.get("ph") == "X" and not name.startswith(("ThunkExecutor", "$", "Pjit", "Common")):
+      totals[name] += e.get("dur", 0) / 1e3
+  return [(name, round(ms, 1)) for name, ms in totals.most_common(top)]
+
+
+def _device_peak_memory() -> int | None:
+  try:
+    stats = jax.local_devices()[0].memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if not stats:
+    return None
+  return int(stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0))) or None
+
+
+def _program_memory(compiled: Any) -> int | None:
+  """Argument + output + temporary bytes XLA planned for a compiled program (minus aliasing)."""
+  try:
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes -
+               m.alias_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _flops(compiled: Any) -> float | None:
+  try:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0]
+    return float(cost["flops"])
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _context(args: argparse.Namespace, what: str) -> dict[str, Any]:
+  dev = jax.devices()[0]
+  return {
+      "what": what,
+      "framework": "jax",
+      "model": args.model if what != "conv" else "conv:" + args.conv_shape,
+      "batch": args.batch,
+      "backend": jax.default_backend(),
+      "devices": jax.device_count(),
+      "device_kind": dev.device_kind,
+      "dtype": args.dtype if what in METHOD_OF else "float32",
+      "conv_impl": args.conv_impl,
+      "pgd_steps": _pgd_steps(args, what),
+      "steps": args.steps,
+      "jax_version": jax.__version__,
+      "load_average_1min": os.getloadavg()[0],
+      "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
+
+
+def _pgd_steps(args: argparse.Namespace, what: str) -> int | None:
+  if what in ("robust_step", "generalist_step"):
+    return args.pgd_steps or 10
+  if what == "pgd20":
+    return args.pgd_steps or 20
+  return None
+
+
+def _finish(record: dict[str, Any], timing: dict[str, Any], images: int,
+            model_flops: float | None, args: argparse.Namespace) -> dict[str, Any]:
+  record.update(timing)
+  record["images_per_second"] = images / timing["seconds_per_step"]
+  record["peak_memory_bytes"] = _device_peak_memory()
+  record["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  record["model_flops_per_step"] = model_flops
+  if model_flops:
+    record["model_flops_per_second"] = model_flops / timing["seconds_per_step"]
+    if args.peak_flops:
+      record["mfu"] = record["model_flops_per_second"] / args.peak_flops
+  return record
+
+
+# ----------------------------------------------------------------------------------------------
+# The measured workloads.
+
+
+def _model_and_variables(args: argparse.Namespace, dtype: Any):
+  from gen_jax import models  # pylint: disable=g-import-not-at-top
+  model = models.create_model(args.model, args.num_classes, dtype=dtype, conv_impl=args.conv_impl)
+  variables = models.init_variables(model, jax.random.key(args.seed),
+                                    (args.image_size, args.image_size, 3))
+  return model, variables
+
+
+def _forward_flops(model: Any, variables: Any, batch: int, image_size: int) -> float | None:
+  """XLA's FLOP count of one inference forward pass over `batch` images."""
+  x = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
+  fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  try:
+    return _flops(fwd.lower(variables, x).compile())
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _synthetic_batch(args: argparse.Namespace):
+  key = jax.random.key(args.seed + 1)
+  k_img, k_lab = jax.random.split(key)
+  images = jax.random.randint(k_img, (args.batch, args.image_size, args.image_size, 3), 0, 256,
+                              jnp.int32).astype(jnp.uint8)
+  labels = jax.random.randint(k_lab, (args.batch,), 0, args.num_classes, jnp.int32)
+  return images, labels
+
+
+def bench_train_step(args: argparse.Namespace, what: str) -> dict[str, Any]:
+  """natural_step / robust_step / generalist_step through the training API."""
+  from gen_jax import config as cfg, models, training  # pylint: disable=g-import-not-at-top
+  pgd_steps = _pgd_steps(args, what) or 10
+  config = dataclasses.replace(cfg.get_config("cifar10"), method=METHOD_OF[what], model=args.model,
+                               batch_size=args.batch, pgd_steps=pgd_steps,
+                               compute_dtype=args.dtype, conv_impl=args.conv_impl)
+  model = models.create_model(config.model, args.num_classes, dtype=DTYPES[args.dtype],
+                              conv_impl=config.conv_impl)
+  image_shape = (args.image_size, args.image_size, 3)
+  state = training.create_train_state(config, model, jax.random.key(args.seed),
+                                      image_shape=image_shape, num_classes=args.num_classes,
+                                      total_steps=1000)
+  images, labels = _synthetic_batch(args)
+  record = _context(args, what)
+  compiled = None
+  try:
+    # The same program make_train_step builds, compiled ahead of time so that the compile time,
+    # XLA's memory plan and FLOP count are exact.
+    from gen_jax.training import steps as steps_lib  # pylint: disable=g-import-not-at-top
+    import functools  # pylint: disable=g-import-not-at-top
+    tables = steps_lib.schedule_arrays(config, max(1, 1000 // config.epochs))
+    jitted = jax.jit(functools.partial(steps_lib.train_step, model=model, config=config),
+                     donate_argnums=0)
+    with _clock() as clock:
+      t0 = time.perf_counter()
+      compiled = jitted.lower(state, images, labels, jax.random.key(1), tables).compile()
+      compile_seconds = time.perf_counter() - t0
+    step_fn = lambda s, i, l, k: compiled(s, i, l, k, tables)  # noqa: E731
+  except (AttributeError, TypeError) as e:  # the training API moved: fall back to its front door
+    record["note"] = f"timed through make_train_step ({type(e).__name__}: {e})"
+    step_fn = training.make_train_step(config, model, total_steps=1000)
+    compile_seconds = None
+  holder = {"state": state, "i": 0}
+
+  def run():
+    holder["i"] += 1
+    holder["state"], metrics = step_fn(holder["state"], images, labels,
+                                       jax.random.fold_in(jax.random.key(2), holder["i"]))
+    return holder["state"].step, metrics
+
+  timing = _time_calls(run, args.steps, args.warmup, args.profile)
+  if compile_seconds is not None:
+    timing["compile_seconds"] = compile_seconds
+    timing["program_memory_bytes"] = _program_memory(compiled)
+  # Model FLOPs (MFU convention) from XLA's count of one float32 inference forward pass.
+  fwd_model, fwd_vars = model, holder["state"].mix
+  f = _forward_flops(fwd_model, fwd_vars, args.batch, args.image_size)
+  model_flops = None
+  if f:
+    per = {"natural_step": 3 * f, "robust_step": (2 * pgd_steps + 3) * f,
+           "generalist_step": (2 * pgd_steps + 6) * f}
+    model_flops = per[what]
+  return _finish(record, timing, args.batch, model_flops, args)
+
+
+def bench_pgd(args: argparse.Namespace) -> dict[str, Any]:
+  """PGD against the model in inference mode, float32 (evaluation is never run in bfloat16)."""
+  from gen_jax import attacks  # pylint: disable=g-import-not-at-top
+  steps = _pgd_steps(args, "pgd20")
+  model, variables = _model_and_variables(args, jnp.float32)
+  images, labels = _synthetic_batch(args)
+  x = images.astype(jnp.float32) / 255.0
+
+  def attack_fn(variables, x, y, key):
+    logits_fn = jax.tree_util.Partial(lambda v, z: model.apply(v, z, train=False), variables)
+    return attacks.pgd(logits_fn, x, y, key=key, eps=8 / 255, step_size=2 / 255, steps=steps)
+
+  record = _context(args, "pgd20")
+  with _clock():
+    t0 = time.perf_counter()
+    compiled = jax.jit(attack_fn).lower(variables, x, labels, jax.random.key(3)).compile()
+    compile_seconds = time.perf_counter() - t0
+  holder = {"i": 0}
+
+  def run():
+    holder["i"] += 1
+    return compiled(variables, x, labels, jax.random.fold_in(jax.random.key(3), holder["i"]))
+
+  timing = _time_calls(run, args.steps, args.warmup, args.profile)
+  timing["compile_seconds"] = compile_seconds
+  timing["program_memory_bytes"] = _program_memory(compiled)
+  f = _forward_flops(model, variables, args.batch, args.image_size)
+  return _finish(record, timing, args.batch, 2 * steps * f if f else None, args)
+
+
+def bench_autoattack(args: argparse.Namespace) -> dict[str, Any]:
+  """AutoAttack on one batch; skipped with a clear message when the attack is not available."""
+  record = _context(args, "autoattack")
+  try:
+    from gen_jax import attacks  # pylint: disable=g-import-not-at-top
+    autoattack = getattr(attacks, "autoattack", None)
+  except ImportError as e:
+    autoattack, record["skipped"] = None, f"gen_jax.attacks does not import: {e}"
+  if autoattack is None:
+    record.setdefault("skipped", "gen_jax.attacks.autoattack is not available in this checkout")
+    record.update(images_per_second=None, seconds_per_step=None, compile_seconds=None,
+                  peak_memory_bytes=None)
+    return record
+  model, variables = _model_and_variables(args, jnp.float32)
+  images, _ = _synthetic_batch(args)
+  x = images.astype(jnp.float32) / 255.0
+  logits_fn = jax.tree_util.Partial(lambda v, z: model.apply(v, z, train=False), variables)
+  # The model's own predictions as labels: every point starts robust, so every stage runs on the
+  # whole batch (an untrained network with random labels would leave little to attack).
+  labels = jnp.argmax(jax.jit(logits_fn)(x), axis=-1)
+  kwargs = {}
+  if args.aa_attacks:
+    kwargs["attacks"] = tuple(a.strip() for a in args.aa_attacks.split(",") if a.strip())
+  reports = []
+
+  def run():
+    x_adv, report = autoattack(logits_fn, np.asarray(x), np.asarray(labels),
+                               key=jax.random.key(4), eps=8 / 255, batch_size=args.batch,
+                               **kwargs)
+    reports.append(report)
+    return x_adv
+
+  timing = _time_calls(run, args.steps, args.warmup, args.profile)
+  record["robust_accuracy"] = reports[-1].get("robust_accuracy")
+  record["stage_seconds"] = {s["attack"]: round(s["seconds"], 3)
+                             for s in reports[-1].get("stages", [])}
+  return _finish(record, timing, args.batch, None, args)
+
+
+def bench_conv(args: argparse.Namespace) -> list[dict[str, Any]]:
+  """One convolution's forward + gradients wrt input and kernel: XLA's VJP vs the custom one."""
+  from gen_jax.ops import conv as conv_lib  # pylint: disable=g-import-not-at-top
+  try:
+    n, h, w, c_in, c_out, k, s = (int(v) for v in args.conv_shape.split(","))
+  except ValueError as e:
+    raise SystemExit(f"--conv-shape must be 7 comma-separated ints N,H,W,C_in,C_out,kernel,stride;"
+                     f" got {args.conv_shape!r} ({e})")
+  key_x, key_k = jax.random.split(jax.random.key(args.seed))
+  x = jax.random.normal(key_x, (n, h, w, c_in))
+  kernel = jax.random.normal(key_k, (k, k, c_in, c_out)) * 0.05
+  pad = (k - 1) // 2
+  pads = ((pad, pad), (pad, pad))
+  fns = {
+      "xla": lambda x, kk: conv_lib.conv2d_xla(x, kk, (s, s), pads),
+      "custom": lambda x, kk: conv_lib.conv2d(x, kk, s, pads),
+  }
+  records = []
+  for impl, conv_fn in fns.items():
+    for part, fn in (("forward", lambda x, kk, f=conv_fn: f(x, kk)),
+                     ("grad_input", jax.grad(lambda x, kk, f=conv_fn: jnp.sum(f(x, kk)**2), 0)),
+                     ("grad_kernel", jax.grad(lambda x, kk, f=conv_fn: jnp.sum(f(x, kk)**2), 1)),
+                     ("grad_both",
+                      jax.grad(lambda x, kk, f=conv_fn: jnp.sum(f(x, kk)**2), (0, 1)))):
+      if impl == "custom" and part == "forward":
+        continue  # the custom forward is XLA's
+      compiled = jax.jit(fn).lower(x, kernel).compile()
+      record = _context(args, "conv")
+      record.update(conv_impl=impl, part=part, batch=n)
+      timing = _time_calls(lambda: compiled(x, kernel), args.steps, args.warmup)
+      records.append(_finish(record, timing, n, _flops(compiled), args))
+  return records
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _emit(record: dict[str, Any], out: str | None) -> None:
+  line = json.dumps(record, sort_keys=False)
+  print(line, flush=True)
+  if out:
+    with open(out, "a", encoding="utf-8") as f:
+      f.write(line + "\n")
+
+
+def _run_sweep(args: argparse.Namespace, argv: list[str]) -> int:
+  field, values = SWEEPS[args.sweep]
+  if args.sweep_values:
+    values = [v.strip() for v in args.sweep_values.split(",") if v.strip()]
+  flag = "--" + field.replace("_", "-")
+  # Strip the sweep flags (and any fixed value of the swept field) from the child's command line.
+  child, skip = [], False
+  for a in argv:
+    if skip:
+      skip = False
+      continue
+    if a in ("--sweep", "--sweep-values", flag):
+      skip = True
+      continue
+    if a.startswith(("--sweep=", "--sweep-values=", flag + "=")):
+      continue
+    child.append(a)
+  status = 0
+  for value in values:
+    cmd = [sys.executable, os.path.abspath(__file__), *child, flag, str(value)]
+    result = subprocess.run(cmd, check=False)
+    if result.returncode != 0:
+      status = result.returncode
+      _emit({"what": args.what, "sweep": args.sweep, field: value, "error":
+             f"subprocess exited with status {result.returncode}"}, args.out)
+  return status
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args = _parse_args(argv)
+  if args.sweep:
+    return _run_sweep(args, argv)
+  for what in args.whats:
+    if what in METHOD_OF:
+      records = [bench_train_step(args, what)]
+    elif what == "pgd20":
+      records = [bench_pgd(args)]
+    elif what == "autoattack":
+      records = [bench_autoattack(args)]
+    else:
+      records = bench_conv(args)
+    for record in records:
+      _emit(record, args.out)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

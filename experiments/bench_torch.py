@@ -1,0 +1,361 @@
+"""PyTorch baseline of experiments/bench.py: the same per-batch work, run the reference's way.
+
+Runs in a separate environment with PyTorch (not a dependency of gen_jax), e.g.
+`/opt/torchenv/bin/python` with torch 2.13.0 (CPU build). Prints the same JSON lines as
+experiments/bench.py (`framework` is "torch"; `compile_seconds` is null: eager mode).
+
+The workloads follow the Generalist reference code (github.com/PKU-ML/Generalist, main.py and
+attacks.py), written independently:
+  natural_step     train mode, cross-entropy on the clean augmented batch, SGD (momentum 0.9,
+                   weight decay 5e-4).
+  robust_step      PGD-k in eval mode (uniform start in the eps-ball, sign steps, clip to [0, 1]),
+                   then a train-mode SGD step on the adversarial batch (weight decay 3.5e-3).
+                   `--pgd-grad reference` (default) calls loss.backward() as the reference does,
+                   which also computes every parameter's gradient at each PGD iteration;
+                   `--pgd-grad input` uses torch.autograd.grad w.r.t. the input only.
+  generalist_step  robust step + EMA teacher update of the robust expert, natural step + EMA teacher
+                   update of the natural expert, then the global model's EMA towards
+                   beta * teacher_rob + (1 - beta) * teacher_nat, over parameters AND BatchNorm
+                   buffers, with the reference's `apply_shadow` copies into the teacher modules.
+                   `--redistribute` adds the late-phase copy of the global model into both experts;
+                   `--reference-monitoring` adds the reference's two extra eval-mode forward passes
+                   per batch that only feed its progress bar (off: gen_jax computes no such thing).
+  pgd20            a plain PyTorch PGD loop (input gradient only), eval mode.
+Augmentation (4-pixel pad + random crop + flip, on the tensor batch) is part of the training steps,
+as it is inside gen_jax's jitted step.
+
+Synopsis::
+
+    /opt/torchenv/bin/python experiments/bench_torch.py --what generalist_step --model resnet18 \
+        --batch 128 --steps 5
+    /opt/torchenv/bin/python experiments/bench_torch.py --what pgd20 --batch 128
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+WHATS = ("natural_step", "robust_step", "generalist_step", "pgd20")
+EPS, STEP_SIZE = 8 / 255, 2 / 255
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks (the same architectures as gen_jax.models, PyTorch layout NCHW).
+
+
+class BasicBlock(nn.Module):
+  """Post-activation residual block of the CIFAR ResNet-18 (reference models/resnet.py)."""
+
+  def __init__(self, c_in: int, c_out: int, stride: int):
+    super().__init__()
+    self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(c_out)
+    self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(c_out)
+    self.shortcut = nn.Sequential()
+    if stride != 1 or c_in != c_out:
+      self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                    nn.BatchNorm2d(c_out))
+
+  def forward(self, x):
+    out = F.relu(self.bn1(self.conv1(x)))
+    out = self.bn2(self.conv2(out))
+    return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+
+  def __init__(self, num_classes: int = 10):
+    super().__init__()
+    self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(64)
+    layers, c_in = [], 64
+    for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+      layers += [BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)]
+      c_in = c_out
+    self.layers = nn.Sequential(*layers)
+    self.linear = nn.Linear(512, num_classes)
+
+  def forward(self, x):
+    out = self.layers(F.relu(self.bn1(self.conv1(x))))
+    out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+    return self.linear(out)
+
+
+class WideBlock(nn.Module):
+  """Pre-activation wide block (reference models/wrn_madry.py)."""
+
+  def __init__(self, c_in: int, c_out: int, stride: int):
+    super().__init__()
+    self.bn1 = nn.BatchNorm2d(c_in)
+    self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(c_out)
+    self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+    self.equal = c_in == c_out
+    self.shortcut = None if self.equal else nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+
+  def forward(self, x):
+    act = F.relu(self.bn1(x))
+    out = self.conv2(F.relu(self.bn2(self.conv1(act))))
+    return out + (x if self.equal else self.shortcut(act))
+
+
+class WideResNet(nn.Module):
+
+  def __init__(self, depth: int = 34, widen: int = 10, num_classes: int = 10):
+    super().__init__()
+    n = (depth - 4) // 6
+    self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+    blocks, c_in = [], 16
+    for c_out, stride in ((16 * widen, 1), (32 * widen, 2), (64 * widen, 2)):
+      for i in range(n):
+        blocks.append(WideBlock(c_in, c_out, stride if i == 0 else 1))
+        c_in = c_out
+    self.blocks = nn.Sequential(*blocks)
+    self.bn = nn.BatchNorm2d(c_in)
+    self.fc = nn.Linear(c_in, num_classes)
+
+  def forward(self, x):
+    out = F.relu(self.bn(self.blocks(self.conv1(x))))
+    return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+class SmallCNN(nn.Module):
+  """gen_jax's SmallCNN: conv3x3-BN-ReLU x4 (32, 64/2, 128/2, 128), average pool, linear."""
+
+  def __init__(self, num_classes: int = 10):
+    super().__init__()
+    layers, c_in = [], 3
+    for c_out, stride in ((32, 1), (64, 2), (128, 2), (128, 1)):
+      layers += [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+      c_in = c_out
+    self.features = nn.Sequential(*layers)
+    self.linear = nn.Linear(c_in, num_classes)
+
+  def forward(self, x):
+    return self.linear(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+
+MODELS = {"resnet18": ResNet18, "wrn34_10": lambda num_classes: WideResNet(34, 10, num_classes),
+          "smallcnn": SmallCNN}
+
+# ----------------------------------------------------------------------------------------------
+# The per-batch work.
+
+
+def augment(images_uint8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+  """4-pixel zero pad, random 32x32 crop and random horizontal flip, per image; to [0, 1]."""
+  x = images_uint8.float().div_(255.0)
+  n, _, h, w = x.shape
+  padded = F.pad(x, (4, 4, 4, 4))
+  dy = torch.randint(0, 9, (n,), generator=generator)
+  dx = torch.randint(0, 9, (n,), generator=generator)
+  rows = (dy[:, None] + torch.arange(h)[None, :])  # [n, h]
+  cols = (dx[:, None] + torch.arange(w)[None, :])  # [n, w]
+  idx_n = torch.arange(n)[:, None, None]
+  out = padded.permute(0, 2, 3, 1)[idx_n, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+  flip = torch.rand(n, generator=generator) < 0.5
+  out = torch.where(flip[:, None, None, None], out.flip(3), out)
+  return out.contiguous()
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, grad_mode: str,
+        generator: torch.Generator) -> torch.Tensor:
+  """L-inf PGD in eval mode: uniform start, sign steps, projection onto the ball and [0, 1]."""
+  model.eval()
+  delta = (torch.rand(x.shape, generator=generator) * 2 - 1) * EPS
+  x_adv = torch.clamp(x + delta, 0.0, 1.0)
+  for _ in range(steps):
+    x_adv.requires_grad_()
+    loss = F.cross_entropy(model(x_adv), y)
+    if grad_mode == "reference":
+      model.zero_grad()
+      loss.backward()  # as the reference: parameter gradients are computed too, then discarded
+      grad = x_adv.grad
+    else:
+      (grad,) = torch.autograd.grad(loss, [x_adv])
+    x_adv = x_adv.detach() + STEP_SIZE * grad.sign()
+    x_adv = torch.min(torch.max(x_adv, x - EPS), x + EPS).clamp_(0.0, 1.0)
+  return x_adv.detach()
+
+
+def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+             y: torch.Tensor) -> torch.Tensor:
+  model.train()
+  optimizer.zero_grad()
+  loss = F.cross_entropy(model(x), y)
+  loss.backward()
+  optimizer.step()
+  return loss
+
+
+class EMA:
+  """The reference's EMA teacher: shadow state dict, decay min(0.999, (t+1)/(t+10)), buffers too."""
+
+  def __init__(self, model: nn.Module, alpha: float = 0.999):
+    self.step = 0
+    self.model = copy.deepcopy(model)
+    self.alpha = alpha
+    self.shadow = {k: v.clone().detach() for k, v in self.model.state_dict().items()}
+    self.param_keys = [k for k, _ in self.model.named_parameters()]
+    self.buffer_keys = [k for k, _ in self.model.named_buffers()]
+
+  def update_params(self, model, model2=None, beta=None):
+    decay = min(self.alpha, (self.step + 1) / (self.step + 10))
+    state = model.state_dict()
+    # The reference calls model2.state_dict() once per key; it is hoisted here (same result,
+    # fewer Python dict builds) so that the baseline is not slowed by that quirk.
+    state2 = model2.state_dict() if model2 is not None else None
+    for name in self.param_keys + self.buffer_keys:
+      if state2 is not None:
+        target = state[name] * beta + state2[name] * (1 - beta)
+      else:
+        target = state[name]
+      self.shadow[name].copy_(decay * self.shadow[name] + (1 - decay) * target)
+    self.step += 1
+
+  def apply_shadow(self):
+    self.backup = {k: v.clone().detach() for k, v in self.model.state_dict().items()}
+    self.model.load_state_dict(self.shadow)
+
+
+class Workload:
+  """Models, optimisers and teachers of one benchmark; `run()` does one batch's work."""
+
+  def __init__(self, args: argparse.Namespace, what: str):
+    torch.manual_seed(args.seed)
+    self.args, self.what = args, what
+    self.generator = torch.Generator().manual_seed(args.seed)
+    net = MODELS[args.model](num_classes=args.num_classes)
+    if args.channels_last:
+      net = net.to(memory_format=torch.channels_last)
+    self.model_at = net
+    self.model_st = copy.deepcopy(net)
+    self.opt_at = torch.optim.SGD(self.model_at.parameters(), lr=0.01, momentum=0.9,
+                                  weight_decay=3.5e-3)
+    self.opt_st = torch.optim.SGD(self.model_st.parameters(), lr=0.01, momentum=0.9,
+                                  weight_decay=5e-4)
+    if what == "generalist_step":
+      self.teacher_at, self.teacher_st = EMA(self.model_at), EMA(self.model_st)
+      self.teacher_mixed = EMA(self.model_st)
+      for t in (self.teacher_at, self.teacher_st, self.teacher_mixed):
+        t.model.eval()
+    g = torch.Generator().manual_seed(args.seed + 1)
+    s = args.image_size
+    self.images = torch.randint(0, 256, (args.batch, 3, s, s), generator=g, dtype=torch.uint8)
+    self.labels = torch.randint(0, args.num_classes, (args.batch,), generator=g)
+    self.x_eval = self.images.float() / 255.0
+    if args.channels_last:
+      self.x_eval = self.x_eval.contiguous(memory_format=torch.channels_last)
+
+  def _x(self):
+    x = augment(self.images, self.generator)
+    if self.args.channels_last:
+      x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+  def run(self) -> float:
+    args, y = self.args, self.labels
+    if self.what == "pgd20":
+      self.model_at.eval()
+      return float(pgd(self.model_at, self.x_eval, y, args.pgd_steps or 20, "input",
+                       self.generator).sum())
+    x = self._x()
+    if self.what == "natural_step":
+      return sgd_step(self.model_st, self.opt_st, x, y).item()
+    steps = args.pgd_steps or 10
+    x_adv = pgd(self.model_at, x, y, steps, args.pgd_grad, self.generator)
+    loss_at = sgd_step(self.model_at, self.opt_at, x_adv, y)
+    if self.what == "robust_step":
+      return loss_at.item()
+    self.teacher_at.update_params(self.model_at)
+    self.teacher_at.apply_shadow()
+    loss_st = sgd_step(self.model_st, self.opt_st, x, y)
+    self.teacher_st.update_params(self.model_st)
+    self.teacher_st.apply_shadow()
+    beta = 1.0  # the reference's value until 2/3 of training (the cost is the same for any beta)
+    self.teacher_mixed.update_params(self.teacher_at.model, self.teacher_st.model, beta=beta)
+    self.teacher_mixed.apply_shadow()
+    if args.redistribute:
+      self.model_at.load_state_dict(self.teacher_mixed.shadow)
+      self.model_st.load_state_dict(self.teacher_mixed.shadow)
+    if args.reference_monitoring:
+      with torch.no_grad():
+        self.teacher_st.model(x).argmax(1).eq(y).float().mean().item()
+        self.teacher_at.model(x).argmax(1).eq(y).float().mean().item()
+    return loss_at.item() + loss_st.item()
+
+
+def bench(args: argparse.Namespace, what: str) -> dict:
+  work = Workload(args, what)
+  for _ in range(max(1, args.warmup)):
+    work.run()
+  wall, cpu = [], []
+  for _ in range(args.steps):
+    c0, t0 = time.process_time(), time.perf_counter()
+    work.run()
+    wall.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
+  median = statistics.median(wall)
+  pgd_steps = (args.pgd_steps or 20) if what == "pgd20" else (
+      (args.pgd_steps or 10) if what in ("robust_step", "generalist_step") else None)
+  return {
+      "what": what, "framework": "torch", "model": args.model, "batch": args.batch,
+      "backend": "cpu", "devices": 1, "device_kind": "cpu", "dtype": "float32",
+      "conv_impl": "torch", "pgd_steps": pgd_steps, "steps": args.steps,
+      "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
+      "pgd_grad": args.pgd_grad if what in ("robust_step", "generalist_step") else "input",
+      "channels_last": args.channels_last,
+      "load_average_1min": os.getloadavg()[0],
+      "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "seconds_per_step": median, "seconds_all": [round(s, 4) for s in wall],
+      "cpu_seconds_per_step": statistics.median(cpu), "compile_seconds": None,
+      "images_per_second": args.batch / median, "peak_memory_bytes": None,
+      "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+  }
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--what", default="generalist_step", help=f"comma-separated subset of {WHATS}")
+  p.add_argument("--model", default="resnet18", choices=tuple(MODELS))
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--pgd-steps", type=int, default=None)
+  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--warmup", type=int, default=1)
+  p.add_argument("--num-classes", type=int, default=10)
+  p.add_argument("--image-size", type=int, default=32)
+  p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+  p.add_argument("--pgd-grad", choices=("reference", "input"), default="reference")
+  p.add_argument("--channels-last", action="store_true")
+  p.add_argument("--redistribute", action="store_true")
+  p.add_argument("--reference-monitoring", action="store_true")
+  p.add_argument("--out", default=None)
+  p.add_argument("--seed", type=int, default=0)
+  args = p.parse_args(argv)
+  whats = [w.strip() for w in args.what.split(",") if w.strip()]
+  if not whats or any(w not in WHATS for w in whats):
+    p.error(f"--what must be a comma-separated subset of {WHATS}; got {args.what!r}")
+  torch.set_num_threads(args.threads)
+  for what in whats:
+    line = json.dumps(bench(args, what))
+    print(line, flush=True)
+    if args.out:
+      with open(args.out, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,47 @@
+"""Train Generalist (or a baseline) and print the three models' clean and PGD-20 accuracy.
+
+    python experiments/train.py --preset pilot --workdir runs/pilot
+    python experiments/train.py --preset cifar10 --workdir runs/c10
+    python experiments/train.py --preset pilot --dataset folder --data-dir ROOT --image-size 32
+    python experiments/train.py --help     # presets and every config field
+
+Running the same command again resumes from the workdir's latest checkpoint.
+"""
+import json
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from gen_jax import cli, parallel, training  # noqa: E402
+
+
+def _add_arguments(parser):
+  parser.add_argument("--workdir", default=None,
+                      help="directory of the run's files (default: runs/<preset>-<method>)")
+  parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def main():
+  parser = cli.build_parser(__doc__.splitlines()[0], add_arguments=_add_arguments)
+  args, config = cli.parse_config(parser)
+  workdir = args.workdir or os.path.join("runs", f"{args.preset}-{config.method}")
+  parallel.initialize_multihost()
+  summary = training.train_and_evaluate(config, workdir, progress=not args.no_progress)
+  print(format_summary(summary))
+  print(f"files in {workdir}: config.json metrics.jsonl summary.json checkpoints/ best/")
+
+
+def format_summary(summary):
+  pgd_key = next(k for k in summary["global"] if k.startswith("pgd"))
+  lines = [f"{'model':<10} {'clean':>7} {pgd_key.replace('_acc', ''):>7}"]
+  for role in ("natural", "robust", "global"):
+    if role in summary:
+      v = summary[role]
+      lines.append(f"{role:<10} {v['clean_acc']:>7.2%} {v[pgd_key]:>7.2%}")
+  lines.append(f"({summary['test_images']} test images, {summary['seconds']:.0f} s; method "
+               f"{summary['method']}; best validation epoch {summary['best'].get('epoch')})")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  cli.main_guard(main)

@@ -1,0 +1,119 @@
+"""Command-line configuration: `--preset NAME` plus one flag per `Config` field.
+
+Every field of `gen_jax.config.Config` is a flag of its own name (`--eps 0.031`), with hyphens
+accepted for underscores (`--data-dir`). Values are parsed by the field's type (`none` for an
+optional field, `true`/`false` for booleans, comma-separated lists for tuples), and the
+resulting config is validated before anything runs.
+
+Synopsis::
+
+    parser = build_parser("Train Generalist.", extra=lambda p: p.add_argument("--workdir"))
+    args, config = parse_config(parser, ["--preset", "pilot", "--epochs", "2"])
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from gen_jax import config as cfg
+
+_FIELD_TYPES = typing.get_type_hints(cfg.Config)
+
+
+def _base_type(annotation: Any) -> tuple[Any, bool]:
+  """(type, optional) of a field annotation such as `Optional[int]` or `tuple[float, ...]`."""
+  origin = typing.get_origin(annotation)
+  if origin in (typing.Union, types.UnionType):
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0], True
+  return annotation, False
+
+
+def _parser_for(name: str) -> Callable[[str], Any]:
+  annotation, optional = _base_type(_FIELD_TYPES[name])
+
+  def parse(text: str) -> Any:
+    if optional and text.lower() in ("none", "null", ""):
+      return None
+    if annotation is bool:
+      if text.lower() in ("true", "1", "yes"):
+        return True
+      if text.lower() in ("false", "0", "no"):
+        return False
+      raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    if typing.get_origin(annotation) is tuple:
+      (item_type, *_) = typing.get_args(annotation)
+      try:
+        return tuple(item_type(part) for part in text.split(","))
+      except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated {item_type.__name__} values, got {text!r}") from None
+    try:
+      return annotation(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(
+          f"expected {'an' if annotation is int else 'a'} {annotation.__name__}, got {text!r}"
+      ) from None
+
+  parse.__name__ = getattr(annotation, "__name__", str(annotation))
+  return parse
+
+
+def _preset_summary(name: str) -> str:
+  base = cfg.Config()
+  preset = cfg.get_config(name)
+  diff = [f"{f.name}={getattr(preset, f.name)!r}" for f in dataclasses.fields(cfg.Config)
+          if getattr(preset, f.name) != getattr(base, f.name)]
+  return f"  {name}: " + (", ".join(diff) if diff else "the defaults below")
+
+
+def build_parser(description: str, preset_default: str | None = None,
+                 add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+                ) -> argparse.ArgumentParser:
+  """An argparse parser with `--preset`, program-specific arguments and one flag per field."""
+  epilog = "presets (what each sets, relative to the defaults):\n" + "\n".join(
+      _preset_summary(name) for name in cfg.PRESETS)
+  parser = argparse.ArgumentParser(description=description, epilog=epilog,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--preset", default=preset_default, choices=list(cfg.PRESETS),
+                      required=preset_default is None, help="named configuration to start from")
+  if add_arguments:
+    add_arguments(parser)
+  group = parser.add_argument_group("config fields (override the preset)")
+  for field in dataclasses.fields(cfg.Config):
+    flags = [f"--{field.name}"]
+    if "_" in field.name:
+      flags.append(f"--{field.name.replace('_', '-')}")
+    group.add_argument(*flags, dest=f"cfg_{field.name}", type=_parser_for(field.name),
+                       default=None, metavar=_parser_for(field.name).__name__.upper(),
+                       help=f"default {field.default!r}")
+  return parser
+
+
+def parse_config(parser: argparse.ArgumentParser,
+                 argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, cfg.Config]:
+  """Parses argv into (args, validated config); exits with a clear message on a bad value."""
+  args = parser.parse_args(argv)
+  overrides = {f.name: getattr(args, f"cfg_{f.name}") for f in dataclasses.fields(cfg.Config)
+               if getattr(args, f"cfg_{f.name}") is not None}
+  config = dataclasses.replace(cfg.get_config(args.preset), **overrides)
+  try:
+    config.validate()
+  except ValueError as error:
+    parser.error(str(error))
+  return args, config
+
+
+def main_guard(fn: Callable[[], Any]) -> None:
+  """Runs `fn`, turning the library's input errors into a one-line message and exit code 2."""
+  try:
+    fn()
+  except (ValueError, FileNotFoundError, FileExistsError, RuntimeError,
+          FloatingPointError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
