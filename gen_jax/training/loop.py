@@ -166,7 +166,8 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path, *, progress:
 
   Returns:
     `{"stopped_at_epoch": e}` when stopped by `max_epochs` before the end; otherwise the summary: per model (`natural`, `robust`, `global`) its `clean_acc` and `pgd20_acc` on
-    the test split (fractions), plus `config`, `best`, `seconds` and `steps`.
+    the test split (fractions), plus `config`, `best`, `steps`, `train_seconds` (time in
+    training steps over all epochs, resumed ones included) and `seconds` (this call's wall time).
   """
   config.validate()
   workdir = pathlib.Path(workdir)
@@ -271,8 +272,10 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path, *, progress:
                     key=eval_key, sharding=batch_sharding, roles=roles)
   summary = {role: {"clean_acc": v["clean_acc"], f"pgd{config.eval_pgd_steps}_acc": v["pgd_acc"]}
              for role, v in final.items()}
+  epochs_run = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   summary.update(method=config.method, best=best, steps=int(state.step),
                  test_images=int(len(splits.test_y)),
+                 train_seconds=round(sum(r["train_seconds"] for r in epochs_run), 1),
                  seconds=round(time.time() - started, 1), config=_config_record(config))
   summary_path.write_text(json.dumps(summary, indent=2) + "\n")
   manager.close()

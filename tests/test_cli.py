@@ -1,0 +1,90 @@
+"""Tests of the command-line programs: flags, errors before any work, a tiny end-to-end run."""
+import importlib.util
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from gen_jax import cli
+from gen_jax import config as cfg
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(*args, cwd=None, timeout=600):
+  return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd,
+                        timeout=timeout)
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_every_field_is_a_flag_and_overrides_parse_by_type():
+  parser = cli.build_parser("test")
+  args, config = cli.parse_config(parser, [
+      "--preset", "pilot", "--epochs", "2", "--eps", "0.031", "--model", "resnet18",
+      "--data-dir", "/x", "--flip", "true", "--lr_factors", "1,1,0.1,0.05",
+      "--max_train_per_class", "none"
+  ])
+  assert args.preset == "pilot"
+  assert (config.epochs, config.eps, config.model, config.data_dir) == (2, 0.031, "resnet18", "/x")
+  assert config.flip is True and config.lr_factors == (1.0, 1.0, 0.1, 0.05)
+  assert config.max_train_per_class is None
+  assert config.dataset == cfg.get_config("pilot").dataset  # untouched fields keep the preset
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--preset", "nope"], "invalid choice: 'nope'"),
+    (["--preset", "pilot", "--epochs", "two"], "expected an int"),
+    (["--preset", "pilot", "--eps", "-1"], "--eps must be >= 0"),
+    (["--preset", "pilot", "--method", "magic"], "--method must be one of"),
+    (["--preset", "pilot", "--ema_decay", "1.5"], r"--ema_decay must lie in \[0, 1\]"),
+    (["--preset", "pilot", "--dataset", "folder"], "needs --data_dir"),
+    (["--preset", "pilot", "--no_such_field", "1"], "unrecognized arguments"),
+])
+def test_bad_flags_fail_before_any_work(argv, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.parse_config(cli.build_parser("test"), argv)
+  assert exit_info.value.code == 2
+  assert __import__("re").search(message, capsys.readouterr().err)
+
+
+def test_help_lists_presets_and_fields():
+  out = _run(str(ROOT / "experiments" / "train.py"), "--help", timeout=120)
+  assert out.returncode == 0, out.stderr
+  for name in list(cfg.PRESETS) + ["--eps", "--redistribute_start", "--data-dir", "--workdir"]:
+    assert name in out.stdout
+  assert "pilot: dataset='digits'" in out.stdout
+
+
+def test_chord_score():
+  compare = _load("compare")
+  clean = {"natural": 0.9, "pgd_at": 0.7, "generalist": 0.8}
+  robust = {"natural": 0.0, "pgd_at": 0.4, "generalist": 0.2}
+  assert compare.chord_score(clean, robust) == pytest.approx(1.0)  # on the straight line
+  better = dict(clean, generalist=0.85)
+  assert compare.chord_score(better, robust) == pytest.approx(1.25)
+  assert math.isnan(compare.chord_score(dict(clean, pgd_at=0.9), robust))
+
+
+def test_train_command_tiny_end_to_end(tmp_path):
+  workdir = tmp_path / "run"
+  out = _run(str(ROOT / "experiments" / "train.py"), "--preset", "tiny", "--epochs", "1",
+             "--workdir", str(workdir), "--no-progress", cwd=tmp_path)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "global" in out.stdout and "natural" in out.stdout
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert set(summary["global"]) == {"clean_acc", "pgd2_acc"}
+  # A second run with other settings on the same workdir is refused, nothing is touched.
+  before = (workdir / "summary.json").read_text()
+  out = _run(str(ROOT / "experiments" / "train.py"), "--preset", "tiny", "--epochs", "3",
+             "--workdir", str(workdir), cwd=tmp_path, timeout=120)
+  assert out.returncode == 2 and "another config" in out.stderr
+  assert (workdir / "summary.json").read_text() == before
