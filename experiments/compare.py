@@ -26,7 +26,8 @@ METHODS = ("generalist", "pgd_at", "natural")
 
 
 def _add_arguments(parser):
-  parser.add_argument("--workdir", default=None,
+  parser.add_argument("--workdir",
+                      default=None,
                       help="directory of the comparison (default: runs/compare-<preset>)")
   parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
@@ -49,17 +50,28 @@ def main():
   for method in METHODS:
     run_config = dataclasses.replace(config, method=method)
     print(f"== {method} ==", flush=True)
-    summary = training.train_and_evaluate(run_config, os.path.join(workdir, method),
+    summary = training.train_and_evaluate(run_config,
+                                          os.path.join(workdir, method),
                                           progress=not args.no_progress)
     pgd_key = next(k for k in summary["global"] if k.startswith("pgd"))
-    rows[method] = {"clean_acc": summary["global"]["clean_acc"],
-                    "pgd_acc": summary["global"][pgd_key],
-                    "train_seconds": summary["train_seconds"], "workdir":
-                    os.path.join(workdir, method)}
-  score = chord_score({m: r["clean_acc"] for m, r in rows.items()},
-                      {m: r["pgd_acc"] for m, r in rows.items()})
-  result = {"preset": args.preset, "pgd_key": pgd_key, "methods": rows, "chord_score": score,
-            "config": dataclasses.asdict(config)}
+    rows[method] = {
+        "clean_acc": summary["global"]["clean_acc"],
+        "pgd_acc": summary["global"][pgd_key],
+        "train_seconds": summary["train_seconds"],
+        "workdir": os.path.join(workdir, method)
+    }
+  score = chord_score({
+      m: r["clean_acc"] for m, r in rows.items()
+  }, {
+      m: r["pgd_acc"] for m, r in rows.items()
+  })
+  result = {
+      "preset": args.preset,
+      "pgd_key": pgd_key,
+      "methods": rows,
+      "chord_score": score,
+      "config": dataclasses.asdict(config)
+  }
   with open(os.path.join(workdir, "compare.json"), "w") as f:
     json.dump(result, f, indent=2, allow_nan=True)
   print(format_table(rows, score, pgd_key))
@@ -68,8 +80,11 @@ def main():
 def format_table(rows, score, pgd_key):
   name = pgd_key.replace("_acc", "").upper()
   lines = [f"| method | final model | clean | {name} | train time |", "|---|---|---|---|---|"]
-  final = {"generalist": "global model", "pgd_at": "robust teacher (EMA)",
-           "natural": "natural teacher (EMA)"}
+  final = {
+      "generalist": "global model",
+      "pgd_at": "robust teacher (EMA)",
+      "natural": "natural teacher (EMA)"
+  }
   for method, r in rows.items():
     lines.append(f"| {method} | {final[method]} | {r['clean_acc']:.2%} | {r['pgd_acc']:.2%} | "
                  f"{r['train_seconds']:.0f} s |")

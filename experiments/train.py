@@ -16,7 +16,8 @@ from gen_jax import cli, parallel, training  # noqa: E402
 
 
 def _add_arguments(parser):
-  parser.add_argument("--workdir", default=None,
+  parser.add_argument("--workdir",
+                      default=None,
                       help="directory of the run's files (default: runs/<preset>-<method>)")
   parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 

@@ -24,14 +24,17 @@ import orbax.checkpoint as ocp
 def open_manager(directory: str | os.PathLike, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
   """A checkpoint manager over `directory` (created if missing), keeping the newest ones."""
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+  return ocp.CheckpointManager(os.path.abspath(directory),
+                               options=options,
                                item_names=("state", "meta"))
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any]) -> None:
   """Saves `state` and `meta` at `step` and waits until they are on disk."""
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                             meta=ocp.args.JsonSave(meta)), force=True)
+  manager.save(step,
+               args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                       meta=ocp.args.JsonSave(meta)),
+               force=True)
   manager.wait_until_finished()
 
 
@@ -39,7 +42,8 @@ def latest_step(manager: ocp.CheckpointManager) -> int | None:
   return manager.latest_step()
 
 
-def restore(manager: ocp.CheckpointManager, abstract_state: Any,
+def restore(manager: ocp.CheckpointManager,
+            abstract_state: Any,
             step: int | None = None) -> tuple[Any, dict[str, Any]] | None:
   """Restores the checkpoint at `step` (default: the latest) into the shape of `abstract_state`.
 
@@ -60,8 +64,10 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any,
   if step is None:
     return None
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    restored = manager.restore(step,
+                               args=ocp.args.Composite(
+                                   state=ocp.args.StandardRestore(abstract_state),
+                                   meta=ocp.args.JsonRestore()))
   except Exception as error:  # orbax raises many types; wrap them with the culprit's path.
     raise ValueError(
         f"cannot restore checkpoint step {step} from {manager.directory}: {error}. The "
@@ -73,5 +79,4 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any,
 def abstract_like(tree: Any) -> Any:
   """`jax.ShapeDtypeStruct`s (with shardings) for every array leaf of `tree`."""
   return jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-      tree)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)

@@ -67,21 +67,29 @@ def _parser_for(name: str) -> Callable[[str], Any]:
 def _preset_summary(name: str) -> str:
   base = cfg.Config()
   preset = cfg.get_config(name)
-  diff = [f"{f.name}={getattr(preset, f.name)!r}" for f in dataclasses.fields(cfg.Config)
-          if getattr(preset, f.name) != getattr(base, f.name)]
+  diff = [
+      f"{f.name}={getattr(preset, f.name)!r}" for f in dataclasses.fields(cfg.Config)
+      if getattr(preset, f.name) != getattr(base, f.name)
+  ]
   return f"  {name}: " + (", ".join(diff) if diff else "the defaults below")
 
 
-def build_parser(description: str, preset_default: str | None = None,
-                 add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
-                ) -> argparse.ArgumentParser:
+def build_parser(
+    description: str,
+    preset_default: str | None = None,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+) -> argparse.ArgumentParser:
   """An argparse parser with `--preset`, program-specific arguments and one flag per field."""
   epilog = "presets (what each sets, relative to the defaults):\n" + "\n".join(
       _preset_summary(name) for name in cfg.PRESETS)
-  parser = argparse.ArgumentParser(description=description, epilog=epilog,
+  parser = argparse.ArgumentParser(description=description,
+                                   epilog=epilog,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--preset", default=preset_default, choices=list(cfg.PRESETS),
-                      required=preset_default is None, help="named configuration to start from")
+  parser.add_argument("--preset",
+                      default=preset_default,
+                      choices=list(cfg.PRESETS),
+                      required=preset_default is None,
+                      help="named configuration to start from")
   if add_arguments:
     add_arguments(parser)
   group = parser.add_argument_group("config fields (override the preset)")
@@ -89,8 +97,11 @@ def build_parser(description: str, preset_default: str | None = None,
     flags = [f"--{field.name}"]
     if "_" in field.name:
       flags.append(f"--{field.name.replace('_', '-')}")
-    group.add_argument(*flags, dest=f"cfg_{field.name}", type=_parser_for(field.name),
-                       default=None, metavar=_parser_for(field.name).__name__.upper(),
+    group.add_argument(*flags,
+                       dest=f"cfg_{field.name}",
+                       type=_parser_for(field.name),
+                       default=None,
+                       metavar=_parser_for(field.name).__name__.upper(),
                        help=f"default {field.default!r}")
   return parser
 
@@ -99,8 +110,11 @@ def parse_config(parser: argparse.ArgumentParser,
                  argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, cfg.Config]:
   """Parses argv into (args, validated config); exits with a clear message on a bad value."""
   args = parser.parse_args(argv)
-  overrides = {f.name: getattr(args, f"cfg_{f.name}") for f in dataclasses.fields(cfg.Config)
-               if getattr(args, f"cfg_{f.name}") is not None}
+  overrides = {
+      f.name: getattr(args, f"cfg_{f.name}")
+      for f in dataclasses.fields(cfg.Config)
+      if getattr(args, f"cfg_{f.name}") is not None
+  }
   config = dataclasses.replace(cfg.get_config(args.preset), **overrides)
   try:
     config.validate()

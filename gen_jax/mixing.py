@@ -68,9 +68,9 @@ def _check_compatible(trees: Sequence[PyTree], names: Sequence[str]) -> None:
     if jax.tree_util.tree_structure(tree) != ref_def or other.keys() != reference.keys():
       missing = [p for p in reference if p not in other]
       extra = [p for p in other if p not in reference]
-      first = (f"leaf {missing[0]} is in {names[0]} but not in {name}" if missing else
-               f"leaf {extra[0]} is in {name} but not in {names[0]}" if extra else
-               "the containers differ in type or order")
+      first = (f"leaf {missing[0]} is in {names[0]} but not in {name}"
+               if missing else f"leaf {extra[0]} is in {name} but not in {names[0]}"
+               if extra else "the containers differ in type or order")
       raise ValueError(f"{names[0]} and {name} have different tree structures: {first}. "
                        "Mix only trees of the same model (same architecture and collections).")
     for path, leaf in reference.items():
@@ -210,7 +210,10 @@ def ema_update(average: PyTree, new: PyTree, decay: float | jax.Array) -> PyTree
   return jax.tree_util.tree_map(step, average, new)
 
 
-def beta_schedule(epoch: int | jax.Array, epochs: int, *, final_beta: float = 0.4,
+def beta_schedule(epoch: int | jax.Array,
+                  epochs: int,
+                  *,
+                  final_beta: float = 0.4,
                   start_fraction: float = 2 / 3) -> jax.Array:
   """The reference β schedule: robust weight 1 until `start_fraction` of training, then linear.
 

@@ -37,7 +37,8 @@ def initialize_multihost() -> None:
 def make_mesh(devices: list[Any] | None = None) -> Mesh:
   """A 1-D mesh ("data",) over all (or the given) devices, in auto-sharding mode."""
   devices = list(devices if devices is not None else jax.devices())
-  return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices,
+  return jax.make_mesh((len(devices),), (DATA_AXIS,),
+                       devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 

@@ -15,7 +15,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run(*args, cwd=None, timeout=600):
-  return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd,
+  return subprocess.run([sys.executable, *args],
+                        capture_output=True,
+                        text=True,
+                        cwd=cwd,
                         timeout=timeout)
 
 
@@ -29,9 +32,8 @@ def _load(name):
 def test_every_field_is_a_flag_and_overrides_parse_by_type():
   parser = cli.build_parser("test")
   args, config = cli.parse_config(parser, [
-      "--preset", "pilot", "--epochs", "2", "--eps", "0.031", "--model", "resnet18",
-      "--data-dir", "/x", "--flip", "true", "--lr_factors", "1,1,0.1,0.05",
-      "--max_train_per_class", "none"
+      "--preset", "pilot", "--epochs", "2", "--eps", "0.031", "--model", "resnet18", "--data-dir",
+      "/x", "--flip", "true", "--lr_factors", "1,1,0.1,0.05", "--max_train_per_class", "none"
   ])
   assert args.preset == "pilot"
   assert (config.epochs, config.eps, config.model, config.data_dir) == (2, 0.031, "resnet18", "/x")
@@ -76,15 +78,29 @@ def test_chord_score():
 
 def test_train_command_tiny_end_to_end(tmp_path):
   workdir = tmp_path / "run"
-  out = _run(str(ROOT / "experiments" / "train.py"), "--preset", "tiny", "--epochs", "1",
-             "--workdir", str(workdir), "--no-progress", cwd=tmp_path)
+  out = _run(str(ROOT / "experiments" / "train.py"),
+             "--preset",
+             "tiny",
+             "--epochs",
+             "1",
+             "--workdir",
+             str(workdir),
+             "--no-progress",
+             cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "global" in out.stdout and "natural" in out.stdout
   summary = json.loads((workdir / "summary.json").read_text())
   assert set(summary["global"]) == {"clean_acc", "pgd2_acc"}
   # A second run with other settings on the same workdir is refused, nothing is touched.
   before = (workdir / "summary.json").read_text()
-  out = _run(str(ROOT / "experiments" / "train.py"), "--preset", "tiny", "--epochs", "3",
-             "--workdir", str(workdir), cwd=tmp_path, timeout=120)
+  out = _run(str(ROOT / "experiments" / "train.py"),
+             "--preset",
+             "tiny",
+             "--epochs",
+             "3",
+             "--workdir",
+             str(workdir),
+             cwd=tmp_path,
+             timeout=120)
   assert out.returncode == 2 and "another config" in out.stderr
   assert (workdir / "summary.json").read_text() == before

@@ -442,18 +442,6 @@ def test_folder_same_arrays_for_any_thread_count(tmp_path):
 # batching
 
 
-def test_epoch_batches():
-  idx = data.epoch_batches(jax.random.key(0), 10, 3)
-  assert idx.shape == (3, 3) and idx.dtype == np.int32
-  assert len(set(idx.ravel().tolist())) == 9 and idx.max() < 10
-  np.testing.assert_array_equal(idx, data.epoch_batches(jax.random.key(0), 10, 3))
-  assert not np.array_equal(idx, data.epoch_batches(jax.random.key(1), 10, 3))
-  with pytest.raises(ValueError, match="not one full batch"):
-    data.epoch_batches(jax.random.key(0), 2, 3)
-  with pytest.raises(ValueError, match="batch_size must be a positive int"):
-    data.epoch_batches(jax.random.key(0), 2, 0)
-
-
 def test_eval_batches_cover_each_example_once():
   idx, mask = data.eval_batches(7, 3)
   assert idx.shape == mask.shape == (3, 3)

@@ -11,9 +11,19 @@ from gen_jax import mixing
 
 def _vars(scale):
   return {
-      "params": {"Conv_0": {"kernel": jnp.full((3, 3, 1, 2), scale, jnp.float32)},
-                 "Dense_0": {"bias": jnp.arange(3, dtype=jnp.float32) * scale}},
-      "batch_stats": {"BatchNorm_0": {"mean": jnp.full((2,), 2 * scale, jnp.float32)}},
+      "params": {
+          "Conv_0": {
+              "kernel": jnp.full((3, 3, 1, 2), scale, jnp.float32)
+          },
+          "Dense_0": {
+              "bias": jnp.arange(3, dtype=jnp.float32) * scale
+          }
+      },
+      "batch_stats": {
+          "BatchNorm_0": {
+              "mean": jnp.full((2,), 2 * scale, jnp.float32)
+          }
+      },
   }
 
 

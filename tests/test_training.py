@@ -1,6 +1,7 @@
 """Tests of gen_jax.training: schedules, expert steps, the Generalist update, the loop."""
 import dataclasses
 import json
+import shutil
 
 import chex
 import jax
@@ -27,8 +28,7 @@ def _reference_schedule(epochs, steps_per_epoch, lr=0.01):
       decay_rows.append(min(0.999, (ema_step + 1) / (ema_step + 10)))
       redistribute_rows.append(epoch >= 75 and epoch % 5 == 0)
       ema_step += 1
-  return (np.array(lr_rows), np.array(beta_rows), np.array(decay_rows),
-          np.array(redistribute_rows))
+  return (np.array(lr_rows), np.array(beta_rows), np.array(decay_rows), np.array(redistribute_rows))
 
 
 def test_schedules_equal_reference_code_at_every_step_for_120_epochs():
@@ -42,8 +42,8 @@ def test_schedules_equal_reference_code_at_every_step_for_120_epochs():
   np.testing.assert_array_equal(tables["redistribute"], redistribute)
   ours = np.asarray(jax.vmap(mixing.ema_decay)(jnp.arange(len(decay))))
   np.testing.assert_allclose(ours, decay, rtol=1e-6)
-  epochs_hit = sorted(set(np.arange(len(redistribute))[tables["redistribute"]] //
-                          steps_per_epoch + 1))
+  epochs_hit = sorted(
+      set(np.arange(len(redistribute))[tables["redistribute"]] // steps_per_epoch + 1))
   assert epochs_hit == list(range(75, 121, 5))
 
 
@@ -96,8 +96,8 @@ def test_natural_step_lowers_the_clean_loss(tiny_setup):
   x = jnp.asarray(images, jnp.float32) / 255
   expert = state.nat
   before = _loss(model, expert.variables, x, labels)
-  step = jax.jit(lambda s: steps_lib.natural_train_step(s, x, labels, jnp.float32(0.05),
-                                                        model=model, config=config))
+  step = jax.jit(lambda s: steps_lib.natural_train_step(
+      s, x, labels, jnp.float32(0.05), model=model, config=config))
   for _ in range(5):
     expert, metrics = step(expert)
   assert _loss(model, expert.variables, x, labels) < before
@@ -110,32 +110,46 @@ def test_training_adversary_stays_in_ball_and_box_and_raises_loss(tiny_setup):
   hparams = {"eps": jnp.float32(0.1), "step_size": jnp.float32(0.03)}
   for robust_loss in ("pgd", "trades"):
     c = dataclasses.replace(config, robust_loss=robust_loss, pgd_steps=5)
-    x_adv = steps_lib.adversarial_examples(state.rob.variables, x, labels, jax.random.key(1),
-                                           hparams, model=model, config=c)
+    x_adv = steps_lib.adversarial_examples(state.rob.variables,
+                                           x,
+                                           labels,
+                                           jax.random.key(1),
+                                           hparams,
+                                           model=model,
+                                           config=c)
     assert float(jnp.max(jnp.abs(x_adv - x))) <= 0.1 + 1e-6
     assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
     assert float(jnp.max(jnp.abs(x_adv - x))) > 0.05  # it moved
     if robust_loss == "pgd":
-      assert _loss(model, state.rob.variables, x_adv, labels) > _loss(model, state.rob.variables,
-                                                                      x, labels)
+      assert _loss(model, state.rob.variables, x_adv, labels) > _loss(model, state.rob.variables, x,
+                                                                      labels)
 
 
 def test_robust_step_lowers_the_adversarial_loss(tiny_setup):
   config, model, images, labels, state = tiny_setup
   x = jnp.asarray(images, jnp.float32) / 255
-  hparams = {"lr_rob": jnp.float32(0.05), "eps": jnp.float32(0.1),
-             "step_size": jnp.float32(0.03), "trades_beta": jnp.float32(6.0)}
+  hparams = {
+      "lr_rob": jnp.float32(0.05),
+      "eps": jnp.float32(0.1),
+      "step_size": jnp.float32(0.03),
+      "trades_beta": jnp.float32(6.0)
+  }
   key = jax.random.key(3)
 
   def adv_loss(expert):
-    x_adv = steps_lib.adversarial_examples(expert.variables, x, labels, key, hparams,
-                                           model=model, config=config)
+    x_adv = steps_lib.adversarial_examples(expert.variables,
+                                           x,
+                                           labels,
+                                           key,
+                                           hparams,
+                                           model=model,
+                                           config=config)
     return _loss(model, expert.variables, x_adv, labels)
 
   expert = state.rob
   before = adv_loss(expert)
-  step = jax.jit(lambda s: steps_lib.robust_train_step(s, x, labels, key, hparams, model=model,
-                                                       config=config))
+  step = jax.jit(
+      lambda s: steps_lib.robust_train_step(s, x, labels, key, hparams, model=model, config=config))
   for _ in range(5):
     expert, _ = step(expert)
   assert adv_loss(expert) < before
@@ -144,23 +158,30 @@ def test_robust_step_lowers_the_adversarial_loss(tiny_setup):
 def test_generalist_update_matches_hand_computation(tiny_setup):
   config, _, _, _, state = tiny_setup
   leaf = lambda v: {"params": {"w": jnp.full((2,), v)}, "batch_stats": {"m": jnp.full((2,), v)}}
-  s = state.replace(step=jnp.int32(3), nat=state.nat.replace(variables=leaf(2.0)),
-                    rob=state.rob.replace(variables=leaf(4.0)), teacher_nat=leaf(1.0),
-                    teacher_rob=leaf(3.0), mix=leaf(0.0))
+  s = state.replace(step=jnp.int32(3),
+                    nat=state.nat.replace(variables=leaf(2.0)),
+                    rob=state.rob.replace(variables=leaf(4.0)),
+                    teacher_nat=leaf(1.0),
+                    teacher_rob=leaf(3.0),
+                    mix=leaf(0.0))
   d = 4 / 13  # min(0.999, (3 + 1) / (3 + 10))
   t_nat, t_rob = d * 1 + (1 - d) * 2, d * 3 + (1 - d) * 4
   beta = 0.7
   glob = (1 - d) * (beta * t_rob + (1 - beta) * t_nat)
   for redistribute in (False, True):
-    out = steps_lib.generalist_update(s, beta=jnp.float32(beta),
-                                      redistribute=jnp.bool_(redistribute), config=config)
+    out = steps_lib.generalist_update(s,
+                                      beta=jnp.float32(beta),
+                                      redistribute=jnp.bool_(redistribute),
+                                      config=config)
     np.testing.assert_allclose(out.teacher_nat["params"]["w"], t_nat, rtol=1e-6)
     np.testing.assert_allclose(out.teacher_rob["batch_stats"]["m"], t_rob, rtol=1e-6)
     np.testing.assert_allclose(out.mix["params"]["w"], glob, rtol=1e-6)
-    np.testing.assert_allclose(out.nat.variables["params"]["w"], glob if redistribute else 2.0,
+    np.testing.assert_allclose(out.nat.variables["params"]["w"],
+                               glob if redistribute else 2.0,
                                rtol=1e-6)
     np.testing.assert_allclose(out.rob.variables["batch_stats"]["m"],
-                               glob if redistribute else 4.0, rtol=1e-6)
+                               glob if redistribute else 4.0,
+                               rtol=1e-6)
     assert int(out.step) == 4
 
 
@@ -194,6 +215,13 @@ def test_tiny_run_writes_files_and_resume_reproduces_the_uninterrupted_run(tmp_p
   stopped = training.train_and_evaluate(config, tmp_path / "cut", progress=False, max_epochs=1)
   assert stopped == {"stopped_at_epoch": 1}
   assert not (tmp_path / "cut" / "summary.json").exists()
+  # A corrupt checkpoint stops the resume with a message naming it; nothing is overwritten.
+  shutil.copytree(tmp_path / "cut", tmp_path / "corrupt")
+  for f in (tmp_path / "corrupt" / "checkpoints").rglob("*"):
+    if f.is_file() and "state" in f.parts and f.stat().st_size > 100:
+      f.write_bytes(b"garbage" * 10)
+  with pytest.raises(ValueError, match="cannot restore checkpoint step 1 from .*corrupt"):
+    training.train_and_evaluate(config, tmp_path / "corrupt", progress=False)
   resumed = training.train_and_evaluate(config, tmp_path / "cut", progress=False)
   for role in ("natural", "robust", "global"):
     assert resumed[role] == full[role]

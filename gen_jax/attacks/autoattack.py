@@ -1,7 +1,7 @@
 """AutoAttack: the standard ensemble APGD-CE -> APGD-T -> FAB-T -> Square, and the 'rand' version.
 
 The host loop runs each attack only on the points that are still robust, starting from the clean
-image, in batches padded to one compiled shape; a point is non-robust as soon as one attack fools
+image, in batches padded to a few compiled shapes; a point is non-robust as soon as one attack fools
 it. Every adversarial example is verified on the host to lie in the eps-ball (up to float
 tolerance) and in [0, 1] before it is accepted, and the final robust accuracy is recomputed from the
 returned images, never taken from an internal flag. Settings come from
@@ -101,14 +101,23 @@ def _predict_all(predict, x, key, batch_size):
   return out
 
 
+def _padded_size(m: int, batch_size: int) -> int:
+  """Size a remainder of m < batch_size points is padded to: a multiple of batch_size / 4.
+
+  At most four shapes per attack are compiled, and padding wastes less than a quarter batch.
+  """
+  quarter = -(-batch_size // 4)
+  return min(batch_size, -(-m // quarter) * quarter)
+
+
 def _attack_subset(attack_fn, x_sub, y_sub, key, batch_size):
-  """Runs `attack_fn` on a subset in batches padded to `batch_size` (one shape per attack)."""
+  """Runs `attack_fn` on a subset in batches, padding the remainder to few compiled shapes."""
   m = x_sub.shape[0]
   if m >= batch_size:
     return core.attack_in_batches(attack_fn, x_sub, y_sub, key=key, batch_size=batch_size)
-  # Padding a small remainder wastes at most one batch of work but saves a compilation.
-  xb = np.concatenate([x_sub, np.repeat(x_sub[:1], batch_size - m, axis=0)])
-  yb = np.concatenate([y_sub, np.repeat(y_sub[:1], batch_size - m, axis=0)])
+  size = _padded_size(m, batch_size)
+  xb = np.concatenate([x_sub, np.repeat(x_sub[:1], size - m, axis=0)])
+  yb = np.concatenate([y_sub, np.repeat(y_sub[:1], size - m, axis=0)])
   return np.asarray(attack_fn(xb, yb, key=jax.random.fold_in(key, 0)))[:m]
 
 

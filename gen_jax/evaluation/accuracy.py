@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gen_jax import attacks
+from gen_jax.data.batching import eval_batches
 
 
 @functools.partial(jax.jit, static_argnames=("model", "steps", "norm"))
@@ -29,7 +30,13 @@ def _batch_correct(variables, images, labels, mask, key, eps, step_size, *, mode
   logits_fn = lambda z: model.apply(variables, z, train=False)
   clean = jnp.argmax(logits_fn(x), -1) == labels
   if steps > 0:
-    x_adv = attacks.pgd(logits_fn, x, labels, key=key, eps=eps, step_size=step_size, steps=steps,
+    x_adv = attacks.pgd(logits_fn,
+                        x,
+                        labels,
+                        key=key,
+                        eps=eps,
+                        step_size=step_size,
+                        steps=steps,
                         norm=norm)
     robust = jnp.argmax(logits_fn(x_adv), -1) == labels
   else:
@@ -37,9 +44,17 @@ def _batch_correct(variables, images, labels, mask, key, eps, step_size, *, mode
   return jnp.sum(clean & mask), jnp.sum(robust & mask)
 
 
-def evaluate_models(models: dict[str, Any], images: np.ndarray, labels: np.ndarray, *,
-                    model: nn.Module, key: jax.Array, eps: float, step_size: float, steps: int,
-                    batch_size: int = 500, norm: str = "linf",
+def evaluate_models(models: dict[str, Any],
+                    images: np.ndarray,
+                    labels: np.ndarray,
+                    *,
+                    model: nn.Module,
+                    key: jax.Array,
+                    eps: float,
+                    step_size: float,
+                    steps: int,
+                    batch_size: int = 500,
+                    norm: str = "linf",
                     sharding: Any = None) -> dict[str, dict[str, float]]:
   """Clean and PGD accuracy (random start, `steps` steps) of each model.
 
@@ -64,24 +79,27 @@ def evaluate_models(models: dict[str, Any], images: np.ndarray, labels: np.ndarr
     devices = sharding.mesh.size
     batch_size = -(-batch_size // devices) * devices
   totals = {role: [jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)] for role in models}
-  for i, start in enumerate(range(0, n, batch_size)):
-    x = np.asarray(images[start:start + batch_size])
-    y = np.asarray(labels[start:start + batch_size]).astype(np.int32)
-    mask = np.ones(len(y), bool)
-    pad = batch_size - len(y)
-    if pad:
-      x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-      y = np.concatenate([y, np.zeros(pad, np.int32)])
-      mask = np.concatenate([mask, np.zeros(pad, bool)])
-    batch = (x, y, mask)
+  batches, masks = eval_batches(n, batch_size)
+  for i, (idx, mask) in enumerate(zip(batches, masks)):
+    batch = (np.asarray(images[idx]), np.asarray(labels[idx]).astype(np.int32), mask)
     if sharding is not None:
       batch = jax.device_put(batch, sharding)
     batch_key = jax.random.fold_in(key, i)
     for role, variables in models.items():
-      clean, robust = _batch_correct(variables, *batch, batch_key, jnp.float32(eps),
-                                     jnp.float32(step_size), model=model, steps=steps, norm=norm)
+      clean, robust = _batch_correct(variables,
+                                     *batch,
+                                     batch_key,
+                                     jnp.float32(eps),
+                                     jnp.float32(step_size),
+                                     model=model,
+                                     steps=steps,
+                                     norm=norm)
       totals[role][0] += clean
       totals[role][1] += robust
   totals = jax.device_get(totals)
-  return {role: {"clean_acc": float(c) / n, "pgd_acc": float(r) / n}
-          for role, (c, r) in totals.items()}
+  return {
+      role: {
+          "clean_acc": float(c) / n,
+          "pgd_acc": float(r) / n
+      } for role, (c, r) in totals.items()
+  }

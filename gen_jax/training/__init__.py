@@ -17,7 +17,6 @@ from gen_jax.training.steps import (ExpertState, GeneralistState, create_train_s
                                     robust_train_step, train_step)
 
 __all__ = [
-    "ExpertState", "GeneralistState", "build_schedules", "create_train_state",
-    "generalist_update", "make_train_step", "natural_train_step", "robust_train_step",
-    "train_and_evaluate", "train_step"
+    "ExpertState", "GeneralistState", "build_schedules", "create_train_state", "generalist_update",
+    "make_train_step", "natural_train_step", "robust_train_step", "train_and_evaluate", "train_step"
 ]

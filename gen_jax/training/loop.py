@@ -8,7 +8,7 @@ writes the run's files:
     workdir/metrics.jsonl    one line per epoch
     workdir/checkpoints/     orbax: the latest full state (resume point)
     workdir/best/            orbax: the best global model by validation clean + PGD accuracy
-    workdir/summary.json     final test accuracy of the natural and robust teachers and the global model
+    workdir/summary.json     final test accuracy of both teachers and the global model
 
 Running the same command again on the same workdir resumes from the latest checkpoint; a run
 that already wrote `summary.json` is not retrained. The host reads device values only at
@@ -84,14 +84,18 @@ class Splits:
 
 def load_splits(config: Config) -> Splits:
   """Loads the data set and holds out the validation split (stratified, seeded)."""
-  ds = data.load_dataset(config.dataset, data_dir=config.data_dir, image_size=config.image_size,
+  ds = data.load_dataset(config.dataset,
+                         data_dir=config.data_dir,
+                         image_size=config.image_size,
                          max_per_class=config.max_train_per_class,
                          max_test_per_class=config.max_test_per_class)
   size = config.validation_size
   size = int(size) if size >= 1 else float(size)
   if size:
-    tx, ty, vx, vy = data.train_validation_split(ds.train_images, ds.train_labels,
-                                                 validation_size=size, seed=config.seed)
+    tx, ty, vx, vy = data.train_validation_split(ds.train_images,
+                                                 ds.train_labels,
+                                                 validation_size=size,
+                                                 seed=config.seed)
   else:
     tx, ty, vx, vy = ds.train_images, ds.train_labels, ds.train_images[:0], ds.train_labels[:0]
   return Splits(tx, ty.astype(np.int32), vx, vy.astype(np.int32), ds.test_images,
@@ -103,23 +107,33 @@ def build_model(config: Config, num_classes: int):
   return models.create_model(config.model, num_classes, dtype=dtype, conv_impl=config.conv_impl)
 
 
-def _epoch_train_step(state, totals, train_x, train_y, perm, index, key, tables, *, model,
-                      config, batch_sharding):
+def _epoch_train_step(state, totals, train_x, train_y, perm, index, key, tables, *, model, config,
+                      batch_sharding):
   """Gathers batch `index` of this epoch's permutation, then runs `steps.train_step`."""
   batch = config.batch_size
   idx = jax.lax.dynamic_slice_in_dim(perm, index * batch, batch)
   images = jax.lax.with_sharding_constraint(train_x[idx], batch_sharding)
   labels = jax.lax.with_sharding_constraint(train_y[idx], batch_sharding)
   step_key = jax.random.fold_in(key, state.step)
-  state, metrics = steps_lib.train_step(state, images, labels, step_key, tables, model=model,
+  state, metrics = steps_lib.train_step(state,
+                                        images,
+                                        labels,
+                                        step_key,
+                                        tables,
+                                        model=model,
                                         config=config)
   totals = jax.tree_util.tree_map(lambda a, b: a + b.astype(a.dtype), totals, metrics)
   return state, totals
 
 
 def _zero_totals(config: Config) -> dict[str, dict[str, jax.Array]]:
-  return {role: {"loss_sum": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.int32),
-                 "count": jnp.zeros((), jnp.int32)} for role in config.experts}
+  return {
+      role: {
+          "loss_sum": jnp.zeros((), jnp.float32),
+          "correct": jnp.zeros((), jnp.int32),
+          "count": jnp.zeros((), jnp.int32)
+      } for role in config.experts
+  }
 
 
 def _read_totals(totals) -> dict[str, float]:
@@ -143,17 +157,32 @@ def _check_finite(values: dict[str, float], step: int) -> None:
 def _evaluate(state, xs, ys, *, model, config, key, sharding, roles=None):
   candidates = state.models()
   chosen = {r: candidates[r] for r in (roles or candidates)}
-  return evaluate_models(chosen, xs, ys, model=model, key=key, eps=config.eps,
-                         step_size=config.eval_step_size, steps=config.eval_pgd_steps,
-                         batch_size=config.eval_batch_size, norm=config.norm, sharding=sharding)
+  return evaluate_models(chosen,
+                         xs,
+                         ys,
+                         model=model,
+                         key=key,
+                         eps=config.eps,
+                         step_size=config.eval_step_size,
+                         steps=config.eval_pgd_steps,
+                         batch_size=config.eval_batch_size,
+                         norm=config.norm,
+                         sharding=sharding)
 
 
 def _roles(config: Config) -> tuple[str, ...]:
-  return {"generalist": ("natural", "robust", "global"), "natural": ("natural", "global"),
-          "pgd_at": ("robust", "global"), "trades": ("robust", "global")}[config.method]
+  return {
+      "generalist": ("natural", "robust", "global"),
+      "natural": ("natural", "global"),
+      "pgd_at": ("robust", "global"),
+      "trades": ("robust", "global")
+  }[config.method]
 
 
-def train_and_evaluate(config: Config, workdir: str | pathlib.Path, *, progress: bool = True,
+def train_and_evaluate(config: Config,
+                       workdir: str | pathlib.Path,
+                       *,
+                       progress: bool = True,
                        max_epochs: int | None = None) -> dict[str, Any]:
   """Trains a run to the end (resuming if possible) and returns its summary.
 
@@ -165,7 +194,8 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path, *, progress:
       (for time-boxed sessions such as Colab; the next call resumes). None: run to the end.
 
   Returns:
-    `{"stopped_at_epoch": e}` when stopped by `max_epochs` before the end; otherwise the summary: per model (`natural`, `robust`, `global`) its `clean_acc` and `pgd20_acc` on
+    `{"stopped_at_epoch": e}` when stopped by `max_epochs` before the end; otherwise the
+    summary: per model (`natural`, `robust`, `global`) its `clean_acc` and `pgd20_acc` on
     the test split (fractions), plus `config`, `best`, `steps`, `train_seconds` (time in
     training steps over all epochs, resumed ones included) and `seconds` (this call's wall time).
   """
@@ -192,7 +222,10 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path, *, progress:
 
   replicated = parallel.replicated(mesh)
   batch_sharding = parallel.data_sharding(mesh)
-  create = functools.partial(steps_lib.create_train_state, config, model, keys["init"],
+  create = functools.partial(steps_lib.create_train_state,
+                             config,
+                             model,
+                             keys["init"],
                              image_shape=image_shape)
   abstract = jax.eval_shape(create)
   abstract = jax.tree_util.tree_map(
@@ -213,21 +246,25 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path, *, progress:
   tables = parallel.replicate(steps_lib.schedule_arrays(config, steps_per_epoch), mesh)
   train_x = parallel.replicate(splits.train_x, mesh)
   train_y = parallel.replicate(splits.train_y, mesh)
-  epoch_step = jax.jit(
-      functools.partial(_epoch_train_step, model=model, config=config,
-                        batch_sharding=batch_sharding), donate_argnums=(0, 1))
+  epoch_step = jax.jit(functools.partial(_epoch_train_step,
+                                         model=model,
+                                         config=config,
+                                         batch_sharding=batch_sharding),
+                       donate_argnums=(0, 1))
   eval_key = keys["eval"]
   test_n = config.eval_test_size or len(splits.test_y)
   roles = _roles(config)
 
-  end_epoch = config.epochs if max_epochs is None else min(config.epochs,
-                                                            start_epoch + max_epochs)
+  end_epoch = config.epochs if max_epochs is None else min(config.epochs, start_epoch + max_epochs)
   for epoch in range(start_epoch, end_epoch):
     epoch_started = time.time()
     perm = jax.random.permutation(jax.random.fold_in(keys["data"], epoch), len(splits.train_y))
     totals = parallel.replicate(_zero_totals(config), mesh)
-    bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}",
-               disable=not progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(range(steps_per_epoch),
+               desc=f"epoch {epoch + 1}/{config.epochs}",
+               disable=not progress,
+               leave=False,
+               dynamic_ncols=True)
     for index in bar:
       state, totals = epoch_step(state, totals, train_x, train_y, perm, jnp.int32(index),
                                  keys["train"], tables)
@@ -239,20 +276,42 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path, *, progress:
     train_metrics = _read_totals(totals)
     _check_finite(train_metrics, (epoch + 1) * steps_per_epoch)
     last = (epoch + 1) * steps_per_epoch - 1
-    record = {"epoch": epoch + 1, "step": int(state.step), **train_metrics,
-              "lr_nat": float(tables["lr_nat"][last]), "lr_rob": float(tables["lr_rob"][last]),
-              "beta": float(tables["beta"][last]),
-              "redistributed_steps": int(np.asarray(tables["redistribute"][
-                  epoch * steps_per_epoch:last + 1]).sum()),
-              "train_seconds": round(time.time() - epoch_started, 2)}
+    record = {
+        "epoch":
+            epoch + 1,
+        "step":
+            int(state.step),
+        **train_metrics, "lr_nat":
+            float(tables["lr_nat"][last]),
+        "lr_rob":
+            float(tables["lr_rob"][last]),
+        "beta":
+            float(tables["beta"][last]),
+        "redistributed_steps":
+            int(np.asarray(tables["redistribute"][epoch * steps_per_epoch:last + 1]).sum()),
+        "train_seconds":
+            round(time.time() - epoch_started, 2)
+    }
     is_eval_epoch = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
     if is_eval_epoch:
-      test = _evaluate(state, splits.test_x[:test_n], splits.test_y[:test_n], model=model,
-                       config=config, key=eval_key, sharding=batch_sharding, roles=roles)
+      test = _evaluate(state,
+                       splits.test_x[:test_n],
+                       splits.test_y[:test_n],
+                       model=model,
+                       config=config,
+                       key=eval_key,
+                       sharding=batch_sharding,
+                       roles=roles)
       record["test"] = test
       if len(splits.val_y):
-        val = _evaluate(state, splits.val_x, splits.val_y, model=model, config=config,
-                        key=eval_key, sharding=batch_sharding, roles=("global",))["global"]
+        val = _evaluate(state,
+                        splits.val_x,
+                        splits.val_y,
+                        model=model,
+                        config=config,
+                        key=eval_key,
+                        sharding=batch_sharding,
+                        roles=("global",))["global"]
         record["val_global"] = val
         score = val["clean_acc"] + val["pgd_acc"]
         if val["clean_acc"] >= config.select_min_clean and score > best["score"]:
@@ -268,15 +327,28 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path, *, progress:
     best_manager.close()
     return {"stopped_at_epoch": end_epoch}
 
-  final = _evaluate(state, splits.test_x, splits.test_y, model=model, config=config,
-                    key=eval_key, sharding=batch_sharding, roles=roles)
-  summary = {role: {"clean_acc": v["clean_acc"], f"pgd{config.eval_pgd_steps}_acc": v["pgd_acc"]}
-             for role, v in final.items()}
+  final = _evaluate(state,
+                    splits.test_x,
+                    splits.test_y,
+                    model=model,
+                    config=config,
+                    key=eval_key,
+                    sharding=batch_sharding,
+                    roles=roles)
+  summary = {
+      role: {
+          "clean_acc": v["clean_acc"],
+          f"pgd{config.eval_pgd_steps}_acc": v["pgd_acc"]
+      } for role, v in final.items()
+  }
   epochs_run = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-  summary.update(method=config.method, best=best, steps=int(state.step),
+  summary.update(method=config.method,
+                 best=best,
+                 steps=int(state.step),
                  test_images=int(len(splits.test_y)),
                  train_seconds=round(sum(r["train_seconds"] for r in epochs_run), 1),
-                 seconds=round(time.time() - started, 1), config=_config_record(config))
+                 seconds=round(time.time() - started, 1),
+                 config=_config_record(config))
   summary_path.write_text(json.dumps(summary, indent=2) + "\n")
   manager.close()
   best_manager.close()
@@ -285,8 +357,9 @@ def train_and_evaluate(config: Config, workdir: str | pathlib.Path, *, progress:
 
 def _epoch_line(record: dict[str, Any]) -> str:
   parts = [f"epoch {record['epoch']}"]
-  parts += [f"{k} {record[k]:.3f}" for k in ("nat_loss", "nat_acc", "rob_loss", "rob_acc")
-            if k in record]
+  parts += [
+      f"{k} {record[k]:.3f}" for k in ("nat_loss", "nat_acc", "rob_loss", "rob_acc") if k in record
+  ]
   for role, v in record.get("test", {}).items():
     parts.append(f"{role} clean {v['clean_acc']:.3f} pgd {v['pgd_acc']:.3f}")
   parts.append(f"beta {record['beta']:.2f}")

@@ -68,5 +68,5 @@ def trades_attack(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array, *, 
 def trades_objective(logits_nat: jax.Array, logits_adv: jax.Array, labels: jax.Array, *,
                      beta: float | jax.Array) -> jax.Array:
   """Mean TRADES loss `CE(f(x), y) + beta * KL(f(x) || f(x_adv))` over the batch."""
-  return cross_entropy(logits_nat, labels).mean() + beta * kl_to_clean(logits_adv,
-                                                                      logits_nat).mean()
+  return cross_entropy(logits_nat,
+                       labels).mean() + beta * kl_to_clean(logits_adv, logits_nat).mean()

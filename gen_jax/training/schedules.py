@@ -12,9 +12,9 @@ Synopsis::
     tables["lr_rob"][t], tables["beta"][t], tables["redistribute"][t]
 
 Redistribution is defined in fractions of the run, so that short runs keep the reference's phase
-and duty cycle: with T steps, step t redistributes in periods of `period * T` steps
-starting at `start * T`, for the first `duty` of each period (at least one step). With the defaults (start 74/120, period
-5/120, duty 1/5) and E = 120 epochs this is exactly every step of epochs 75, 80, ..., 120. The
+and duty cycle: with T steps, redistribution runs in periods of `period * T` steps starting at
+`start * T`, during the first `duty` of each period (at least one step). With the defaults
+(start 74/120, period 5/120, duty 1/5) and E = 120 epochs this is exactly every step of epochs 75, 80, ..., 120. The
 naive alternative, "every 5th epoch" rounded to a short run, makes every late epoch a
 redistribution epoch and pins both experts to the global model: a degenerate run.
 """

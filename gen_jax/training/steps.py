@@ -77,7 +77,8 @@ def make_optimizer(config: Config, role: str) -> optax.GradientTransformation:
   """SGD with momentum and weight decay, the learning rate injected so a schedule can set it."""
   weight_decay = config.weight_decay_nat if role == "nat" else config.weight_decay_rob
   lr = config.lr_nat if role == "nat" else config.lr_rob
-  return optax.inject_hyperparams(_sgd)(learning_rate=lr, momentum=config.momentum,
+  return optax.inject_hyperparams(_sgd)(learning_rate=lr,
+                                        momentum=config.momentum,
                                         weight_decay=weight_decay)
 
 
@@ -85,8 +86,12 @@ def _set_lr(opt_state, lr):
   return opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": lr})
 
 
-def create_train_state(config: Config, model: nn.Module, key: jax.Array, *,
-                       image_shape: tuple[int, int, int], num_classes: int | None = None,
+def create_train_state(config: Config,
+                       model: nn.Module,
+                       key: jax.Array,
+                       *,
+                       image_shape: tuple[int, int, int],
+                       num_classes: int | None = None,
                        total_steps: int | None = None) -> GeneralistState:
   """Initialises both experts from the SAME weights (as the reference), teachers and global too.
 
@@ -103,19 +108,26 @@ def create_train_state(config: Config, model: nn.Module, key: jax.Array, *,
   # Distinct buffers for every copy: the state is donated to the jitted step.
   copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)
   experts = {
-      role: ExpertState(variables=copy(variables),
-                        opt_state=make_optimizer(config, role).init(variables["params"]))
+      role:
+          ExpertState(variables=copy(variables),
+                      opt_state=make_optimizer(config, role).init(variables["params"]))
       for role in ("nat", "rob")
   }
-  return GeneralistState(step=jnp.zeros((), jnp.int32), nat=experts["nat"], rob=experts["rob"],
-                         teacher_nat=copy(variables), teacher_rob=copy(variables),
+  return GeneralistState(step=jnp.zeros((), jnp.int32),
+                         nat=experts["nat"],
+                         rob=experts["rob"],
+                         teacher_nat=copy(variables),
+                         teacher_rob=copy(variables),
                          mix=copy(variables))
 
 
 def _accuracy_metrics(logits, labels, loss):
   n = labels.shape[0]
-  return {"loss_sum": loss * n, "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
-          "count": jnp.asarray(n, jnp.int32)}
+  return {
+      "loss_sum": loss * n,
+      "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
+      "count": jnp.asarray(n, jnp.int32)
+  }
 
 
 def _apply_update(state: ExpertState, grads, lr, config: Config, role: str, new_stats):
@@ -132,15 +144,20 @@ def natural_train_step(state: ExpertState, x: jax.Array, y: jax.Array, lr: jax.A
   stats = state.variables["batch_stats"]
 
   def loss_fn(params):
-    logits, updated = model.apply({"params": params, "batch_stats": stats}, x, train=True,
+    logits, updated = model.apply({
+        "params": params,
+        "batch_stats": stats
+    },
+                                  x,
+                                  train=True,
                                   mutable=["batch_stats"])
     loss = losses.cross_entropy(logits, y).mean()
     return loss, (logits, updated.get("batch_stats", stats))
 
-  (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.variables["params"])
-  return (_apply_update(state, grads, lr, config, "nat", new_stats),
-          _accuracy_metrics(logits, y, loss))
+  (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn,
+                                                          has_aux=True)(state.variables["params"])
+  return (_apply_update(state, grads, lr, config, "nat",
+                        new_stats), _accuracy_metrics(logits, y, loss))
 
 
 def adversarial_examples(variables: Variables, x: jax.Array, y: jax.Array, key: jax.Array,
@@ -152,11 +169,21 @@ def adversarial_examples(variables: Variables, x: jax.Array, y: jax.Array, key: 
   """
   logits_fn = lambda z: model.apply(variables, z, train=False)
   if config.uses_trades:
-    x_adv = losses.trades_attack(logits_fn, x, key=key, eps=hparams["eps"],
-                                 step_size=hparams["step_size"], steps=config.pgd_steps)
+    x_adv = losses.trades_attack(logits_fn,
+                                 x,
+                                 key=key,
+                                 eps=hparams["eps"],
+                                 step_size=hparams["step_size"],
+                                 steps=config.pgd_steps)
   else:
-    x_adv = attacks.pgd(logits_fn, x, y, key=key, eps=hparams["eps"],
-                        step_size=hparams["step_size"], steps=config.pgd_steps, norm=config.norm)
+    x_adv = attacks.pgd(logits_fn,
+                        x,
+                        y,
+                        key=key,
+                        eps=hparams["eps"],
+                        step_size=hparams["step_size"],
+                        steps=config.pgd_steps,
+                        norm=config.norm)
   return jax.lax.stop_gradient(x_adv)
 
 
@@ -186,22 +213,37 @@ def robust_train_step(state: ExpertState, x: jax.Array, y: jax.Array, key: jax.A
     if config.uses_trades:
       # TRADES runs the clean and the adversarial batch through the network in training mode,
       # one after the other (BatchNorm statistics updated twice, as in the TRADES code).
-      logits_nat, upd = model.apply({"params": params, "batch_stats": stats}, x, train=True,
+      logits_nat, upd = model.apply({
+          "params": params,
+          "batch_stats": stats
+      },
+                                    x,
+                                    train=True,
                                     mutable=["batch_stats"])
       stats_1 = upd.get("batch_stats", stats)
-      logits_adv, upd = model.apply({"params": params, "batch_stats": stats_1}, x_adv,
-                                    train=True, mutable=["batch_stats"])
+      logits_adv, upd = model.apply({
+          "params": params,
+          "batch_stats": stats_1
+      },
+                                    x_adv,
+                                    train=True,
+                                    mutable=["batch_stats"])
       loss = losses.trades_objective(logits_nat, logits_adv, y, beta=hparams["trades_beta"])
     else:
-      logits_adv, upd = model.apply({"params": params, "batch_stats": stats}, x_adv, train=True,
+      logits_adv, upd = model.apply({
+          "params": params,
+          "batch_stats": stats
+      },
+                                    x_adv,
+                                    train=True,
                                     mutable=["batch_stats"])
       loss = losses.cross_entropy(logits_adv, y).mean()
     return loss, (logits_adv, upd.get("batch_stats", stats))
 
-  (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      variables["params"])
-  return (_apply_update(state, grads, hparams["lr_rob"], config, "rob", new_stats),
-          _accuracy_metrics(logits, y, loss))
+  (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn,
+                                                          has_aux=True)(variables["params"])
+  return (_apply_update(state, grads, hparams["lr_rob"], config, "rob",
+                        new_stats), _accuracy_metrics(logits, y, loss))
 
 
 def generalist_update(state: GeneralistState, *, beta: jax.Array, redistribute: jax.Array,
@@ -224,15 +266,19 @@ def generalist_update(state: GeneralistState, *, beta: jax.Array, redistribute: 
   if config.method == "generalist":
     target = mixing.mix(teacher_nat, teacher_rob, beta)
     mix = mixing.ema_update(mix, target, decay)
-    select = lambda glob, own: jax.tree_util.tree_map(
-        lambda g, o: jnp.where(redistribute, g, o), glob, own)
+    select = lambda glob, own: jax.tree_util.tree_map(lambda g, o: jnp.where(redistribute, g, o),
+                                                      glob, own)
     nat = state.nat.replace(variables=select(mix, state.nat.variables))
     rob = state.rob.replace(variables=select(mix, state.rob.variables))
   else:
     nat, rob = state.nat, state.rob
     mix = teacher_nat if config.method == "natural" else teacher_rob
-  return state.replace(step=state.step + 1, nat=nat, rob=rob, teacher_nat=teacher_nat,
-                       teacher_rob=teacher_rob, mix=mix)
+  return state.replace(step=state.step + 1,
+                       nat=nat,
+                       rob=rob,
+                       teacher_nat=teacher_nat,
+                       teacher_rob=teacher_rob,
+                       mix=mix)
 
 
 def train_step(state: GeneralistState, images: jax.Array, labels: jax.Array, key: jax.Array,
@@ -259,15 +305,30 @@ def train_step(state: GeneralistState, images: jax.Array, labels: jax.Array, key
   metrics = {}
   nat, rob = state.nat, state.rob
   if "nat" in config.experts:
-    nat, metrics["nat"] = natural_train_step(nat, x, labels, tables["lr_nat"][t], model=model,
+    nat, metrics["nat"] = natural_train_step(nat,
+                                             x,
+                                             labels,
+                                             tables["lr_nat"][t],
+                                             model=model,
                                              config=config)
   if "rob" in config.experts:
-    hparams = {"lr_rob": tables["lr_rob"][t], "eps": tables["eps"],
-               "step_size": tables["step_size"], "trades_beta": tables["trades_beta"]}
-    rob, metrics["rob"] = robust_train_step(rob, x, labels, attack_key, hparams, model=model,
+    hparams = {
+        "lr_rob": tables["lr_rob"][t],
+        "eps": tables["eps"],
+        "step_size": tables["step_size"],
+        "trades_beta": tables["trades_beta"]
+    }
+    rob, metrics["rob"] = robust_train_step(rob,
+                                            x,
+                                            labels,
+                                            attack_key,
+                                            hparams,
+                                            model=model,
                                             config=config)
-  state = generalist_update(state.replace(nat=nat, rob=rob), beta=tables["beta"][t],
-                            redistribute=tables["redistribute"][t], config=config)
+  state = generalist_update(state.replace(nat=nat, rob=rob),
+                            beta=tables["beta"][t],
+                            redistribute=tables["redistribute"][t],
+                            config=config)
   return state, metrics
 
 
@@ -280,12 +341,16 @@ def _flip(config: Config) -> bool:
 def schedule_arrays(config: Config, steps_per_epoch: int) -> dict[str, jax.Array]:
   """The traced inputs of `train_step`: schedule tables plus the attack's scalars."""
   tables = {k: jnp.asarray(v) for k, v in build_schedules(config, steps_per_epoch).items()}
-  tables.update(eps=jnp.float32(config.eps), step_size=jnp.float32(config.step_size),
+  tables.update(eps=jnp.float32(config.eps),
+                step_size=jnp.float32(config.step_size),
                 trades_beta=jnp.float32(config.trades_beta))
   return tables
 
 
-def make_train_step(config: Config, model: nn.Module, *, steps_per_epoch: int | None = None,
+def make_train_step(config: Config,
+                    model: nn.Module,
+                    *,
+                    steps_per_epoch: int | None = None,
                     total_steps: int | None = None):
   """Jits `train_step` with the state donated; returns `step_fn(state, images, labels, key)`.
 
