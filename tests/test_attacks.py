@@ -114,7 +114,7 @@ def _pixel_classifier():
 
 
 @pytest.mark.parametrize("norm,eps", [("linf", 1.0), ("l2", 4.0)])
-@pytest.mark.parametrize("name", ["pgd_ce", "mim", "apgd_t"])
+@pytest.mark.parametrize("name", ["pgd_ce", "apgd_t"])
 def test_huge_eps_drives_accuracy_to_zero(name, norm, eps):
   f = _pixel_classifier()
   y = jnp.argmax(f(X), axis=1)

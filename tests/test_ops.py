@@ -173,3 +173,20 @@ def test_bad_inputs_raise_clear_errors():
     FastConv(3, (3, 3)).init(jax.random.key(0), jnp.ones((4, 4, 2)))
   with pytest.raises(ValueError, match="impl"):
     FastConv(3, (3, 3), impl="cudnn").init(jax.random.key(0), x)
+
+
+def test_input_gradient_keeps_hwio_kernel_inside_loops():
+  # XLA's own transpose rule leaves a flipped "01oi" kernel, which the CPU backend runs on a slow
+  # generic path inside while loops (PGD); the custom rule must hand it an HWIO ("01io") kernel.
+  x, kernel, _ = _inputs(jax.random.key(8), 6, 3, 4, (3, 3))
+
+  def attack_like(x, kernel):
+    step = lambda _, z: z + 0.1 * jnp.sign(jax.grad(lambda z: jnp.sum(conv2d(z, kernel, 2)**2))(z))
+    return jax.lax.fori_loop(0, 2, step, x)
+
+  hlo = jax.jit(attack_like).lower(x, kernel).compile().as_text()
+  assert "01io" in hlo and "01oi" not in hlo
+  ref = jax.lax.fori_loop(
+      0, 2, lambda _, z: z + 0.1 * jnp.sign(jax.grad(lambda z: jnp.sum(
+          conv2d_xla(z, kernel, (2, 2), ((0, 1), (1, 1)))**2))(z)), x)
+  np.testing.assert_allclose(attack_like(x, kernel), ref, atol=1e-6)

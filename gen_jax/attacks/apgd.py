@@ -5,7 +5,7 @@ A faithful JAX port of the protocol of the reference AutoAttack (settings in
 first step, step-size checkpoints (`apgd_checkpoints`) at which the step is halved for the points
 whose loss rose in at most rho = 75 % of the steps since the previous checkpoint, or whose best loss
 did not improve while their step was not reduced at the previous checkpoint; those points restart
-from their best point. Per example, the best loss and the first adversarial point are tracked. The
+from their best point. Per example, the best loss and the latest adversarial point are tracked. The
 iterations are a `lax.fori_loop`, restarts and target classes a `lax.scan`, all in one jit program.
 
 Examples the attack does not fool keep their clean input (as the reference); every returned point
@@ -90,7 +90,7 @@ def _schedule_arrays(steps: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _single_run(logits_fn, x, y, target, key, eps, *, steps, norm, loss, rho, momentum,
                 step_size_factor, eot_iter, randomized):
-  """One APGD run from a random start; per example: (first adversarial point, still correct)."""
+  """One APGD run from a random start; per example: (latest adversarial point, still correct)."""
   if loss == "ce":
     loss_fn = lambda z: core.ce_loss(z, y)
   elif loss == "dlr":

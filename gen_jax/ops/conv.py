@@ -5,10 +5,12 @@ This module owns `conv2d` (NHWC input, HWIO kernel, a `jax.custom_vjp`) and `Fas
 
 Why: XLA's CPU backend lowers the gradient of a convolution with respect to its KERNEL to a
 convolution with a huge "window" (the whole feature map) that its CPU emitter runs far below the
-machine's matrix-multiply rate. `conv2d` keeps XLA for the forward pass and for the input
-gradient (both are ordinary convolutions XLA runs well) and computes the kernel gradient from
-shifted slices: for each of the kh*kw taps, a strided slice of the padded input contracted with
-the output gradient over batch x height x width in one matrix product. On GPU/TPU the stock path is already fast, so `FastConv` picks the custom
+machine's matrix-multiply rate, and inside `while` loops (PGD) it runs the INPUT gradient on a
+slow generic path because the transposed kernel keeps a non-HWIO layout. `conv2d` keeps XLA's
+forward pass, computes the input gradient as an ordinary forward convolution with a materialised
+flipped HWIO kernel, and the kernel gradient from shifted slices: for each of the kh*kw taps, a
+strided slice of the padded input contracted with the output gradient over batch x height x
+width in one matrix product. On GPU/TPU the stock path is already fast, so `FastConv` picks the custom
 gradient only when `jax.default_backend() == "cpu"` at trace time.
 
 Synopsis::
@@ -138,12 +140,32 @@ def _conv2d_fwd(x, kernel, strides, padding):
   return conv2d_xla(x, kernel, strides, padding), (x, kernel)
 
 
+def _input_grad(g: jax.Array, kernel: jax.Array, input_hw: Sequence[int], strides: tuple[int, int],
+                padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+  """d(sum(conv(x, k) * g)) / dx as a forward convolution with a physically transposed kernel.
+
+  This is JAX's own transpose rule (a stride-1 convolution of the input-dilated cotangent with the
+  spatially flipped kernel) with one difference: the flipped kernel is materialised in HWIO
+  layout behind an optimisation barrier. Left to itself, XLA folds the flip and the in/out swap
+  into the convolution's dimension numbers ("01oi" kernel); inside a `while` loop (every PGD
+  iteration) its CPU backend then runs that convolution on a slow generic path, measured at 4
+  GFLOP/s against about 100 for the same convolution with an HWIO kernel.
+  """
+  kh, kw = kernel.shape[:2]
+  ho, wo = g.shape[1:3]
+  pads = []
+  for size, k, s, (lo, _), out in zip(input_hw, (kh, kw), strides, padding, (ho, wo)):
+    before = k - 1 - lo
+    after = size + k - 1 - ((out - 1) * s + 1) - before
+    pads.append((before, after))
+  kernel_t = lax.optimization_barrier(jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
+  return lax.conv_general_dilated(g, kernel_t, (1, 1), pads, lhs_dilation=strides,
+                                  dimension_numbers=_DIMENSION_NUMBERS)
+
+
 def _conv2d_bwd(strides, padding, residuals, g):
   x, kernel = residuals
-  # XLA transposes the forward conv into an ordinary (dilated) convolution for the input gradient,
-  # which it runs at its forward rate, so keep it; the forward output is dead code and pruned.
-  _, input_vjp_fn = jax.vjp(lambda x_: conv2d_xla(x_, kernel, strides, padding), x)
-  (dx,) = input_vjp_fn(g)
+  dx = _input_grad(g, kernel, x.shape[1:3], strides, padding).astype(x.dtype)
   dk = _kernel_grad(x, g, kernel.shape, strides, padding).astype(kernel.dtype)
   return dx, dk
 
