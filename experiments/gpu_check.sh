@@ -20,7 +20,7 @@
 #      training forward+backward 3F, a PGD iteration 2F) against PEAK_FLOPS for every dtype.
 #   3. experiments/train.py --preset cifar10 shortened to EPOCHS epochs on the image folder
 #      data_local/cifar10-jpeg (the JPEG copy of CIFAR-10: accuracies are close to, not equal to,
-#      published CIFAR-10 figures), then its summary (clean and PGD-20 accuracy of the three models).
+#      published CIFAR-10 figures), then its summary (clean and PGD-20 accuracy of the 3 models).
 # Every step runs under `timeout` with what is left of BUDGET_S, so the script ends in time and
 # prints whatever it measured.
 set -u -o pipefail

@@ -1,4 +1,4 @@
-"""Tests for gen_jax.ops.conv: the custom-VJP convolution against XLA's own, and FastConv vs nn.Conv."""
+"""Tests for gen_jax.ops.conv: the custom VJP against XLA's own, FastConv against nn.Conv."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

@@ -10,8 +10,8 @@ slow generic path because the transposed kernel keeps a non-HWIO layout. `conv2d
 forward pass, computes the input gradient as an ordinary forward convolution with a materialised
 flipped HWIO kernel, and the kernel gradient from shifted slices: for each of the kh*kw taps, a
 strided slice of the padded input contracted with the output gradient over batch x height x
-width in one matrix product. On GPU/TPU the stock path is already fast, so `FastConv` picks the custom
-gradient only when `jax.default_backend() == "cpu"` at trace time.
+width in one matrix product. On GPU/TPU the stock path is already fast, so `FastConv` picks the
+custom gradient only when `jax.default_backend() == "cpu"` at trace time.
 
 Synopsis::
 
