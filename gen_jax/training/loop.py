@@ -217,6 +217,9 @@ def train_and_evaluate(config: Config,
                      f"batch of --batch_size {config.batch_size}; lower it.")
   total_steps = steps_per_epoch * config.epochs
   model = build_model(config, splits.num_classes)
+  # Attacks for evaluation always run in float32, whatever the training compute dtype.
+  eval_model = build_model(dataclasses.replace(config, compute_dtype="float32"),
+                           splits.num_classes)
   keys = _keys(config.seed)
   image_shape = tuple(splits.train_x.shape[1:])
 
@@ -297,7 +300,7 @@ def train_and_evaluate(config: Config,
       test = _evaluate(state,
                        splits.test_x[:test_n],
                        splits.test_y[:test_n],
-                       model=model,
+                       model=eval_model,
                        config=config,
                        key=eval_key,
                        sharding=batch_sharding,
@@ -307,7 +310,7 @@ def train_and_evaluate(config: Config,
         val = _evaluate(state,
                         splits.val_x,
                         splits.val_y,
-                        model=model,
+                        model=eval_model,
                         config=config,
                         key=eval_key,
                         sharding=batch_sharding,
@@ -330,7 +333,7 @@ def train_and_evaluate(config: Config,
   final = _evaluate(state,
                     splits.test_x,
                     splits.test_y,
-                    model=model,
+                    model=eval_model,
                     config=config,
                     key=eval_key,
                     sharding=batch_sharding,
