@@ -66,6 +66,14 @@ def test_help_lists_presets_and_fields():
   assert "pilot: dataset='digits'" in out.stdout
 
 
+def test_evaluate_rejects_unknown_attack_and_missing_run(tmp_path):
+  script = str(ROOT / "experiments" / "evaluate.py")
+  out = _run(script, "--workdir", str(tmp_path), "--attacks", "clean,pgd7", timeout=120)
+  assert out.returncode == 2 and "unknown attack(s) ['pgd7']" in out.stderr
+  out = _run(script, "--workdir", str(tmp_path / "none"), "--attacks", "clean", timeout=120)
+  assert out.returncode == 2 and "holds no training run" in out.stderr
+
+
 def test_chord_score():
   compare = _load("compare")
   clean = {"natural": 0.9, "pgd_at": 0.7, "generalist": 0.8}
@@ -91,6 +99,24 @@ def test_train_command_tiny_end_to_end(tmp_path):
   assert "global" in out.stdout and "natural" in out.stdout
   summary = json.loads((workdir / "summary.json").read_text())
   assert set(summary["global"]) == {"clean_acc", "pgd2_acc"}
+  # The robustness report of the run's three models.
+  out = _run(str(ROOT / "experiments" / "evaluate.py"),
+             "--workdir",
+             str(workdir),
+             "--model",
+             "all",
+             "--attacks",
+             "clean,pgd20,apgd-ce",
+             "--n",
+             "16",
+             cwd=tmp_path)
+  assert out.returncode == 0, out.stderr[-2000:]
+  report = json.loads((workdir / "eval" / "report.json").read_text())
+  assert set(report["models"]) == {"global", "natural", "robust"}
+  for row in report["models"].values():
+    assert row["pgd20"]["accuracy"] <= row["clean"]["accuracy"]
+    assert row["apgd-ce"]["accuracy"] <= row["clean"]["accuracy"]
+  assert "| global |" in (workdir / "eval" / "report.md").read_text()
   # A second run with other settings on the same workdir is refused, nothing is touched.
   before = (workdir / "summary.json").read_text()
   out = _run(str(ROOT / "experiments" / "train.py"),

@@ -218,8 +218,7 @@ def train_and_evaluate(config: Config,
   total_steps = steps_per_epoch * config.epochs
   model = build_model(config, splits.num_classes)
   # Attacks for evaluation always run in float32, whatever the training compute dtype.
-  eval_model = build_model(dataclasses.replace(config, compute_dtype="float32"),
-                           splits.num_classes)
+  eval_model = build_model(dataclasses.replace(config, compute_dtype="float32"), splits.num_classes)
   keys = _keys(config.seed)
   image_shape = tuple(splits.train_x.shape[1:])
 
@@ -377,3 +376,37 @@ def _truncate_metrics(path: pathlib.Path, epoch: int) -> None:
   kept = [l for l in lines if json.loads(l)["epoch"] <= epoch]
   if len(kept) != len(lines):
     path.write_text("".join(l + "\n" for l in kept))
+
+
+def restore_run(workdir: str | pathlib.Path):
+  """Loads a run's config, data splits, float32 model and latest state for evaluation.
+
+  Returns:
+    `(config, splits, model, state)`.
+
+  Raises:
+    FileNotFoundError: `workdir` holds no run (no config.json) or no checkpoint yet.
+  """
+  workdir = pathlib.Path(workdir)
+  path = workdir / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{workdir} holds no training run (no config.json); train one with "
+                            "experiments/train.py --workdir first.")
+  record = json.loads(path.read_text())
+  record = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
+  config = Config(**record).validate()
+  splits = load_splits(config)
+  model = build_model(dataclasses.replace(config, compute_dtype="float32"), splits.num_classes)
+  keys = _keys(config.seed)
+  create = functools.partial(steps_lib.create_train_state,
+                             config,
+                             model,
+                             keys["init"],
+                             image_shape=tuple(splits.train_x.shape[1:]))
+  manager = checkpoint.open_manager(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
+  restored = checkpoint.restore(manager, jax.eval_shape(create))
+  manager.close()
+  if restored is None:
+    raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint yet: let the run finish "
+                            "at least one epoch.")
+  return config, splits, model, restored[0]
