@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 
 
@@ -36,10 +35,6 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, 
                                        meta=ocp.args.JsonSave(meta)),
                force=True)
   manager.wait_until_finished()
-
-
-def latest_step(manager: ocp.CheckpointManager) -> int | None:
-  return manager.latest_step()
 
 
 def restore(manager: ocp.CheckpointManager,
@@ -75,8 +70,3 @@ def restore(manager: ocp.CheckpointManager,
         "use a new --workdir (nothing was overwritten).") from error
   return restored["state"], dict(restored["meta"])
 
-
-def abstract_like(tree: Any) -> Any:
-  """`jax.ShapeDtypeStruct`s (with shardings) for every array leaf of `tree`."""
-  return jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)

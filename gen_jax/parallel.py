@@ -10,7 +10,7 @@ Synopsis::
 
     mesh = make_mesh()
     state = replicate(state, mesh)
-    images = shard_batch(images, mesh)       # leading dim divisible by mesh.size
+    batch = jax.device_put(images, data_sharding(mesh))   # leading dim divisible by mesh.size
 """
 from __future__ import annotations
 
@@ -61,10 +61,3 @@ def check_batch_size(batch_size: int, mesh: Mesh, name: str = "batch_size") -> N
     raise ValueError(f"--{name} {batch_size} is not divisible by the {mesh.size} devices; "
                      f"use a multiple of {mesh.size}.")
 
-
-def shard_batch(tree: Any, mesh: Mesh) -> Any:
-  """Splits the leading axis of every leaf over the mesh (inside or outside `jit`)."""
-  sharding = data_sharding(mesh)
-  if isinstance(jax.tree_util.tree_leaves(tree)[0], jax.core.Tracer):
-    return jax.lax.with_sharding_constraint(tree, sharding)
-  return jax.device_put(tree, sharding)

@@ -126,6 +126,12 @@ def _epoch_train_step(state, totals, train_x, train_y, perm, index, key, tables,
   return state, totals
 
 
+def _state_factory(config: Config, model, image_shape):
+  """The zero-argument initialiser of a run's state (its key comes from the config's seed)."""
+  return functools.partial(steps_lib.create_train_state, config, model,
+                           _keys(config.seed)["init"], image_shape=image_shape)
+
+
 def _zero_totals(config: Config) -> dict[str, dict[str, jax.Array]]:
   return {
       role: {
@@ -224,11 +230,7 @@ def train_and_evaluate(config: Config,
 
   replicated = parallel.replicated(mesh)
   batch_sharding = parallel.data_sharding(mesh)
-  create = functools.partial(steps_lib.create_train_state,
-                             config,
-                             model,
-                             keys["init"],
-                             image_shape=image_shape)
+  create = _state_factory(config, model, image_shape)
   abstract = jax.eval_shape(create)
   abstract = jax.tree_util.tree_map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
@@ -397,12 +399,7 @@ def restore_run(workdir: str | pathlib.Path):
   config = Config(**record).validate()
   splits = load_splits(config)
   model = build_model(dataclasses.replace(config, compute_dtype="float32"), splits.num_classes)
-  keys = _keys(config.seed)
-  create = functools.partial(steps_lib.create_train_state,
-                             config,
-                             model,
-                             keys["init"],
-                             image_shape=tuple(splits.train_x.shape[1:]))
+  create = _state_factory(config, model, tuple(splits.train_x.shape[1:]))
   manager = checkpoint.open_manager(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
   restored = checkpoint.restore(manager, jax.eval_shape(create))
   manager.close()
