@@ -11,12 +11,21 @@ Synopsis::
     save(manager, step, state, {"epoch": 3})
     state, meta = restore(manager, abstract_state)       # latest step; None if there is none
     manager.close()
+
+    save_model("runs/pilot/eval/mix-beta0.30", variables, {"config": ..., "beta": 0.3})
+    variables, record = load_model("runs/pilot/eval/mix-beta0.30", abstract_variables)
+
+A model checkpoint (`save_model`) is one model's linen variables plus a JSON record (the run's
+config, where the model came from); `experiments/evaluate.py --checkpoint` reads it.
 """
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -37,6 +46,19 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, 
   manager.wait_until_finished()
 
 
+def _placed(abstract: Any) -> Any:
+  """Gives every leaf without a sharding the first local device, so that a checkpoint written on
+  another topology (e.g. 8 GPUs, or the 2 virtual devices of the tests) restores on this one."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def place(leaf):
+    if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
+      return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
+    return leaf
+
+  return jax.tree_util.tree_map(place, abstract)
+
+
 def restore(manager: ocp.CheckpointManager,
             abstract_state: Any,
             step: int | None = None) -> tuple[Any, dict[str, Any]] | None:
@@ -45,7 +67,8 @@ def restore(manager: ocp.CheckpointManager,
   Args:
     manager: from `open_manager`.
     abstract_state: a pytree of `jax.ShapeDtypeStruct` (e.g. `jax.eval_shape(create_state)`),
-      with shardings where the restored arrays should be placed.
+      with shardings where the restored arrays should be placed (leaves without one go to the
+      first local device, whatever topology wrote the checkpoint).
     step: which checkpoint; None for the latest.
 
   Returns:
@@ -60,9 +83,9 @@ def restore(manager: ocp.CheckpointManager,
     return None
   try:
     restored = manager.restore(step,
-                               args=ocp.args.Composite(
-                                   state=ocp.args.StandardRestore(abstract_state),
-                                   meta=ocp.args.JsonRestore()))
+                               args=ocp.args.Composite(state=ocp.args.StandardRestore(
+                                   _placed(abstract_state)),
+                                                       meta=ocp.args.JsonRestore()))
   except Exception as error:  # orbax raises many types; wrap them with the culprit's path.
     raise ValueError(
         f"cannot restore checkpoint step {step} from {manager.directory}: {error}. The "
@@ -70,3 +93,65 @@ def restore(manager: ocp.CheckpointManager,
         "use a new --workdir (nothing was overwritten).") from error
   return restored["state"], dict(restored["meta"])
 
+
+MODEL_RECORD = "model.json"
+_MODEL_ITEM = "variables"
+
+
+def save_model(directory: str | os.PathLike, variables: Any, record: dict[str,
+                                                                          Any]) -> pathlib.Path:
+  """Writes one model (linen variables) and its JSON `record` to a new directory.
+
+  Args:
+    directory: where to write; must not exist yet (a model already saved is never overwritten).
+    variables: `{"params": ..., "batch_stats": ...}`.
+    record: JSON-serialisable description; by convention `{"config": <run config record>, ...}`
+      so that the data and the architecture can be rebuilt.
+
+  Returns:
+    The directory's absolute path.
+
+  Raises:
+    FileExistsError: `directory` exists (choose another path or remove it yourself).
+    TypeError: `record` is not JSON-serialisable (checked before anything is written).
+  """
+  directory = pathlib.Path(directory).absolute()
+  if directory.exists():
+    raise FileExistsError(f"{directory} already exists; a saved model is never overwritten. "
+                          "Choose another path or delete it yourself.")
+  text = json.dumps(record, indent=2) + "\n"  # TypeError before anything is written.
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(directory / _MODEL_ITEM, variables)
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  (directory / MODEL_RECORD).write_text(text)
+  return directory
+
+
+def read_model_record(directory: str | os.PathLike) -> dict[str, Any]:
+  """The JSON record of a model checkpoint; FileNotFoundError if `directory` holds none."""
+  path = pathlib.Path(directory) / MODEL_RECORD
+  if not path.is_file():
+    raise FileNotFoundError(f"{directory} is not a model checkpoint (no {MODEL_RECORD}); pass a "
+                            "directory written by save_model, e.g. by experiments/sweep_mix.py "
+                            "--select.")
+  return json.loads(path.read_text())
+
+
+def load_model(directory: str | os.PathLike, abstract_variables: Any) -> Any:
+  """Restores the variables of a model checkpoint into the shape of `abstract_variables`.
+
+  Raises:
+    FileNotFoundError: not a model checkpoint.
+    ValueError: the stored variables do not fit `abstract_variables` (another architecture).
+  """
+  read_model_record(directory)
+  path = pathlib.Path(directory).absolute() / _MODEL_ITEM
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    return checkpointer.restore(path, _placed(abstract_variables))
+  except Exception as error:  # orbax raises many types; name the culprit.
+    raise ValueError(f"cannot restore the model in {path}: {error}. It is corrupt or belongs to "
+                     "another architecture than its model.json says.") from error
+  finally:
+    checkpointer.close()

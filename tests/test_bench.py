@@ -76,3 +76,35 @@ def test_bad_flags_fail_clearly():
   result = subprocess.run([sys.executable, BENCH, "--what", "nonsense"], capture_output=True,
                           text=True, cwd=ROOT, env=env, timeout=120, check=False)
   assert result.returncode != 0 and "--what" in result.stderr
+
+
+@pytest.mark.slow
+def test_side_by_side_pairs_rounds_and_reports_the_median_ratio(tmp_path):
+  # A stand-in for the PyTorch environment: a "python" that prints one bench line at 2 img/s.
+  fake = tmp_path / "fake_python"
+  fake.write_text("#!/bin/sh\necho '{\"what\": \"pgd20\", \"images_per_second\": 2.0}'\n")
+  fake.chmod(0o755)
+  out = tmp_path / "side.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  result = subprocess.run([
+      sys.executable,
+      os.path.join(ROOT, "experiments", "side_by_side.py"), "--torch-python",
+      str(fake), "--what", "pgd20", "--model", "smallcnn", "--batch", "2", "--pgd-steps", "1",
+      "--image-size", "8", "--rounds", "2", "--steps", "1", "--warmup", "0", "--out",
+      str(out)
+  ],
+                          capture_output=True,
+                          text=True,
+                          cwd=ROOT,
+                          env=env,
+                          timeout=600,
+                          check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  record = json.loads(out.read_text())
+  (summary,) = record["summary"]
+  assert summary["what"] == "pgd20" and summary["rounds"] == 2 and len(record["raw"]) == 4
+  ours = [line["images_per_second"] for line in record["raw"][::2]]
+  assert summary["torch_images_per_second"] == 2.0
+  assert summary["ratios"] == [o / 2.0 for o in ours]
+  assert summary["ratio_median_of_pairs"] == pytest.approx(sum(ours) / 4.0)
+  assert "| pgd20 |" in result.stdout

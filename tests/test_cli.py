@@ -10,6 +10,7 @@ import pytest
 
 from gen_jax import cli
 from gen_jax import config as cfg
+from gen_jax.evaluation import corruptions, sanity
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -109,14 +110,36 @@ def test_train_command_tiny_end_to_end(tmp_path):
              "clean,pgd20,apgd-ce",
              "--n",
              "16",
+             "--batch-size",
+             "16",
              cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-2000:]
   report = json.loads((workdir / "eval" / "report.json").read_text())
-  assert set(report["models"]) == {"global", "natural", "robust"}
+  roles = {"global", "natural", "robust"}
+  assert set(report) == {"eps", "n", "attacks", "models", "sanity", "boundary", "corruptions"}
+  assert set(report["models"]) == roles and report["n"] == 16
   for row in report["models"].values():
     assert row["pgd20"]["accuracy"] <= row["clean"]["accuracy"]
     assert row["apgd-ce"]["accuracy"] <= row["clean"]["accuracy"]
-  assert "| global |" in (workdir / "eval" / "report.md").read_text()
+  # Every model has every analysis, on the same 16 points.
+  assert set(report["sanity"]["models"]) == roles and report["sanity"]["n"] == 16
+  for checks in report["sanity"]["models"].values():
+    assert set(checks["checks"]) == set(sanity.CHECKS)
+  for role in roles:  # figures of the attack table are reused, not recomputed
+    checks = report["sanity"]["models"][role]
+    assert checks["accuracies"]["pgd20"] == report["models"][role]["pgd20"]["accuracy"]
+    assert "pgd20" not in checks["computed"] and "fgsm" in checks["computed"]
+  assert set(report["boundary"]["models"]) == roles
+  assert all(len(r["distances"]) == 16 for r in report["boundary"]["models"].values())
+  assert set(report["corruptions"]["models"]) == roles
+  assert report["corruptions"]["source"] == "computed"
+  for row in report["corruptions"]["models"].values():
+    assert set(row["per_corruption"]) == set(corruptions.CORRUPTIONS)
+  md = (workdir / "eval" / "report.md").read_text()
+  for heading in ("## Robust accuracy", "## Gradient-masking sanity checks",
+                  "## Distance to the decision boundary", "## Common corruptions", "| global |"):
+    assert heading in md
+  assert (workdir / "eval" / "boundary.png").read_bytes()[:4] == b"\x89PNG"
   # A second run with other settings on the same workdir is refused, nothing is touched.
   before = (workdir / "summary.json").read_text()
   out = _run(str(ROOT / "experiments" / "train.py"),

@@ -16,7 +16,7 @@ random start; APGD, FAB-T, Square and AutoAttack with the 'standard' settings of
 """
 from __future__ import annotations
 
-import json
+import functools
 import pathlib
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gen_jax import attacks
+from gen_jax.evaluation import boundary, corruptions, outputs, sanity
 
 ATTACKS = ("clean", "pgd20", "pgd100", "mim", "cw", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t",
            "square", "aa")
@@ -110,6 +111,36 @@ def evaluate_attack(name: str, logits_fn, x: np.ndarray, y: np.ndarray, *, key: 
   }
 
 
+def _apply(model, variables, x):
+  return model.apply(variables, x, train=False)
+
+
+def logits_functions(models: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+  """role -> `x -> logits` in inference mode, as `Partial`s (new weights never retrace)."""
+  return {
+      role: jax.tree_util.Partial(functools.partial(_apply, model), variables)
+      for role, variables in models.items()
+  }
+
+
+def as_float_images(images: Any) -> np.ndarray:
+  """uint8 images -> float32 in [0, 1]; float images are cast to float32."""
+  x = np.asarray(images)
+  return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+
+
+# Figures of the attack table that the sanity checks may reuse (same points, same settings).
+# ("aa" is left out: it ends with Square, so it would hide a white-box attack's failure.)
+_REUSABLE = ("clean", "pgd20", "pgd100", "mim", "cw", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t",
+             "square")
+
+
+def known_figures(report: dict[str, Any], role: str) -> dict[str, float]:
+  """The accuracies of `role` in an attack report that `sanity.sanity_checks` can reuse."""
+  row = report["models"][role]
+  return {name: row[name]["accuracy"] for name in _REUSABLE if name in row}
+
+
 def robustness_report(models: dict[str, Any],
                       model: nn.Module,
                       images: np.ndarray,
@@ -139,13 +170,10 @@ def robustness_report(models: dict[str, Any],
     {"eps", "n", "attacks", "models": {role: {attack: {"accuracy", "seconds", ...}}}}.
   """
   names = check_attack_names(list(attacks_to_run))
-  x = np.asarray(images)
-  x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+  x = as_float_images(images)
   y = np.asarray(labels).astype(np.int32)
-  apply_fn = lambda variables, z: model.apply(variables, z, train=False)
   results = {}
-  for role, variables in models.items():
-    logits_fn = jax.tree_util.Partial(apply_fn, variables)
+  for role, logits_fn in logits_functions(models, model).items():
     results[role] = {}
     for i, name in enumerate(names):
       if progress:
@@ -161,19 +189,34 @@ def robustness_report(models: dict[str, Any],
   return {"eps": eps, "n": int(len(y)), "attacks": list(names), "models": results}
 
 
-def write_report(report: dict[str, Any], directory: str | pathlib.Path) -> pathlib.Path:
-  """Writes `report.json` and the markdown table `report.md`; returns the table's path."""
+def write_report(report: dict[str, Any], directory: str | pathlib.Path) -> dict[str, pathlib.Path]:
+  """Writes `report.json`, the markdown `report.md` and, with a boundary analysis, `boundary.png`.
+
+  Earlier files of the same name are kept (`report.1.json`, ...: see `outputs`).
+
+  Returns:
+    {"json", "md"[, "boundary"]} -> path.
+  """
   directory = pathlib.Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
-  (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
   names = report["attacks"]
   lines = [
-      f"Robust accuracy (%), L-inf eps = {report['eps']:.5f}, {report['n']} test images.", "",
+      "## Robust accuracy", "", f"Accuracy (%) under each attack, L-inf eps = {report['eps']:.5f} "
+      f"({255 * report['eps']:.2f}/255), {report['n']} test images.", "",
       "| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)
   ]
   for role, row in report["models"].items():
     lines.append(f"| {role} | " + " | ".join(f"{100 * row[n]['accuracy']:.2f}" for n in names) +
                  " |")
-  path = directory / "report.md"
-  path.write_text("\n".join(lines) + "\n")
-  return path
+  sections = [("sanity", "Gradient-masking sanity checks", sanity.to_markdown),
+              ("boundary", "Distance to the decision boundary", boundary.to_markdown),
+              ("corruptions", "Common corruptions", corruptions.to_markdown)]
+  for key, title, render in sections:
+    if key in report:
+      part = report[key]["models"] if key == "sanity" else report[key]
+      lines += ["", f"## {title}", "", render(part).rstrip("\n")]
+  paths = {"json": outputs.write_json(directory / "report.json", report)}
+  paths["md"] = outputs.write_text(directory / "report.md", "\n".join(lines) + "\n")
+  if "boundary" in report:
+    outputs.keep_previous(directory / "boundary.png")
+    paths["boundary"] = boundary.plot_boundary(report["boundary"], directory / "boundary.png")
+  return paths

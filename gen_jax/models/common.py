@@ -81,6 +81,11 @@ def prepare_input(x: jax.Array, *, mean: Sequence[float] | None, std: Sequence[f
   return x.astype(dtype)
 
 
+# Running-statistics update `new = BN_MOMENTUM * old + (1 - BN_MOMENTUM) * batch` (flax convention);
+# `gen_jax.evaluation.sweep.recalibrate_batch_norm` inverts it to read a batch's own statistics.
+BN_MOMENTUM = 0.9
+
+
 def batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
   """Returns a BatchNorm with PyTorch's defaults (momentum 0.1 there is 0.9 here, eps 1e-5).
 
@@ -96,11 +101,18 @@ def batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
   Returns:
     The `nn.BatchNorm` module.
   """
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                      param_dtype=jnp.float32, name=name)
+  return nn.BatchNorm(use_running_average=not train,
+                      momentum=BN_MOMENTUM,
+                      epsilon=1e-5,
+                      dtype=dtype,
+                      param_dtype=jnp.float32,
+                      name=name)
 
 
-def dense_head(num_classes: int, fan_in: int, dtype: Any, name: str,
+def dense_head(num_classes: int,
+               fan_in: int,
+               dtype: Any,
+               name: str,
                bias_init: Any = None) -> nn.Dense:
   """Returns the classifier layer with PyTorch's default Linear init.
 
@@ -114,9 +126,12 @@ def dense_head(num_classes: int, fan_in: int, dtype: Any, name: str,
   Returns:
     The `nn.Dense` module.
   """
-  return nn.Dense(num_classes, dtype=dtype, param_dtype=jnp.float32,
+  return nn.Dense(num_classes,
+                  dtype=dtype,
+                  param_dtype=jnp.float32,
                   kernel_init=TORCH_DEFAULT_KERNEL_INIT,
-                  bias_init=bias_init or torch_linear_bias_init(fan_in), name=name)
+                  bias_init=bias_init or torch_linear_bias_init(fan_in),
+                  name=name)
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:

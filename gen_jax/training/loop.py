@@ -128,8 +128,11 @@ def _epoch_train_step(state, totals, train_x, train_y, perm, index, key, tables,
 
 def _state_factory(config: Config, model, image_shape):
   """The zero-argument initialiser of a run's state (its key comes from the config's seed)."""
-  return functools.partial(steps_lib.create_train_state, config, model,
-                           _keys(config.seed)["init"], image_shape=image_shape)
+  return functools.partial(steps_lib.create_train_state,
+                           config,
+                           model,
+                           _keys(config.seed)["init"],
+                           image_shape=image_shape)
 
 
 def _zero_totals(config: Config) -> dict[str, dict[str, jax.Array]]:
@@ -380,6 +383,29 @@ def _truncate_metrics(path: pathlib.Path, epoch: int) -> None:
     path.write_text("".join(l + "\n" for l in kept))
 
 
+def config_from_record(record: dict[str, Any]) -> Config:
+  """Rebuilds a validated `Config` from its JSON record (`config.json`, a model checkpoint)."""
+  record = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
+  return Config(**record).validate()
+
+
+def config_record(config: Config) -> dict[str, Any]:
+  """The JSON record of a config (what `config.json` holds)."""
+  return _config_record(config)
+
+
+def _read_run_config(workdir: pathlib.Path) -> Config:
+  path = workdir / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{workdir} holds no training run (no config.json); train one with "
+                            "experiments/train.py --workdir first.")
+  return config_from_record(json.loads(path.read_text()))
+
+
+def _eval_model(config: Config, splits: Splits):
+  return build_model(dataclasses.replace(config, compute_dtype="float32"), splits.num_classes)
+
+
 def restore_run(workdir: str | pathlib.Path):
   """Loads a run's config, data splits, float32 model and latest state for evaluation.
 
@@ -390,15 +416,9 @@ def restore_run(workdir: str | pathlib.Path):
     FileNotFoundError: `workdir` holds no run (no config.json) or no checkpoint yet.
   """
   workdir = pathlib.Path(workdir)
-  path = workdir / "config.json"
-  if not path.exists():
-    raise FileNotFoundError(f"{workdir} holds no training run (no config.json); train one with "
-                            "experiments/train.py --workdir first.")
-  record = json.loads(path.read_text())
-  record = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
-  config = Config(**record).validate()
+  config = _read_run_config(workdir)
   splits = load_splits(config)
-  model = build_model(dataclasses.replace(config, compute_dtype="float32"), splits.num_classes)
+  model = _eval_model(config, splits)
   create = _state_factory(config, model, tuple(splits.train_x.shape[1:]))
   manager = checkpoint.open_manager(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
   restored = checkpoint.restore(manager, jax.eval_shape(create))
@@ -407,3 +427,45 @@ def restore_run(workdir: str | pathlib.Path):
     raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint yet: let the run finish "
                             "at least one epoch.")
   return config, splits, model, restored[0]
+
+
+def restore_model_checkpoint(path: str | pathlib.Path):
+  """Loads one saved model for evaluation: a model checkpoint or a run's `best/` directory.
+
+  Args:
+    path: a directory written by `checkpoint.save_model` (e.g. by `experiments/sweep_mix.py
+      --select`; its `model.json` holds the run's config), or `WORKDIR/best` of a training run
+      (the best global model; the config is read from `WORKDIR/config.json`).
+
+  Returns:
+    `(config, splits, model, variables, name)`: the float32 model, its linen variables and a
+    short name for reports.
+
+  Raises:
+    FileNotFoundError: `path` is neither kind, or holds no checkpoint yet.
+  """
+  path = pathlib.Path(path)
+  if not path.is_dir():
+    raise FileNotFoundError(f"--checkpoint {path}: no such directory.")
+  if (path / checkpoint.MODEL_RECORD).is_file():
+    record = checkpoint.read_model_record(path)
+    config = config_from_record(record["config"])
+    kind = "model"
+  elif (path.parent / "config.json").is_file():
+    config, kind = _read_run_config(path.parent), "best"
+  else:
+    raise FileNotFoundError(
+        f"{path} is neither a model checkpoint (no {checkpoint.MODEL_RECORD}) nor the best/ "
+        "directory of a training run (no config.json next to it).")
+  splits = load_splits(config)
+  model = _eval_model(config, splits)
+  abstract = jax.eval_shape(
+      lambda: models.init_variables(model, jax.random.key(0), tuple(splits.train_x.shape[1:])))
+  if kind == "model":
+    return config, splits, model, checkpoint.load_model(path, abstract), path.name
+  manager = checkpoint.open_manager(path, max_to_keep=1)
+  restored = checkpoint.restore(manager, abstract)
+  manager.close()
+  if restored is None:
+    raise FileNotFoundError(f"{path} holds no checkpoint yet.")
+  return config, splits, model, restored[0], f"best (epoch {restored[1].get('epoch')})"

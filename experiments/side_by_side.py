@@ -1,0 +1,117 @@
+"""gen_jax against the PyTorch baseline, measured in alternation on the same machine.
+
+    python experiments/side_by_side.py --torch-python /opt/torchenv/bin/python \
+        --what generalist_step,pgd20 --model resnet18 --batch 128 --rounds 3 --steps 2
+
+For each `--what`, runs `--rounds` rounds; a round is one `experiments/bench.py` process followed at
+once by one `experiments/bench_torch.py` process (the same workload, in the PyTorch environment
+given by `--torch-python`), so each pair shares the minute and the machine's load. Reports per
+workload the median images/s of each side and the median of the per-round ratios (gen_jax over
+PyTorch: the paired ratio is less sensitive to load drifting between rounds than the ratio of
+medians). Prints a markdown table and writes every raw JSON line plus the summary to `--out`.
+Timing lives here and in the two bench scripts only; tests never time anything.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _run_bench(command: list[str]) -> dict:
+  """Runs one bench process and returns its (last) JSON line; raises with its stderr on failure."""
+  result = subprocess.run(command, capture_output=True, text=True, check=False)
+  lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+  if result.returncode != 0 or not lines:
+    raise RuntimeError(
+        f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+  return json.loads(lines[-1])
+
+
+def _commands(args, what: str) -> tuple[list[str], list[str]]:
+  common = [
+      "--what", what, "--model", args.model, "--batch",
+      str(args.batch), "--steps",
+      str(args.steps), "--warmup",
+      str(args.warmup)
+  ]
+  if args.pgd_steps is not None:
+    common += ["--pgd-steps", str(args.pgd_steps)]
+  if args.image_size is not None:
+    common += ["--image-size", str(args.image_size)]
+  ours = [sys.executable, os.path.join(_HERE, "bench.py"), *common]
+  theirs = [
+      args.torch_python,
+      os.path.join(_HERE, "bench_torch.py"), *common, "--threads",
+      str(args.threads)
+  ]
+  return ours, theirs
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--torch-python", required=True, help="python of an environment with torch")
+  p.add_argument("--what", default="generalist_step,pgd20", help="comma-separated workloads")
+  p.add_argument("--model", default="resnet18")
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--pgd-steps", type=int, default=None)
+  p.add_argument("--image-size", type=int, default=None, help="default: the bench scripts' 32")
+  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--steps", type=int, default=2, help="timed steps per process (median)")
+  p.add_argument("--warmup", type=int, default=1)
+  p.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch threads")
+  p.add_argument("--out", default=None, help="JSON file for the raw lines and the summary")
+  args = p.parse_args(argv)
+  if not os.path.exists(args.torch_python):
+    p.error(f"--torch-python {args.torch_python} does not exist; create an environment with "
+            "`python -m venv ENV && ENV/bin/pip install torch==2.13.0` and pass ENV/bin/python.")
+  if args.rounds < 1 or args.steps < 1:
+    p.error("--rounds and --steps must be >= 1.")
+  whats = [w for w in args.what.split(",") if w]
+  raw, summary = [], []
+  for what in whats:
+    ours_cmd, theirs_cmd = _commands(args, what)
+    pairs = []
+    for r in range(args.rounds):
+      ours = _run_bench(ours_cmd)
+      theirs = _run_bench(theirs_cmd)
+      raw += [ours, theirs]
+      pairs.append((ours["images_per_second"], theirs["images_per_second"]))
+      print(
+          f"{what} round {r + 1}: gen_jax {pairs[-1][0]:.3f} img/s, PyTorch "
+          f"{pairs[-1][1]:.3f} img/s (load {ours.get('load_average_1min')})",
+          flush=True)
+    summary.append({
+        "what": what,
+        "model": args.model,
+        "batch": args.batch,
+        "rounds": args.rounds,
+        "gen_jax_images_per_second": statistics.median(o for o, _ in pairs),
+        "torch_images_per_second": statistics.median(t for _, t in pairs),
+        "ratio_median_of_pairs": statistics.median(o / t for o, t in pairs),
+        "ratios": [o / t for o, t in pairs],
+        "compile_seconds": [line.get("compile_seconds") for line in raw[-2 * args.rounds::2]],
+    })
+  lines = [
+      f"{args.model}, batch {args.batch}, {args.rounds} alternating rounds of {args.steps} timed "
+      f"steps, {datetime.datetime.now().isoformat(timespec='minutes')}", "",
+      "| what | gen_jax img/s | PyTorch img/s | ratio (median of paired ratios) |",
+      "| --- | --- | --- | --- |"
+  ]
+  for s in summary:
+    lines.append(f"| {s['what']} | {s['gen_jax_images_per_second']:.3f} | "
+                 f"{s['torch_images_per_second']:.3f} | {s['ratio_median_of_pairs']:.2f} |")
+  print("\n".join(lines))
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump({"summary": summary, "raw": raw}, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()

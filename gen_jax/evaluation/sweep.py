@@ -1,0 +1,325 @@
+"""The mixing-weight sweep: how much of each expert should go into the deployed model.
+
+For each beta, `gen_jax.mix(teacher_nat, teacher_rob, beta)` (beta weights the robust expert, as in
+the reference code) is evaluated for clean and PGD accuracy; the experts (beta 0 and 1) and the
+trained global model are evaluated on the same images with the same attack keys. Optionally the
+BatchNorm statistics of every mixture are re-estimated on training images (weight interpolation
+shifts the activation statistics, so averaged running statistics no longer match the averaged
+weights: Jordan et al., "REPAIR", ICLR 2023).
+
+Synopsis::
+
+    result = sweep_mix(state.teacher_nat, state.teacher_rob, model, test_x, test_y,
+                       betas=np.linspace(0, 1, 11), key=key, eps=8 / 255, step_size=2 / 255,
+                       global_variables=state.mix)
+    plot_tradeoff(result, "runs/c10/eval/tradeoff.png")
+    choice = select_point(result["points"], parse_rule("clean>=0.88"))   # -> {"beta", ...}
+"""
+from __future__ import annotations
+
+import functools
+import pathlib
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gen_jax import mixing
+from gen_jax.evaluation.accuracy import evaluate_models
+from gen_jax.evaluation import outputs
+from gen_jax.models.common import BN_MOMENTUM
+
+METRICS = ("clean", "robust")
+_RULE = re.compile(r"^\s*(clean|robust)\s*(>=|>)\s*([0-9]*\.?[0-9]+)\s*(%?)\s*$")
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _batch_statistics(variables, images, *, model: nn.Module):
+  """Each BatchNorm layer's own mean/variance on `images` (training-mode forward pass).
+
+  Flax updates `new = m * old + (1 - m) * batch`; solving for `batch` gives the statistics of this
+  batch alone, whatever the stored `old` values are.
+  """
+  x = images.astype(jnp.float32) / 255.0 if images.dtype == jnp.uint8 else images
+  _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  return jax.tree_util.tree_map(lambda new, old: (new - BN_MOMENTUM * old) / (1.0 - BN_MOMENTUM),
+                                updates["batch_stats"], variables["batch_stats"])
+
+
+def recalibrate_batch_norm(model: nn.Module,
+                           variables: dict[str, Any],
+                           images: np.ndarray,
+                           *,
+                           batch_size: int = 250) -> dict[str, Any]:
+  """Replaces the running BatchNorm statistics by their average over `images`.
+
+  As PyTorch's `torch.optim.swa_utils.update_bn` (momentum None): every batch of the training
+  images (no augmentation) weighs the same; the last partial batch is dropped.
+
+  Args:
+    model: the linen module.
+    variables: `{"params", "batch_stats"}`; a model without BatchNorm is returned unchanged.
+    images: training images (uint8 NHWC, or floats in [0, 1]), at least `batch_size` of them.
+    batch_size: images per forward pass.
+
+  Returns:
+    The variables with re-estimated `batch_stats` (params untouched).
+  """
+  if not variables.get("batch_stats"):
+    return variables
+  batches = len(images) // batch_size
+  if batches < 1:
+    raise ValueError(f"BatchNorm recalibration needs at least batch_size={batch_size} training "
+                     f"images; got {len(images)}. Lower --batch-size.")
+  total = None
+  for b in range(batches):
+    stats = _batch_statistics(variables,
+                              jnp.asarray(images[b * batch_size:(b + 1) * batch_size]),
+                              model=model)
+    total = stats if total is None else jax.tree_util.tree_map(jnp.add, total, stats)
+  mean_stats = jax.tree_util.tree_map(lambda t: t / batches, total)
+  return {**variables, "batch_stats": mean_stats}
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+  """Indices of the points no other point dominates (>= in both figures, > in one), by clean.
+
+  Equal points are all on the front when one of them is.
+
+  >>> pareto_front([(0.9, 0.1), (0.8, 0.3), (0.7, 0.2), (0.9, 0.05)])
+  [1, 0]
+  """
+  front = []
+  for i, (c, r) in enumerate(points):
+    if not any((c2 >= c and r2 >= r and (c2 > c or r2 > r)) for c2, r2 in points):
+      front.append(i)
+  return sorted(front, key=lambda i: (points[i][0], -points[i][1], i))
+
+
+def parse_rule(text: str) -> tuple[str, float]:
+  """Parses a selection rule `clean>=0.88`, `robust>=45%` into (constrained metric, threshold).
+
+  Raises:
+    ValueError: the rule is not `<clean|robust> >= <number>` (a fraction, or a percentage with %).
+  """
+  match = _RULE.match(text or "")
+  if not match:
+    raise ValueError(f"cannot read the selection rule {text!r}: write e.g. 'clean>=0.88' or "
+                     "'robust>=0.45' (fractions) or 'clean>=88%'.")
+  metric, op, value, percent = match.groups()
+  threshold = float(value) / (100.0 if percent else 1.0)
+  if not 0.0 <= threshold <= 1.0:
+    raise ValueError(f"the threshold of {text!r} must lie in [0, 1] (or 0-100%).")
+  if op == ">":
+    threshold = float(np.nextafter(threshold, 2.0))
+  return metric, threshold
+
+
+def select_point(points: Sequence[dict[str, float]], rule: tuple[str, float]) -> dict[str, float]:
+  """The sweep point that maximises the other figure among those meeting `rule`.
+
+  Ties go to the point with the higher constrained figure, then to the smaller beta.
+
+  Raises:
+    ValueError: no point meets the rule (the message gives the best one reached).
+  """
+  metric, threshold = rule
+  other = "robust" if metric == "clean" else "clean"
+  feasible = [p for p in points if p[metric] >= threshold]
+  if not feasible:
+    best = max(points, key=lambda p: p[metric])
+    raise ValueError(f"no mixture reaches {metric} >= {threshold:.4f}: the best is "
+                     f"{best[metric]:.4f} at beta {best['beta']:.2f}. Lower the target.")
+  return max(feasible, key=lambda p: (p[other], p[metric], -p["beta"]))
+
+
+def check_betas(betas: Sequence[float]) -> list[float]:
+  """Validates the betas: at least one, each in [0, 1]; returned sorted and deduplicated."""
+  values = sorted({round(float(b), 10) for b in betas})
+  if not values or values[0] < 0.0 or values[-1] > 1.0:
+    raise ValueError(f"betas must be numbers in [0, 1]; got {list(betas)}.")
+  return values
+
+
+def sweep_mix(teacher_nat: dict[str, Any],
+              teacher_rob: dict[str, Any],
+              model: nn.Module,
+              images: np.ndarray,
+              labels: np.ndarray,
+              *,
+              betas: Sequence[float],
+              key: jax.Array,
+              eps: float,
+              step_size: float,
+              steps: int = 20,
+              global_variables: dict[str, Any] | None = None,
+              recalibration_images: np.ndarray | None = None,
+              batch_size: int = 250,
+              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+  """Clean and PGD accuracy of `mix(teacher_nat, teacher_rob, beta)` for every beta.
+
+  Args:
+    teacher_nat, teacher_rob: the experts' variables (the EMA teachers of a run).
+    model: the linen module (float32, inference mode).
+    images, labels: the test images (uint8 NHWC) and labels.
+    betas: mixing weights of the robust expert, in [0, 1].
+    key: PRNG key of PGD's random start (the same for every model).
+    eps, step_size, steps: the L-inf PGD attack.
+    global_variables: the trained global model, evaluated alongside (optional).
+    recalibration_images: training images; when given, every mixture's BatchNorm statistics are
+      re-estimated on them (`recalibrate_batch_norm`) before it is evaluated.
+    batch_size: images per batch.
+    progress: optional callback told "beta=0.30" before each evaluation.
+
+  Returns:
+    {"betas", "eps", "steps", "n", "bn_recalibrated", "points": [{"beta", "clean", "robust"}],
+     "experts": {"natural", "robust"}: {"clean", "robust"}, "global": {...} or None,
+     "pareto": the non-dominated points by increasing clean accuracy, each a beta of the sweep
+     or "natural" / "robust" (the experts) or "global"}.
+  """
+  betas = check_betas(betas)
+  evaluate = functools.partial(evaluate_models,
+                               images=images,
+                               labels=labels,
+                               model=model,
+                               key=key,
+                               eps=eps,
+                               step_size=step_size,
+                               steps=steps,
+                               batch_size=batch_size)
+
+  def figures(variables):
+    result = evaluate({"m": variables})["m"]
+    return {"clean": result["clean_acc"], "robust": result["pgd_acc"]}
+
+  points = []
+  for beta in betas:
+    if progress:
+      progress(f"beta={beta:.2f}")
+    variables = mixing.mix(teacher_nat, teacher_rob, beta)
+    if recalibration_images is not None:
+      variables = recalibrate_batch_norm(model,
+                                         variables,
+                                         recalibration_images,
+                                         batch_size=batch_size)
+    points.append({"beta": beta, **figures(variables)})
+  if progress:
+    progress("experts and global model")
+  experts = {"natural": figures(teacher_nat), "robust": figures(teacher_rob)}
+  global_figures = figures(global_variables) if global_variables is not None else None
+  # The front is over everything plotted: the sweep, the two experts and the global model.
+  named = [(p["beta"], p) for p in points] + [(role, f) for role, f in experts.items()]
+  if global_figures is not None:
+    named.append(("global", global_figures))
+  front = pareto_front([(f["clean"], f["robust"]) for _, f in named])
+  return {
+      "betas": betas,
+      "eps": float(eps),
+      "steps": int(steps),
+      "n": int(len(labels)),
+      "bn_recalibrated": recalibration_images is not None,
+      "points": points,
+      "experts": experts,
+      "global": global_figures,
+      "pareto": [named[i][0] for i in front],
+  }
+
+
+def plot_tradeoff(result: dict[str, Any], path) -> pathlib.Path:
+  """Plots the sweep's (clean, robust) points, the experts and the global model; saves a PNG.
+
+  The Pareto front is drawn as a dashed line through the non-dominated points, each sweep point is
+  labelled with its beta.
+  """
+  # The object API with the Agg canvas: no pyplot, no display, no global backend change.
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+
+  pct = lambda v: 100.0 * v
+  fig = Figure(figsize=(6.4, 4.8), layout="constrained")
+  ax = fig.subplots()
+  xs = [pct(p["clean"]) for p in result["points"]]
+  ys = [pct(p["robust"]) for p in result["points"]]
+  label = "mix(natural, robust, beta)" + (" + BN recalibrated" if result["bn_recalibrated"] else "")
+  ax.plot(xs, ys, "o-", color="tab:blue", label=label, zorder=2)
+  labels = {}  # coinciding points share one label "0.20, 0.30"
+  for p, x, y in zip(result["points"], xs, ys):
+    labels.setdefault((x, y), []).append(f"{p['beta']:.2f}")
+  for (x, y), betas in labels.items():
+    ax.annotate(", ".join(betas), (x, y),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+                color="tab:blue")
+  front_xy = []
+  for item in result["pareto"]:
+    if item == "global":
+      figures = result["global"]
+    elif isinstance(item, str):
+      figures = result["experts"][item]
+    else:
+      figures = next(p for p in result["points"] if p["beta"] == item)
+    front_xy.append((pct(figures["clean"]), pct(figures["robust"])))
+  if front_xy:
+    fx, fy = zip(*sorted(front_xy))
+    ax.plot(fx,
+            fy,
+            "--",
+            color="black",
+            linewidth=1.2,
+            marker="o",
+            markerfacecolor="none",
+            markersize=11,
+            label="Pareto front",
+            zorder=3)
+  experts = result["experts"]
+  ax.scatter([pct(experts["natural"]["clean"])], [pct(experts["natural"]["robust"])],
+             marker="s",
+             s=80,
+             color="tab:green",
+             label="natural expert (EMA teacher)",
+             zorder=4)
+  ax.scatter([pct(experts["robust"]["clean"])], [pct(experts["robust"]["robust"])],
+             marker="^",
+             s=90,
+             color="tab:orange",
+             label="robust expert (EMA teacher)",
+             zorder=4)
+  if result["global"] is not None:
+    ax.scatter([pct(result["global"]["clean"])], [pct(result["global"]["robust"])],
+               marker="*",
+               s=260,
+               color="tab:red",
+               edgecolor="black",
+               label="trained global model",
+               zorder=5)
+  ax.set_xlabel("clean accuracy (%)")
+  ax.set_ylabel(f"PGD-{result['steps']} accuracy (%), eps = {255 * result['eps']:.1f}/255")
+  ax.set_title(f"Mixing-weight sweep ({result['n']} test images)")
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=8, loc="best")
+  return outputs.save_figure(fig, path)
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+  """The sweep as a markdown table (percent), Pareto-front rows marked."""
+  lines = [
+      f"Mixing sweep: PGD-{result['steps']} at eps {result['eps']:.5f}, {result['n']} test images"
+      f"{', BatchNorm recalibrated' if result['bn_recalibrated'] else ''}.", "",
+      "| model | clean | robust | Pareto |", "|---|---|---|---|"
+  ]
+  for p in result["points"]:
+    mark = "yes" if p["beta"] in result["pareto"] else ""
+    lines.append(f"| beta = {p['beta']:.2f} | {100 * p['clean']:.2f} | {100 * p['robust']:.2f} | "
+                 f"{mark} |")
+  for role, f in result["experts"].items():
+    mark = "yes" if role in result["pareto"] else ""
+    lines.append(f"| {role} expert | {100 * f['clean']:.2f} | {100 * f['robust']:.2f} | {mark} |")
+  if result["global"] is not None:
+    g = result["global"]
+    mark = "yes" if "global" in result["pareto"] else ""
+    lines.append(f"| global model | {100 * g['clean']:.2f} | {100 * g['robust']:.2f} | {mark} |")
+  return "\n".join(lines) + "\n"
