@@ -2,6 +2,7 @@
 
     python experiments/sweep_mix.py --workdir runs/pilot
     python experiments/sweep_mix.py --workdir runs/pilot --betas 0,0.25,0.5,0.75,1 --bn-recalibrate
+    python experiments/sweep_mix.py --workdir runs/pilot --bn-recalibrate matched
     python experiments/sweep_mix.py --workdir runs/pilot --select "clean>=0.88"
 
 For each beta, `gen_jax.mix(teacher_nat, teacher_rob, beta)` (beta weights the robust expert) is
@@ -9,7 +10,7 @@ evaluated for clean and PGD-20 accuracy on the test split (or its first --n imag
 the trained global model are evaluated on the same images. Writes `WORKDIR/eval/sweep.json`,
 `WORKDIR/eval/sweep.md` and `WORKDIR/eval/tradeoff.png` (earlier files are kept as `sweep.1.json`,
 ...). `--select` picks the beta that maximises the other figure under the constraint and saves that
-mixture as a model checkpoint (`WORKDIR/eval/mix-beta0.30[-bn]`), which
+mixture as a model checkpoint (`WORKDIR/eval/mix-beta0.30[-bn-MODE]`), which
 `experiments/evaluate.py --checkpoint` evaluates.
 """
 import argparse
@@ -48,9 +49,15 @@ def main():
                       default=sweep.check_betas(np.linspace(0, 1, 11)),
                       help="comma-separated weights of the robust expert in [0, 1] "
                       "(default 0,0.1,...,1)")
-  parser.add_argument("--bn-recalibrate",
-                      action="store_true",
-                      help="re-estimate each mixture's BatchNorm statistics on training images")
+  parser.add_argument(
+      "--bn-recalibrate",
+      nargs="?",
+      const="clean",
+      default=None,
+      choices=sweep.RECALIBRATION_MODES,
+      help="re-estimate each mixture's BatchNorm statistics on training images: "
+      "'clean' (the default of the bare flag) or 'matched' (beta-weighted clean and "
+      "PGD images, as the experts' statistics are weighted)")
   parser.add_argument("--recalibration-n",
                       type=int,
                       default=2000,
@@ -72,7 +79,17 @@ def main():
 
   config, splits, model, state = loop.restore_run(args.workdir)
   n = args.n or len(splits.test_y)
-  recalibration = splits.train_x[:args.recalibration_n] if args.bn_recalibrate else None
+  recalibrate = None
+  if args.bn_recalibrate:
+    recalibrate = sweep.recalibrator(model,
+                                     splits.train_x[:args.recalibration_n],
+                                     mode=args.bn_recalibrate,
+                                     labels=splits.train_y[:args.recalibration_n],
+                                     key=jax.random.key(args.seed + 1),
+                                     eps=config.eps,
+                                     step_size=config.step_size,
+                                     steps=config.pgd_steps,
+                                     batch_size=args.batch_size)
   bar = tqdm(total=len(args.betas) + 1, desc="sweep")
 
   def progress(what):
@@ -92,7 +109,8 @@ def main():
                            step_size=step_size,
                            steps=args.steps,
                            global_variables=state.mix if config.method == "generalist" else None,
-                           recalibration_images=recalibration,
+                           recalibrate=recalibrate,
+                           recalibration=args.bn_recalibrate,
                            batch_size=args.batch_size,
                            progress=progress)
   bar.close()
@@ -105,19 +123,16 @@ def main():
       selection_error = error
   if choice is not None:
     variables = mixing.mix(state.teacher_nat, state.teacher_rob, choice["beta"])
-    if recalibration is not None:
-      variables = sweep.recalibrate_batch_norm(model,
-                                               variables,
-                                               recalibration,
-                                               batch_size=args.batch_size)
-    name = f"mix-beta{choice['beta']:.2f}" + ("-bn" if recalibration is not None else "")
+    if recalibrate is not None:
+      variables = recalibrate(variables, choice["beta"])
+    name = f"mix-beta{choice['beta']:.2f}" + (f"-bn-{args.bn_recalibrate}" if recalibrate else "")
     target = outputs.unique_directory(os.path.join(out, name))
     checkpoint.save_model(
         target, jax.device_get(variables), {
             "config": loop.config_record(config),
             "source": os.path.abspath(args.workdir),
             "beta": choice["beta"],
-            "bn_recalibrated": recalibration is not None,
+            "bn_recalibrated": args.bn_recalibrate,
             "rule": f"{args.select[0]}>={args.select[1]}",
             "sweep_figures": choice
         })

@@ -58,26 +58,23 @@ def digits():
   return params, x[test], y[test]
 
 
-@pytest.fixture(scope="module")
-def natural_result(digits):
-  params, x, y = digits
-  return sanity.sanity_checks(jax.tree_util.Partial(_mlp, params),
+def _checks(logits_fn, params, x, y):
+  return sanity.sanity_checks(jax.tree_util.Partial(logits_fn, params),
                               x,
                               y,
                               key=jax.random.key(1),
                               eps=EPS,
                               step_size=STEP)
+
+
+@pytest.fixture(scope="module")
+def natural_result(digits):
+  return _checks(_mlp, *digits)
 
 
 @pytest.fixture(scope="module")
 def masked_result(digits):
-  params, x, y = digits
-  return sanity.sanity_checks(jax.tree_util.Partial(_masked_mlp, params),
-                              x,
-                              y,
-                              key=jax.random.key(1),
-                              eps=EPS,
-                              step_size=STEP)
+  return _checks(_masked_mlp, *digits)
 
 
 def _assert_well_formed(result, n):

@@ -104,6 +104,39 @@ def test_bn_recalibration_averages_each_batch_statistics():
     sweep.recalibrate_batch_norm(model, variables, images, batch_size=128)
 
 
+def test_matched_recalibration_weights_clean_and_adversarial_statistics():
+  model = _InputNorm()
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, size=(64, 4, 4, 2), dtype=np.uint8)
+  labels = rng.integers(0, 3, size=64).astype(np.int32)
+  variables = dict(model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 2)), train=False))
+  eps = 0.1
+  matched = sweep.recalibrator(model,
+                               images,
+                               mode="matched",
+                               labels=labels,
+                               key=jax.random.key(2),
+                               eps=eps,
+                               step_size=0.05,
+                               steps=3,
+                               batch_size=32)
+  clean = sweep.recalibrator(model, images, mode="clean", batch_size=32)
+  stats = {b: matched(variables, b)["batch_stats"]["bn"] for b in (0.0, 0.5, 1.0)}
+  reference = clean(variables, 0.7)["batch_stats"]["bn"]
+  np.testing.assert_array_equal(stats[0.0]["mean"], reference["mean"])  # beta 0: clean alone
+  np.testing.assert_array_equal(stats[0.0]["var"], reference["var"])
+  for name in ("mean", "var"):  # linear in beta
+    np.testing.assert_allclose(stats[0.5][name], (stats[0.0][name] + stats[1.0][name]) / 2,
+                               atol=1e-6)
+  # BatchNorm on the input: the adversarial mean moved, but by no more than eps per pixel.
+  shift = np.abs(np.asarray(stats[1.0]["mean"]) - np.asarray(stats[0.0]["mean"]))
+  assert shift.max() > 1e-4 and shift.max() <= eps + 1e-6
+  with pytest.raises(ValueError, match="needs labels, key, eps"):
+    sweep.recalibrator(model, images, mode="matched")
+  with pytest.raises(ValueError, match="unknown recalibration mode"):
+    sweep.recalibrator(model, images, mode="adversarial")
+
+
 def test_selection_rule_picks_the_right_beta():
   points = [
       {
@@ -224,10 +257,11 @@ def test_sweep_command_selects_and_evaluate_accepts_the_checkpoint(tiny_run, tmp
              cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads((workdir / "eval" / "sweep.json").read_text())
-  assert result["bn_recalibrated"] and [p["beta"] for p in result["points"]] == [0.0, 0.5, 1.0]
+  assert result["bn_recalibrated"] == "clean"
+  assert [p["beta"] for p in result["points"]] == [0.0, 0.5, 1.0]
   assert (workdir / "eval" / "tradeoff.png").stat().st_size > 10_000
   selected = pathlib.Path(result["selected"]["checkpoint"])
-  assert selected.parent == workdir / "eval" and selected.name.endswith("-bn")
+  assert selected.parent == workdir / "eval" and selected.name.endswith("-bn-clean")
   record = checkpoint.read_model_record(selected)
   assert record["beta"] == result["selected"]["beta"] and record["config"]["model"] == "smallcnn"
   out = _run(str(ROOT / "experiments" / "evaluate.py"),

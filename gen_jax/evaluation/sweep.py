@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gen_jax import mixing
+from gen_jax import attacks, mixing
 from gen_jax.evaluation.accuracy import evaluate_models
 from gen_jax.evaluation import outputs
 from gen_jax.models.common import BN_MOMENTUM
@@ -83,6 +83,75 @@ def recalibrate_batch_norm(model: nn.Module,
     total = stats if total is None else jax.tree_util.tree_map(jnp.add, total, stats)
   mean_stats = jax.tree_util.tree_map(lambda t: t / batches, total)
   return {**variables, "batch_stats": mean_stats}
+
+
+RECALIBRATION_MODES = ("clean", "matched")
+
+
+@functools.partial(jax.jit, static_argnames=("model", "steps"))
+def _pgd_batch(variables, x, y, key, eps, step_size, *, model: nn.Module, steps: int):
+  logits_fn = lambda z: model.apply(variables, z, train=False)
+  return attacks.pgd(logits_fn, x, y, key=key, eps=eps, step_size=step_size, steps=steps)
+
+
+def recalibrator(model: nn.Module,
+                 images: np.ndarray,
+                 *,
+                 mode: str = "clean",
+                 labels: np.ndarray | None = None,
+                 key: jax.Array | None = None,
+                 eps: float | None = None,
+                 step_size: float | None = None,
+                 steps: int | None = None,
+                 batch_size: int = 250) -> Callable[[dict[str, Any], float], dict[str, Any]]:
+  """Returns `(variables, beta) -> variables` with re-estimated BatchNorm statistics.
+
+  Modes:
+    "clean": the statistics of the mixture on the clean training `images`.
+    "matched": `mix(stats on clean images, stats on PGD images, beta)`: the mixture's statistics
+      on clean images and on adversarial images (PGD against the mixture itself, in inference
+      mode, as the robust expert's training attack) weighted as Generalist weights the two experts
+      whose statistics it averages (the natural one saw clean batches, the robust one adversarial
+      ones). beta 0 equals "clean"; beta 1 is the statistics on adversarial images alone.
+
+  Args:
+    model: the linen module.
+    images: training images (uint8 NHWC).
+    mode: "clean" or "matched".
+    labels, key, eps, step_size, steps: the training attack, for "matched" only.
+    batch_size: images per forward pass / attack batch.
+
+  Raises:
+    ValueError: unknown mode, or "matched" without the attack's settings.
+  """
+  if mode not in RECALIBRATION_MODES:
+    raise ValueError(f"unknown recalibration mode {mode!r}; choose from {RECALIBRATION_MODES}.")
+  clean = functools.partial(recalibrate_batch_norm, model, images=images, batch_size=batch_size)
+  if mode == "clean":
+    return lambda variables, beta: clean(variables)
+  if labels is None or key is None or eps is None or step_size is None or not steps:
+    raise ValueError("matched recalibration needs labels, key, eps, step_size and steps (the "
+                     "robust expert's training attack).")
+  x = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images
+
+  def recalibrate(variables, beta):
+    attack = functools.partial(_pgd_batch,
+                               variables,
+                               eps=jnp.float32(eps),
+                               step_size=jnp.float32(step_size),
+                               model=model,
+                               steps=int(steps))
+    x_adv = attacks.attack_in_batches(lambda xb, yb, key: attack(xb, yb, key),
+                                      x,
+                                      np.asarray(labels, np.int32),
+                                      key=key,
+                                      batch_size=batch_size)
+    on_clean = clean(variables)
+    on_adv = recalibrate_batch_norm(model, variables, x_adv, batch_size=batch_size)
+    stats = mixing.mix(on_clean["batch_stats"], on_adv["batch_stats"], beta)
+    return {**variables, "batch_stats": stats}
+
+  return recalibrate
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -157,7 +226,8 @@ def sweep_mix(teacher_nat: dict[str, Any],
               step_size: float,
               steps: int = 20,
               global_variables: dict[str, Any] | None = None,
-              recalibration_images: np.ndarray | None = None,
+              recalibrate: Callable[[dict[str, Any], float], dict[str, Any]] | None = None,
+              recalibration: str | None = None,
               batch_size: int = 250,
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
   """Clean and PGD accuracy of `mix(teacher_nat, teacher_rob, beta)` for every beta.
@@ -170,13 +240,15 @@ def sweep_mix(teacher_nat: dict[str, Any],
     key: PRNG key of PGD's random start (the same for every model).
     eps, step_size, steps: the L-inf PGD attack.
     global_variables: the trained global model, evaluated alongside (optional).
-    recalibration_images: training images; when given, every mixture's BatchNorm statistics are
-      re-estimated on them (`recalibrate_batch_norm`) before it is evaluated.
+    recalibrate: `(variables, beta) -> variables` (from `recalibrator`); when given, every
+      mixture's BatchNorm statistics are re-estimated with it before it is evaluated.
+    recalibration: the name of the recalibration, recorded in the result (e.g. "clean").
     batch_size: images per batch.
     progress: optional callback told "beta=0.30" before each evaluation.
 
   Returns:
-    {"betas", "eps", "steps", "n", "bn_recalibrated", "points": [{"beta", "clean", "robust"}],
+    {"betas", "eps", "steps", "n", "bn_recalibrated" (the recalibration's name or None),
+     "points": [{"beta", "clean", "robust"}],
      "experts": {"natural", "robust"}: {"clean", "robust"}, "global": {...} or None,
      "pareto": the non-dominated points by increasing clean accuracy, each a beta of the sweep
      or "natural" / "robust" (the experts) or "global"}.
@@ -201,11 +273,8 @@ def sweep_mix(teacher_nat: dict[str, Any],
     if progress:
       progress(f"beta={beta:.2f}")
     variables = mixing.mix(teacher_nat, teacher_rob, beta)
-    if recalibration_images is not None:
-      variables = recalibrate_batch_norm(model,
-                                         variables,
-                                         recalibration_images,
-                                         batch_size=batch_size)
+    if recalibrate is not None:
+      variables = recalibrate(variables, beta)
     points.append({"beta": beta, **figures(variables)})
   if progress:
     progress("experts and global model")
@@ -221,7 +290,7 @@ def sweep_mix(teacher_nat: dict[str, Any],
       "eps": float(eps),
       "steps": int(steps),
       "n": int(len(labels)),
-      "bn_recalibrated": recalibration_images is not None,
+      "bn_recalibrated": recalibration or ("yes" if recalibrate is not None else None),
       "points": points,
       "experts": experts,
       "global": global_figures,
@@ -243,7 +312,9 @@ def plot_tradeoff(result: dict[str, Any], path) -> pathlib.Path:
   ax = fig.subplots()
   xs = [pct(p["clean"]) for p in result["points"]]
   ys = [pct(p["robust"]) for p in result["points"]]
-  label = "mix(natural, robust, beta)" + (" + BN recalibrated" if result["bn_recalibrated"] else "")
+  label = "mix(natural, robust, beta)"
+  if result["bn_recalibrated"]:
+    label += f" + BN recalibrated ({result['bn_recalibrated']})"
   ax.plot(xs, ys, "o-", color="tab:blue", label=label, zorder=2)
   labels = {}  # coinciding points share one label "0.20, 0.30"
   for p, x, y in zip(result["points"], xs, ys):
@@ -275,27 +346,19 @@ def plot_tradeoff(result: dict[str, Any], path) -> pathlib.Path:
             markersize=11,
             label="Pareto front",
             zorder=3)
-  experts = result["experts"]
-  ax.scatter([pct(experts["natural"]["clean"])], [pct(experts["natural"]["robust"])],
-             marker="s",
-             s=80,
-             color="tab:green",
-             label="natural expert (EMA teacher)",
-             zorder=4)
-  ax.scatter([pct(experts["robust"]["clean"])], [pct(experts["robust"]["robust"])],
-             marker="^",
-             s=90,
-             color="tab:orange",
-             label="robust expert (EMA teacher)",
-             zorder=4)
-  if result["global"] is not None:
-    ax.scatter([pct(result["global"]["clean"])], [pct(result["global"]["robust"])],
-               marker="*",
-               s=260,
-               color="tab:red",
-               edgecolor="black",
-               label="trained global model",
-               zorder=5)
+  markers = [("natural", "s", 80, "tab:green", "natural expert (EMA teacher)"),
+             ("robust", "^", 90, "tab:orange", "robust expert (EMA teacher)"),
+             ("global", "*", 260, "tab:red", "trained global model")]
+  for role, marker, size, color, label in markers:
+    figures = result["global"] if role == "global" else result["experts"][role]
+    if figures is not None:
+      ax.scatter([pct(figures["clean"])], [pct(figures["robust"])],
+                 marker=marker,
+                 s=size,
+                 color=color,
+                 edgecolor="black" if role == "global" else None,
+                 label=label,
+                 zorder=5 if role == "global" else 4)
   ax.set_xlabel("clean accuracy (%)")
   ax.set_ylabel(f"PGD-{result['steps']} accuracy (%), eps = {255 * result['eps']:.1f}/255")
   ax.set_title(f"Mixing-weight sweep ({result['n']} test images)")
@@ -308,8 +371,8 @@ def to_markdown(result: dict[str, Any]) -> str:
   """The sweep as a markdown table (percent), Pareto-front rows marked."""
   lines = [
       f"Mixing sweep: PGD-{result['steps']} at eps {result['eps']:.5f}, {result['n']} test images"
-      f"{', BatchNorm recalibrated' if result['bn_recalibrated'] else ''}.", "",
-      "| model | clean | robust | Pareto |", "|---|---|---|---|"
+      f"{', BatchNorm recalibrated: ' + result['bn_recalibrated'] if result['bn_recalibrated'] else ''}"
+      ".", "", "| model | clean | robust | Pareto |", "|---|---|---|---|"
   ]
   for p in result["points"]:
     mark = "yes" if p["beta"] in result["pareto"] else ""
