@@ -5,8 +5,9 @@
     python experiments/evaluate.py --checkpoint runs/pilot/eval/mix-beta0.30   # a saved model
     python experiments/evaluate.py --checkpoint runs/pilot/best                # best global model
 
-Writes `OUT/report.json`, `OUT/report.md` and `OUT/boundary.png` (OUT: `WORKDIR/eval`, or
-`CHECKPOINT/eval`; earlier files are kept as `report.1.json`, ...):
+Writes `OUT/report.json`, `OUT/report.md` and `OUT/boundary.png` (OUT: `WORKDIR/eval`,
+`CHECKPOINT/eval`, or `WORKDIR/eval/best` for `WORKDIR/best`; earlier files are kept as
+`report.1.json`, ...):
 - robust accuracy per model and attack, measured on adversarial images verified to lie in the
   eps-ball and the [0, 1] box (default: every attack, eps and PGD step of the run: 8/255, 2/255);
 - gradient-masking sanity checks for every model (always run): the eps curve falls, PGD beats
@@ -79,9 +80,10 @@ def _load(args):
   """(config, splits, model, {name: variables}, default output directory)."""
   if args.checkpoint:
     config, splits, model, variables, name = loop.restore_model_checkpoint(args.checkpoint)
-    if name.startswith("best"):
-      name = "global (best)"
-    return config, splits, model, {name: variables}, pathlib.Path(args.checkpoint) / "eval"
+    path = pathlib.Path(args.checkpoint)
+    if name.startswith("best"):  # keep files out of the orbax manager's directory
+      return config, splits, model, {"global (best)": variables}, path.parent / "eval" / "best"
+    return config, splits, model, {name: variables}, path / "eval"
   config, splits, model, state = loop.restore_run(args.workdir)
   roles = ROLES if args.model == "all" else (args.model,)
   available = state.models()

@@ -78,6 +78,9 @@ def main():
       parser.error(f"--{name.replace('_', '-')} must be >= 1; got {value}.")
 
   config, splits, model, state = loop.restore_run(args.workdir)
+  if config.method != "generalist":
+    raise ValueError(f"{args.workdir} was trained with --method {config.method}, which trains one "
+                     "expert only: there is nothing to mix. Sweep a generalist run.")
   n = args.n or len(splits.test_y)
   recalibrate = None
   if args.bn_recalibrate:
@@ -108,7 +111,7 @@ def main():
                            eps=eps,
                            step_size=step_size,
                            steps=args.steps,
-                           global_variables=state.mix if config.method == "generalist" else None,
+                           global_variables=state.mix,
                            recalibrate=recalibrate,
                            recalibration=args.bn_recalibrate,
                            batch_size=args.batch_size,

@@ -215,6 +215,26 @@ def test_model_checkpoint_round_trip_and_no_overwrite(tmp_path):
   gc.collect()  # collect orbax's failed reader coroutines here, under this test's filter
 
 
+def test_restore_model_checkpoint_reads_a_runs_best_directory(tiny_run, tmp_path):
+  workdir = tiny_run[0]
+  config, splits, model, variables, name = training.loop.restore_model_checkpoint(workdir / "best")
+  best = json.loads((workdir / "summary.json").read_text())["best"]
+  assert name == f"best (epoch {best['epoch']})" and config == tiny_run[1]
+  direct = evaluate_models({"b": variables},
+                           splits.val_x,
+                           splits.val_y,
+                           model=model,
+                           key=jax.random.key(config.seed),
+                           eps=config.eps,
+                           step_size=config.eval_step_size,
+                           steps=0)["b"]
+  assert direct["clean_acc"] == pytest.approx(best["clean_acc"])  # the model selected on validation
+  with pytest.raises(FileNotFoundError, match="neither a model checkpoint"):
+    training.loop.restore_model_checkpoint(tmp_path)
+  with pytest.raises(FileNotFoundError, match="no such directory"):
+    training.loop.restore_model_checkpoint(tmp_path / "missing")
+
+
 def test_outputs_keep_earlier_files(tmp_path):
   first = outputs.write_json(tmp_path / "r.json", {"v": 1})
   outputs.write_json(tmp_path / "r.json", {"v": 2})
