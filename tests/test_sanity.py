@@ -58,13 +58,14 @@ def digits():
   return params, x[test], y[test]
 
 
-def _checks(logits_fn, params, x, y):
+def _checks(logits_fn, params, x, y, known=None):
   return sanity.sanity_checks(jax.tree_util.Partial(logits_fn, params),
                               x,
                               y,
                               key=jax.random.key(1),
                               eps=EPS,
-                              step_size=STEP)
+                              step_size=STEP,
+                              known=known)
 
 
 @pytest.fixture(scope="module")
@@ -121,13 +122,7 @@ def test_masked_model_fails(masked_result, natural_result):
 def test_known_figures_are_reused(digits, natural_result):
   params, x, y = digits
   known = {"clean": 0.5, "pgd100": 0.3, "mim": 0.2}
-  result = sanity.sanity_checks(jax.tree_util.Partial(_mlp, params),
-                                x,
-                                y,
-                                key=jax.random.key(1),
-                                eps=EPS,
-                                step_size=STEP,
-                                known=known)
+  result = _checks(_mlp, params, x, y, known=known)
   _assert_well_formed(result, N)
   assert "clean" not in result["computed"] and "pgd100" not in result["computed"]
   assert result["checks"]["eps_curve"]["figures"]["clean"] == 0.5
@@ -143,13 +138,7 @@ def test_inconsistent_known_fails_more_steps(digits, natural_result):
   params, x, y = digits
   known = dict(natural_result["accuracies"])
   known["pgd100"] = min(1.0, known["pgd20"] + 0.2)
-  result = sanity.sanity_checks(jax.tree_util.Partial(_mlp, params),
-                                x,
-                                y,
-                                key=jax.random.key(1),
-                                eps=EPS,
-                                step_size=STEP,
-                                known=known)
+  result = _checks(_mlp, params, x, y, known=known)
   assert result["computed"] == []
   assert not result["checks"]["more_steps"]["passed"]
   assert "pgd100" in result["checks"]["more_steps"]["detail"]
@@ -248,13 +237,7 @@ def test_each_check_fails_on_inconsistent_figures(digits, natural_result, name, 
   params, x, y = digits
   known = dict(natural_result["accuracies"])
   known[name] = (known[base] if base else 0.0) + delta
-  result = sanity.sanity_checks(jax.tree_util.Partial(_mlp, params),
-                                x,
-                                y,
-                                key=jax.random.key(1),
-                                eps=EPS,
-                                step_size=STEP,
-                                known=known)
+  result = _checks(_mlp, params, x, y, known=known)
   assert result["computed"] == []
   failed = [k for k, c in result["checks"].items() if not c["passed"]]
   assert failed == [check], result["checks"][check]["detail"]
@@ -264,11 +247,5 @@ def test_each_check_fails_on_inconsistent_figures(digits, natural_result, name, 
 def test_eps_curve_end_is_waived_when_clean_is_zero(digits):
   params, x, y = digits
   known = {name: 0.0 for name in sanity.FIGURES}
-  result = sanity.sanity_checks(jax.tree_util.Partial(_mlp, params),
-                                x,
-                                y,
-                                key=jax.random.key(1),
-                                eps=EPS,
-                                step_size=STEP,
-                                known=known)
+  result = _checks(_mlp, params, x, y, known=known)
   assert result["passed"], {k: c["detail"] for k, c in result["checks"].items()}
