@@ -44,6 +44,32 @@ def _batch_correct(variables, images, labels, mask, key, eps, step_size, *, mode
   return jnp.sum(clean & mask), jnp.sum(robust & mask)
 
 
+@jax.jit
+def _correct(logits_fn, x, y):
+  return jnp.argmax(logits_fn(x), axis=-1) == y
+
+
+def correct_predictions(logits_fn: Any, images: Any, labels: Any, batch_size: int) -> np.ndarray:
+  """Whether `logits_fn` classifies each image right, as a host bool array [N].
+
+  `logits_fn` is a `jax.tree_util.Partial` (or any pytree-callable) over float images in [0, 1];
+  batches have one padded shape, so the jitted prediction compiles once per model architecture.
+  """
+  x, y = np.asarray(images), np.asarray(labels).astype(np.int32)
+  n = int(y.shape[0])
+  batches, masks = eval_batches(n, min(batch_size, n))
+  out = [
+      np.asarray(_correct(logits_fn, jnp.asarray(x[idx]), jnp.asarray(y[idx])))[mask]
+      for idx, mask in zip(batches, masks)
+  ]
+  return np.concatenate(out)
+
+
+def accuracy(logits_fn: Any, images: Any, labels: Any, batch_size: int) -> float:
+  """Exact accuracy of `logits_fn` on `images` (see `correct_predictions`)."""
+  return float(np.mean(correct_predictions(logits_fn, images, labels, batch_size)))
+
+
 def evaluate_models(models: dict[str, Any],
                     images: np.ndarray,
                     labels: np.ndarray,

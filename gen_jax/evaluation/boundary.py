@@ -64,6 +64,7 @@ import numpy as np
 
 from gen_jax.attacks import core
 from gen_jax.attacks.fab import fab as fab_attack
+from gen_jax.evaluation.accuracy import correct_predictions
 
 METHODS = ("bisection", "fab")
 
@@ -156,11 +157,6 @@ def _bisection_batch(logits_fn, x, y, key, eps_max, *, bisection_steps, pgd_step
 
 
 @jax.jit
-def _predict_correct(logits_fn, x, y):
-  return jnp.argmax(logits_fn(x), axis=1) == y
-
-
-@jax.jit
 def _fab_radius(logits_fn, x, y, x_adv):
   """L-inf norm of the FAB perturbation where it is adversarial, else +inf."""
   wrong = jnp.argmax(logits_fn(x_adv), axis=1) != y
@@ -245,7 +241,7 @@ def boundary_distances(logits_fn: LogitsFn,
     x_adv = fab_attack(fn, xb, yb, key=kb, eps=eps_arr, norm="linf")
     return _fab_radius(fn, xb, yb, x_adv)
 
-  correct = _in_batches(lambda xb, yb, _: _predict_correct(fn, xb, yb), x, y, key, batch_size)
+  correct = correct_predictions(fn, x, y, batch_size)
   dist = _in_batches(fab_radius, x, y, fab_key, batch_size).astype(np.float32)
   wrong = np.flatnonzero(~correct)
   if wrong.size:

@@ -29,6 +29,7 @@ import numpy as np
 
 from gen_jax import attacks
 from gen_jax.evaluation import boundary, corruptions, outputs, sanity
+from gen_jax.evaluation.accuracy import accuracy
 
 ATTACKS = ("clean", "pgd20", "pgd100", "mim", "cw", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t",
            "square", "aa")
@@ -66,21 +67,13 @@ def check_attack_names(names: Sequence[str]) -> tuple[str, ...]:
   return tuple(names)
 
 
-def _accuracy(logits_fn, x, y, batch_size) -> float:
-  correct = 0
-  for start in range(0, len(y), batch_size):
-    logits = logits_fn(jnp.asarray(x[start:start + batch_size]))
-    correct += int(jnp.sum(jnp.argmax(logits, -1) == jnp.asarray(y[start:start + batch_size])))
-  return correct / len(y)
-
-
 def evaluate_attack(name: str, logits_fn, x: np.ndarray, y: np.ndarray, *, key: jax.Array,
                     eps: float, step_size: float, batch_size: int) -> dict[str, Any]:
   """Robust accuracy of one attack, measured on verified adversarial images."""
   started = time.time()
   if name == "clean":
     return {
-        "accuracy": _accuracy(logits_fn, x, y, batch_size),
+        "accuracy": accuracy(logits_fn, x, y, batch_size),
         "seconds": round(time.time() - started, 2)
     }
   if name in _AUTOATTACK_STAGES:
@@ -94,18 +87,16 @@ def evaluate_attack(name: str, logits_fn, x: np.ndarray, y: np.ndarray, *, key: 
     extra = {"stages": aa_report["stages"]}
   else:
     attack_fn = jax.jit(_pgd_family(name, step_size))
-    pieces = []
-    for i, start in enumerate(range(0, len(y), batch_size)):
-      pieces.append(
-          np.asarray(
-              attack_fn(logits_fn, jnp.asarray(x[start:start + batch_size]),
-                        jnp.asarray(y[start:start + batch_size]), jax.random.fold_in(key, i),
-                        jnp.float32(eps))))
-    x_adv = np.concatenate(pieces)
+    x_adv = attacks.attack_in_batches(
+        lambda xb, yb, key: attack_fn(logits_fn, xb, yb, key, jnp.float32(eps)),
+        x,
+        y,
+        key=key,
+        batch_size=batch_size)
     extra = {}
   attacks.verify_adversarial(x_adv, x, eps, "linf")
   return {
-      "accuracy": _accuracy(logits_fn, x_adv, y, batch_size),
+      "accuracy": accuracy(logits_fn, x_adv, y, batch_size),
       "seconds": round(time.time() - started, 2),
       **extra
   }

@@ -52,6 +52,7 @@ import numpy as np
 
 from gen_jax import attacks
 from gen_jax.attacks import core
+from gen_jax.evaluation.accuracy import accuracy
 
 CHECKS: tuple[str, ...] = ("eps_curve", "iterative_vs_fgsm", "black_box_vs_white_box",
                            "unbounded_eps", "more_steps")
@@ -106,26 +107,6 @@ def _attack(logits_fn, x, y, key, eps, step_size, *, kind, steps, queries):
   return attacks.pgd(logits_fn, x, y, key=key, eps=eps, step_size=step_size, steps=steps)
 
 
-@jax.jit
-def _correct(logits_fn, x, y):
-  return jnp.argmax(logits_fn(x), axis=-1) == y
-
-
-def _accuracy(fn, x: np.ndarray, y: np.ndarray, batch_size: int) -> float:
-  """Exact accuracy over padded batches of one shape (one compile)."""
-  n = x.shape[0]
-  size = min(batch_size, n)
-  correct = 0
-  for start in range(0, n, size):
-    xb, yb = x[start:start + size], y[start:start + size]
-    m = xb.shape[0]
-    if m < size:
-      xb = np.concatenate([xb, np.repeat(xb[:1], size - m, axis=0)])
-      yb = np.concatenate([yb, np.repeat(yb[:1], size - m, axis=0)])
-    correct += int(np.sum(np.asarray(_correct(fn, jnp.asarray(xb), jnp.asarray(yb)))[:m]))
-  return correct / n
-
-
 def _figure_settings(name: str, eps: float, step_size: float,
                      square_queries: int) -> tuple[dict[str, Any], float, float]:
   """(static attack settings, eps, step size) of a figure; eps above 1 is the whole box anyway."""
@@ -145,7 +126,7 @@ def _figure_settings(name: str, eps: float, step_size: float,
 def _measure(name, fn, x, y, *, key, eps, step_size, square_queries, batch_size) -> float:
   """Accuracy under the attack of figure `name`, on verified adversarial images."""
   if name == "clean":
-    return _accuracy(fn, x, y, batch_size)
+    return accuracy(fn, x, y, batch_size)
   static, eps_used, step_used = _figure_settings(name, eps, step_size, square_queries)
   attack_fn = functools.partial(_attack,
                                 fn,
@@ -159,7 +140,7 @@ def _measure(name, fn, x, y, *, key, eps, step_size, square_queries, batch_size)
       key=key,
       batch_size=batch_size)
   attacks.verify_adversarial(x_adv, x, eps_used, "linf")
-  return _accuracy(fn, x_adv, y, batch_size)
+  return accuracy(fn, x_adv, y, batch_size)
 
 
 def _pct(value: float) -> str:

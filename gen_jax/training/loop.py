@@ -259,6 +259,11 @@ def train_and_evaluate(config: Config,
                                          batch_sharding=batch_sharding),
                        donate_argnums=(0, 1))
   eval_key = keys["eval"]
+  evaluate = functools.partial(_evaluate,
+                               model=eval_model,
+                               config=config,
+                               key=eval_key,
+                               sharding=batch_sharding)
   test_n = config.eval_test_size or len(splits.test_y)
   roles = _roles(config)
 
@@ -301,24 +306,10 @@ def train_and_evaluate(config: Config,
     }
     is_eval_epoch = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
     if is_eval_epoch:
-      test = _evaluate(state,
-                       splits.test_x[:test_n],
-                       splits.test_y[:test_n],
-                       model=eval_model,
-                       config=config,
-                       key=eval_key,
-                       sharding=batch_sharding,
-                       roles=roles)
+      test = evaluate(state, splits.test_x[:test_n], splits.test_y[:test_n], roles=roles)
       record["test"] = test
       if len(splits.val_y):
-        val = _evaluate(state,
-                        splits.val_x,
-                        splits.val_y,
-                        model=eval_model,
-                        config=config,
-                        key=eval_key,
-                        sharding=batch_sharding,
-                        roles=("global",))["global"]
+        val = evaluate(state, splits.val_x, splits.val_y, roles=("global",))["global"]
         record["val_global"] = val
         score = val["clean_acc"] + val["pgd_acc"]
         if val["clean_acc"] >= config.select_min_clean and score > best["score"]:
@@ -334,14 +325,7 @@ def train_and_evaluate(config: Config,
     best_manager.close()
     return {"stopped_at_epoch": end_epoch}
 
-  final = _evaluate(state,
-                    splits.test_x,
-                    splits.test_y,
-                    model=eval_model,
-                    config=config,
-                    key=eval_key,
-                    sharding=batch_sharding,
-                    roles=roles)
+  final = evaluate(state, splits.test_x, splits.test_y, roles=roles)
   summary = {
       role: {
           "clean_acc": v["clean_acc"],

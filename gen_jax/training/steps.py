@@ -138,21 +138,26 @@ def _apply_update(state: ExpertState, grads, lr, config: Config, role: str, new_
   return ExpertState(variables={"params": params, "batch_stats": new_stats}, opt_state=opt_state)
 
 
+def _train_forward(model: nn.Module, params, batch_stats, inputs):
+  """Training-mode forward pass: (logits, BatchNorm statistics updated on `inputs`)."""
+  logits, updated = model.apply({
+      "params": params,
+      "batch_stats": batch_stats
+  },
+                                inputs,
+                                train=True,
+                                mutable=["batch_stats"])
+  return logits, updated.get("batch_stats", batch_stats)
+
+
 def natural_train_step(state: ExpertState, x: jax.Array, y: jax.Array, lr: jax.Array, *,
                        model: nn.Module, config: Config) -> tuple[ExpertState, dict]:
   """One SGD step of the natural expert on clean images (BatchNorm in training mode)."""
   stats = state.variables["batch_stats"]
 
   def loss_fn(params):
-    logits, updated = model.apply({
-        "params": params,
-        "batch_stats": stats
-    },
-                                  x,
-                                  train=True,
-                                  mutable=["batch_stats"])
-    loss = losses.cross_entropy(logits, y).mean()
-    return loss, (logits, updated.get("batch_stats", stats))
+    logits, new_stats = _train_forward(model, params, stats, x)
+    return losses.cross_entropy(logits, y).mean(), (logits, new_stats)
 
   (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn,
                                                           has_aux=True)(state.variables["params"])
@@ -213,32 +218,13 @@ def robust_train_step(state: ExpertState, x: jax.Array, y: jax.Array, key: jax.A
     if config.uses_trades:
       # TRADES runs the clean and the adversarial batch through the network in training mode,
       # one after the other (BatchNorm statistics updated twice, as in the TRADES code).
-      logits_nat, upd = model.apply({
-          "params": params,
-          "batch_stats": stats
-      },
-                                    x,
-                                    train=True,
-                                    mutable=["batch_stats"])
-      stats_1 = upd.get("batch_stats", stats)
-      logits_adv, upd = model.apply({
-          "params": params,
-          "batch_stats": stats_1
-      },
-                                    x_adv,
-                                    train=True,
-                                    mutable=["batch_stats"])
+      logits_nat, stats_1 = _train_forward(model, params, stats, x)
+      logits_adv, new_stats = _train_forward(model, params, stats_1, x_adv)
       loss = losses.trades_objective(logits_nat, logits_adv, y, beta=hparams["trades_beta"])
     else:
-      logits_adv, upd = model.apply({
-          "params": params,
-          "batch_stats": stats
-      },
-                                    x_adv,
-                                    train=True,
-                                    mutable=["batch_stats"])
+      logits_adv, new_stats = _train_forward(model, params, stats, x_adv)
       loss = losses.cross_entropy(logits_adv, y).mean()
-    return loss, (logits_adv, upd.get("batch_stats", stats))
+    return loss, (logits_adv, new_stats)
 
   (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn,
                                                           has_aux=True)(variables["params"])
