@@ -1,12 +1,16 @@
 """Compare Generalist with standard and adversarial training on the same data and budget.
 
     python experiments/compare.py --preset pilot --workdir runs/compare
-    python experiments/compare.py --preset pilot --dataset folder --data-dir ROOT --image-size 32
+    python experiments/compare.py --preset cifar10-study --dataset folder --data-dir ROOT \\
+        --workdir runs/study --seeds 0,1,2 --ablations all
 
-Trains `generalist`, `pgd_at` and `natural` with the same preset and overrides (each in
-`WORKDIR/<method>`, resumable), then writes `WORKDIR/compare.json` and prints each method's final
-model (for generalist, the global model): test clean and PGD-20 accuracy and wall time, and the
-chord score of the Generalist global model against the two standalone models,
+Trains `natural`, `pgd_at` and `generalist` for every seed of `--seeds` (each run in
+`WORKDIR/<method>-s<seed>`), then each Generalist ablation of `--ablations` (see
+`gen_jax.study.ABLATIONS`) for the seeds of `--ablation-seeds`. Every run resumes from its
+workdir, so the whole study survives being stopped at any moment: run the same command again.
+After each run it rewrites `WORKDIR/compare.json` (every finished run and the aggregate) and
+`WORKDIR/compare.md`: per variant the mean and spread of clean and PGD-20 accuracy of the final
+model (for generalist, the global model), the chord score of each seed and its Student-t interval
 
     score = (C_g - C_at) / (C_nat - C_at) + (R_g - R_nat) / (R_at - R_nat),
 
@@ -15,82 +19,81 @@ training; above 1 the global model beats that trade-off.
 """
 import dataclasses
 import json
-import math
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from gen_jax import cli, training  # noqa: E402
+from gen_jax import cli, study, training  # noqa: E402
+from gen_jax.training import loop  # noqa: E402
 
-METHODS = ("generalist", "pgd_at", "natural")
+
+def _ints(text):
+  return [int(t) for t in text.split(",") if t.strip()]
 
 
 def _add_arguments(parser):
   parser.add_argument("--workdir",
                       default=None,
                       help="directory of the comparison (default: runs/compare-<preset>)")
+  parser.add_argument("--seeds",
+                      type=_ints,
+                      default=None,
+                      help="comma-separated seeds of the baselines (default: the config's seed)")
+  parser.add_argument("--ablations",
+                      default="",
+                      help="comma-separated Generalist ablations, or 'all': " +
+                      ", ".join(study.ABLATIONS))
+  parser.add_argument("--ablation-seeds",
+                      type=_ints,
+                      default=None,
+                      help="seeds of the ablations (default: the first of --seeds)")
   parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-
-
-def chord_score(clean, robust):
-  """The chord score of `generalist` against `natural` and `pgd_at` (NaN if undefined)."""
-  c_gap = clean["natural"] - clean["pgd_at"]
-  r_gap = robust["pgd_at"] - robust["natural"]
-  if c_gap == 0 or r_gap == 0:
-    return math.nan
-  return ((clean["generalist"] - clean["pgd_at"]) / c_gap +
-          (robust["generalist"] - robust["natural"]) / r_gap)
 
 
 def main():
   parser = cli.build_parser(__doc__.splitlines()[0], add_arguments=_add_arguments)
   args, config = cli.parse_config(parser)
   workdir = args.workdir or os.path.join("runs", f"compare-{args.preset}")
-  rows = {}
-  for method in METHODS:
-    run_config = dataclasses.replace(config, method=method)
-    print(f"== {method} ==", flush=True)
-    summary = training.train_and_evaluate(run_config,
-                                          os.path.join(workdir, method),
-                                          progress=not args.no_progress)
-    pgd_key = next(k for k in summary["global"] if k.startswith("pgd"))
-    rows[method] = {
-        "clean_acc": summary["global"]["clean_acc"],
-        "pgd_acc": summary["global"][pgd_key],
+  ablations = list(study.ABLATIONS) if args.ablations == "all" else [
+      a for a in args.ablations.split(",") if a.strip()
+  ]
+  plan = study.plan_runs(args.seeds or [config.seed], ablations, args.ablation_seeds)
+  total_steps = None
+  rows = []
+  for run in plan:
+    overrides = {"method": run.method, "seed": run.seed}
+    if run.variant in study.ABLATIONS:
+      if total_steps is None:
+        splits = loop.load_splits(config)
+        total_steps = len(splits.train_y) // config.batch_size * config.epochs
+      overrides.update(study.ablation_overrides(run.variant, total_steps=total_steps))
+    run_config = dataclasses.replace(config, **overrides).validate()
+    run_dir = os.path.join(workdir, run.name)
+    print(f"== {run.name} ==", flush=True)
+    summary = training.train_and_evaluate(run_config, run_dir, progress=not args.no_progress)
+    pgd_key = f"pgd{config.eval_pgd_steps}_acc"
+    rows.append({
+        **dataclasses.asdict(run), "clean": summary["global"]["clean_acc"],
+        "robust": summary["global"][pgd_key],
+        "teachers": {
+            r: summary[r] for r in ("natural", "robust") if r in summary
+        },
         "train_seconds": summary["train_seconds"],
-        "workdir": os.path.join(workdir, method)
+        "workdir": run_dir
+    })
+    result = {
+        "preset": args.preset,
+        "robust_metric": pgd_key,
+        "runs": rows,
+        "aggregate": study.aggregate(rows),
+        "config": dataclasses.asdict(config)
     }
-  score = chord_score({
-      m: r["clean_acc"] for m, r in rows.items()
-  }, {
-      m: r["pgd_acc"] for m, r in rows.items()
-  })
-  result = {
-      "preset": args.preset,
-      "pgd_key": pgd_key,
-      "methods": rows,
-      "chord_score": score,
-      "config": dataclasses.asdict(config)
-  }
-  with open(os.path.join(workdir, "compare.json"), "w") as f:
-    json.dump(result, f, indent=2, allow_nan=True)
-  print(format_table(rows, score, pgd_key))
-
-
-def format_table(rows, score, pgd_key):
-  name = pgd_key.replace("_acc", "").upper()
-  lines = [f"| method | final model | clean | {name} | train time |", "|---|---|---|---|---|"]
-  final = {
-      "generalist": "global model",
-      "pgd_at": "robust teacher (EMA)",
-      "natural": "natural teacher (EMA)"
-  }
-  for method, r in rows.items():
-    lines.append(f"| {method} | {final[method]} | {r['clean_acc']:.2%} | {r['pgd_acc']:.2%} | "
-                 f"{r['train_seconds']:.0f} s |")
-  lines.append(f"chord score of the global model: {score:.3f} (1 = the straight line between "
-               "natural and PGD-AT training; above 1 beats it)")
-  return "\n".join(lines)
+    with open(os.path.join(workdir, "compare.json"), "w") as f:
+      json.dump(result, f, indent=2, allow_nan=True)
+    table = study.to_markdown(result["aggregate"], f"PGD-{config.eval_pgd_steps}")
+    with open(os.path.join(workdir, "compare.md"), "w") as f:
+      f.write(table + "\n")
+  print(table)
 
 
 if __name__ == "__main__":

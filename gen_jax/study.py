@@ -1,0 +1,237 @@
+"""Comparison studies: which runs a study trains, and what their results add up to.
+
+A study trains `generalist`, `pgd_at` and `natural` on one preset for several seeds, plus named
+ablations of Generalist, and asks whether the global model beats the straight line between
+standard and adversarial training. The line is measured by the chord score
+
+    chord = (C_g - C_at) / (C_nat - C_at) + (R_g - R_nat) / (R_at - R_nat),
+
+with C clean and R robust accuracy of the Generalist global model (g), the natural model (nat) and
+the PGD-AT model (at): 1 on the line, above 1 above it. Each seed gives one score (its three runs
+share the seed); the study reports their mean and a Student-t interval.
+
+Synopsis::
+
+    plan = study.plan_runs(seeds=(0, 1, 2), ablations=("no-redistribution",))
+    for run in plan: ...train dataclasses.replace(config, **run.overrides) in WORKDIR/run.name
+    result = study.aggregate(rows)          # rows: name, method, variant, seed, clean, robust
+    print(study.to_markdown(result))
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+BASELINES = ("generalist", "pgd_at", "natural")
+
+# Steps of the reference run: 120 epochs of 391 batches of 128 CIFAR-10 images.
+REFERENCE_STEPS = 120 * 391
+REFERENCE_EMA_DECAY = 0.999
+
+
+def paper_scaled_ema_decay(total_steps: int,
+                           reference_steps: int = REFERENCE_STEPS,
+                           reference_decay: float = REFERENCE_EMA_DECAY) -> float:
+  """The EMA decay whose window is the same share of a `total_steps` run as 0.999's of the paper's.
+
+  The window 1 / (1 - d) of the reference (1,000 steps) is 2.1 % of its 46,920 steps; a run of
+  1,480 steps gets a window of 32 steps (d = 0.968). With the reference's fractional
+  redistribution schedule this also restores the paper's ratio of free steps between
+  redistributions to the EMA window.
+
+  >>> round(paper_scaled_ema_decay(46920), 4)
+  0.999
+  """
+  if total_steps < 1:
+    raise ValueError(f"total_steps must be >= 1, got {total_steps}.")
+  window = (1.0 / (1.0 - reference_decay)) * total_steps / reference_steps
+  return float(max(0.0, 1.0 - 1.0 / max(window, 1.0)))
+
+
+def ablation_overrides(name: str, *, total_steps: int) -> dict[str, Any]:
+  """Config overrides of the named Generalist ablation (see `ABLATIONS`)."""
+  if name not in ABLATIONS:
+    raise ValueError(f"unknown ablation {name!r}; choose from {', '.join(ABLATIONS)}.")
+  overrides = dict(ABLATIONS[name])
+  if overrides.pop("ema_decay", None) == "paper-scaled":
+    overrides["ema_decay"] = round(paper_scaled_ema_decay(total_steps), 4)
+  return overrides
+
+
+# Each ablation changes one component of Generalist; the reference schedule stays the default.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    # The experts are never reset to the global model.
+    "no-redistribution": {"redistribute": False},
+    # Two redistribution periods of a fifth of the run instead of ten of 1/24: the experts get
+    # about 3 epochs (1.5-2 EMA windows, as at paper scale) of free training between resets.
+    "long-periods": {"redistribute_period": 0.2},
+    # The teachers' EMA window scaled to the run length (see `paper_scaled_ema_decay`).
+    "ema-scaled": {"ema_decay": "paper-scaled"},
+    # More robust weight in the final global model.
+    "beta0.6": {"beta_final": 0.6},
+    "beta0.8": {"beta_final": 0.8},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedRun:
+  """One training run of a study: its directory name, method, variant and seed."""
+  name: str
+  method: str
+  variant: str  # the method for a baseline, else the ablation's name
+  seed: int
+
+
+def plan_runs(seeds: Sequence[int], ablations: Iterable[str] = (),
+              ablation_seeds: Sequence[int] | None = None) -> list[PlannedRun]:
+  """The study's runs in the order they train: baselines seed by seed, then the ablations.
+
+  Seed-major order means an interrupted study already has complete seeds to aggregate.
+  """
+  seeds = _unique_ints(seeds, "seeds")
+  ablation_seeds = _unique_ints(ablation_seeds if ablation_seeds is not None else seeds[:1],
+                                "ablation_seeds")
+  runs = [
+      PlannedRun(f"{method}-s{seed}", method, method, seed) for seed in seeds
+      for method in ("natural", "pgd_at", "generalist")
+  ]
+  for name in ablations:
+    if name not in ABLATIONS:
+      raise ValueError(f"unknown ablation {name!r}; choose from {', '.join(ABLATIONS)}.")
+    runs += [PlannedRun(f"{name}-s{seed}", "generalist", name, seed) for seed in ablation_seeds]
+  return runs
+
+
+def _unique_ints(values: Sequence[int], what: str) -> list[int]:
+  values = [int(v) for v in values]
+  if not values:
+    raise ValueError(f"{what} is empty; give at least one seed.")
+  if len(set(values)) != len(values):
+    raise ValueError(f"{what} repeats a seed: {values}.")
+  if min(values) < 0:
+    raise ValueError(f"{what} must be >= 0, got {values}.")
+  return values
+
+
+def chord_score(clean: Mapping[str, float], robust: Mapping[str, float]) -> float:
+  """The chord score of `generalist` against `natural` and `pgd_at`; NaN when a gap is zero.
+
+  >>> chord_score({"generalist": .5, "natural": .6, "pgd_at": .4},
+  ...             {"generalist": .2, "natural": 0., "pgd_at": .4})
+  1.0
+  """
+  c_gap = clean["natural"] - clean["pgd_at"]
+  r_gap = robust["pgd_at"] - robust["natural"]
+  if c_gap == 0 or r_gap == 0:
+    return math.nan
+  return ((clean["generalist"] - clean["pgd_at"]) / c_gap +
+          (robust["generalist"] - robust["natural"]) / r_gap)
+
+
+def spread(values: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
+  """Mean, sample standard deviation and two-sided Student-t interval of the mean.
+
+  With one value the deviation and interval are NaN (nothing to estimate them from).
+
+  >>> s = spread([1.0, 2.0, 3.0])
+  >>> s["mean"], s["std"], round(s["low"], 3), round(s["high"], 3)
+  (2.0, 1.0, -0.484, 4.484)
+  """
+  values = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
+  n = len(values)
+  if n == 0:
+    return {"n": 0, "mean": math.nan, "std": math.nan, "low": math.nan, "high": math.nan}
+  mean = float(values.mean())
+  if n == 1:
+    return {"n": 1, "mean": mean, "std": math.nan, "low": math.nan, "high": math.nan}
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  std = float(values.std(ddof=1))
+  half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+  return {"n": n, "mean": mean, "std": std, "low": mean - half, "high": mean + half}
+
+
+def aggregate(rows: Sequence[Mapping[str, Any]], confidence: float = 0.95) -> dict[str, Any]:
+  """Per-variant means and spreads, per-seed chord scores and their interval.
+
+  Args:
+    rows: one per finished run, with `variant`, `seed`, `clean` and `robust` (fractions).
+      Baseline variants are the method names of `BASELINES`.
+    confidence: of the Student-t intervals.
+
+  Returns:
+    `{"variants": {variant: {"clean": spread, "robust": spread, "seeds": [...]}},
+    "chord": {"per_seed": {seed: score}, **spread, "excludes_one": bool | None},
+    "ablations": {variant: {"per_seed": {...}, **spread}}}`. A seed gets a chord score only when
+    all three baselines of that seed are finished; an ablation is scored against the baselines of
+    its own seed. `excludes_one` is None until two seeds are scored.
+  """
+  by_variant: dict[str, dict[int, Mapping[str, Any]]] = {}
+  for row in rows:
+    by_variant.setdefault(row["variant"], {})[int(row["seed"])] = row
+  variants = {
+      v: {
+          "seeds": sorted(runs),
+          "clean": spread([r["clean"] for r in runs.values()], confidence),
+          "robust": spread([r["robust"] for r in runs.values()], confidence),
+      } for v, runs in by_variant.items()
+  }
+
+  def scores_of(variant: str) -> dict[int, float]:
+    out = {}
+    for seed, row in sorted(by_variant.get(variant, {}).items()):
+      base = {m: by_variant.get(m, {}).get(seed) for m in ("natural", "pgd_at")}
+      if all(base.values()):
+        clean = {"generalist": row["clean"], **{m: b["clean"] for m, b in base.items()}}
+        robust = {"generalist": row["robust"], **{m: b["robust"] for m, b in base.items()}}
+        out[seed] = chord_score(clean, robust)
+    return out
+
+  per_seed = scores_of("generalist")
+  chord = {"per_seed": per_seed, **spread(list(per_seed.values()), confidence)}
+  chord["excludes_one"] = (None if chord["n"] < 2 else not chord["low"] <= 1.0 <= chord["high"])
+  ablations = {}
+  for variant in by_variant:
+    if variant not in BASELINES:
+      scores = scores_of(variant)
+      ablations[variant] = {"per_seed": scores, **spread(list(scores.values()), confidence)}
+  return {
+      "confidence": confidence,
+      "variants": variants,
+      "chord": chord,
+      "ablations": ablations
+  }
+
+
+def to_markdown(result: Mapping[str, Any], robust_name: str = "PGD-20") -> str:
+  """Tables of an `aggregate` result: accuracy per variant, chord per seed and per ablation."""
+
+  def pct(s):
+    if s["n"] == 0:
+      return "-"
+    if s["n"] == 1:
+      return f"{100 * s['mean']:.2f}"
+    return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
+
+  lines = [
+      f"| variant | seeds | clean (%) | {robust_name} (%) | chord score |",
+      "|---|---|---|---|---|",
+  ]
+  chord_of = {"generalist": result["chord"], **result["ablations"]}
+  for variant, v in result["variants"].items():
+    c = chord_of.get(variant)
+    chord = "-" if c is None or c["n"] == 0 else (f"{c['mean']:.3f}" if c["n"] == 1 else
+                                                  f"{c['mean']:.3f} ± {c['std']:.3f}")
+    lines.append(f"| {variant} | {','.join(map(str, v['seeds']))} | {pct(v['clean'])} | "
+                 f"{pct(v['robust'])} | {chord} |")
+  c = result["chord"]
+  if c["n"] >= 2:
+    verdict = ("excludes 1" if c["excludes_one"] else "contains 1")
+    lines.append("")
+    lines.append(f"Chord score of the global model over {c['n']} seeds: {c['mean']:.3f} "
+                 f"(std {c['std']:.3f}; {100 * result['confidence']:.0f} % interval "
+                 f"[{c['low']:.3f}, {c['high']:.3f}], which {verdict}).")
+  return "\n".join(lines)
