@@ -1,7 +1,9 @@
 """Strength check of gen_jax.attacks against the reference PyTorch implementations (issue 4, 3.).
 
-Three stages, each a command; the PyTorch half lives in `attack_agreement_torch.py`, which runs in
-a separate environment (torch 2.13 CPU, torchattacks, and fra31/auto-attack on its PYTHONPATH):
+Three stages, each a command; the PyTorch half lives in
+`experiments/reference/attack_agreement_torch.py`, which runs in a separate environment (torch 2.13
+CPU, torchattacks, and fra31/auto-attack on its PYTHONPATH; experiments/reference/README.md says
+how to make it):
 
 1. `train`: a tiny CNN (three stride-2 3x3 convolutions, two dense layers; no BatchNorm, so that it
    is defined identically in both frameworks) trained with PGD-AT (L-inf 8/255, 5 steps) on a subset
@@ -14,11 +16,14 @@ Commands (about 25 minutes on 2 CPU cores)::
 
     python experiments/attack_agreement.py train --data /tmp/cifar/cifar10-jpeg --out /tmp/agree
     python experiments/attack_agreement.py attack --out /tmp/agree
-    PYTHONPATH=/tmp/autoattack_ref /opt/torchenv/bin/python experiments/attack_agreement_torch.py \
-        --out /tmp/agree
+    PYTHONPATH=/tmp/autoattack_ref /opt/torchenv/bin/python \
+        experiments/reference/attack_agreement_torch.py --out /tmp/agree
     python experiments/attack_agreement.py table --out /tmp/agree
 
 Optional L2 check (APGD-CE at eps 0.5, both sides): add `--l2` to `attack` and to the torch command.
+
+Flags are hyphenated (`--batch-size`, `--pgd-steps`, `--train-per-class`, `--test-per-class`,
+`--square-queries`); the underscore spellings used before are still accepted.
 
 The images are JPEG-compressed copies of CIFAR-10, so accuracies differ slightly from figures on the
 original release; the comparison is between implementations on identical inputs and weights.
@@ -41,8 +46,13 @@ STEP = 2 / 255
 L2_EPS = 0.5
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # Layer name -> (kernel shape HWIO or [in, out]); the PyTorch twin uses the same names.
-LAYERS = {"conv1": (3, 3, 3, 16), "conv2": (3, 3, 16, 32), "conv3": (3, 3, 32, 64),
-          "fc1": (4 * 4 * 64, 128), "fc2": (128, 10)}
+LAYERS = {
+    "conv1": (3, 3, 3, 16),
+    "conv2": (3, 3, 16, 32),
+    "conv3": (3, 3, 32, 64),
+    "fc1": (4 * 4 * 64, 128),
+    "fc2": (128, 10)
+}
 
 
 def init_params(key: jax.Array) -> dict[str, jax.Array]:
@@ -59,7 +69,8 @@ def logits_fn(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
   """Tiny CNN: 3 x (conv 3x3, stride 2, pad 1, ReLU), flatten (NHWC order), dense 128, dense 10."""
   h = x
   for name in ("conv1", "conv2", "conv3"):
-    h = jax.lax.conv_general_dilated(h, params[f"{name}.w"], (2, 2), ((1, 1), (1, 1)),
+    h = jax.lax.conv_general_dilated(h,
+                                     params[f"{name}.w"], (2, 2), ((1, 1), (1, 1)),
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     h = jax.nn.relu(h + params[f"{name}.b"])
   h = h.reshape(h.shape[0], -1)
@@ -127,13 +138,20 @@ def train(args) -> None:
       params, opt_state, value = train_step(params, opt_state, xb, y_train[idx],
                                             jax.random.fold_in(key, step), eps)
       losses.append(value)
-    print(f"epoch {epoch + 1}: adversarial loss {np.mean(jax.device_get(losses)):.3f} "
-          f"({time.time() - start:.0f} s)", flush=True)
+    print(
+        f"epoch {epoch + 1}: adversarial loss {np.mean(jax.device_get(losses)):.3f} "
+        f"({time.time() - start:.0f} s)",
+        flush=True)
   logits = np.asarray(jax.jit(logits_fn)(params, x_test))
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  np.savez(out / "model.npz", x_test=x_test, y_test=y_test, logits=logits,
-           **{k: np.asarray(v) for k, v in params.items()})
+  np.savez(out / "model.npz",
+           x_test=x_test,
+           y_test=y_test,
+           logits=logits,
+           **{
+               k: np.asarray(v) for k, v in params.items()
+           })
   print(f"clean test accuracy {np.mean(logits.argmax(1) == y_test):.4f}; wrote {out / 'model.npz'}")
 
 
@@ -152,8 +170,10 @@ def run_attacks(args) -> None:
 
   def accuracy(x_adv, eps=EPS, norm="linf"):
     attacks.verify_adversarial(x_adv, x, eps, norm)
-    return float(np.mean(np.concatenate(
-        [np.asarray(predict(fn, x_adv[i:i + bs])) for i in range(0, n, bs)]) == y))
+    return float(
+        np.mean(
+            np.concatenate([np.asarray(predict(fn, x_adv[i:i + bs]))
+                            for i in range(0, n, bs)]) == y))
 
   def batched(attack, **kw):
     return lambda xb, yb, *, key: attack(fn, xb, yb, key=key, eps=EPS, **kw)
@@ -169,8 +189,10 @@ def run_attacks(args) -> None:
   if attacks.fab_targeted is not None:
     runs["FAB-T"] = batched(attacks.fab_targeted)
   if attacks.square is not None:
-    runs["Square"] = batched(attacks.square, **({"n_queries": args.square_queries}
-                                                if args.square_queries else {}))
+    runs["Square"] = batched(attacks.square,
+                             **({
+                                 "n_queries": args.square_queries
+                             } if args.square_queries else {}))
   results = {"clean": accuracy(x)}
   correct = np.asarray(predict(fn, x)) == y
   if args.l2:
@@ -179,9 +201,14 @@ def run_attacks(args) -> None:
     x_adv = x.copy()
     x_adv[correct] = attacks.attack_in_batches(
         lambda xb, yb, *, key: attacks.apgd(fn, xb, yb, key=key, eps=L2_EPS, norm="l2"),
-        x[correct], y[correct], key=jax.random.fold_in(key, 50), batch_size=bs)
-    results = {"APGD-CE L2": accuracy(x_adv, L2_EPS, "l2"),
-               "APGD-CE L2 seconds": time.time() - start}
+        x[correct],
+        y[correct],
+        key=jax.random.fold_in(key, 50),
+        batch_size=bs)
+    results = {
+        "APGD-CE L2": accuracy(x_adv, L2_EPS, "l2"),
+        "APGD-CE L2 seconds": time.time() - start
+    }
     print(results, flush=True)
     (out / "ours_l2.json").write_text(json.dumps(results, indent=1))
     return
@@ -193,15 +220,23 @@ def run_attacks(args) -> None:
     start = time.time()
     # Misclassified clean points are non-robust whatever the attack does: attack the others only.
     x_adv = x.copy()
-    x_adv[correct] = attacks.attack_in_batches(attack_fn, x[correct], y[correct],
-                                               key=jax.random.fold_in(key, i), batch_size=bs)
+    x_adv[correct] = attacks.attack_in_batches(attack_fn,
+                                               x[correct],
+                                               y[correct],
+                                               key=jax.random.fold_in(key, i),
+                                               batch_size=bs)
     results[name] = accuracy(x_adv)
     results[name + " seconds"] = time.time() - start
     print(f"{name}: {results[name]:.4f} ({time.time() - start:.0f} s)", flush=True)
   if not only or "AutoAttack" in only:
     start = time.time()
-    x_adv, report = attacks.autoattack(fn, x, y, key=jax.random.fold_in(key, 99), eps=EPS,
-                                       batch_size=bs, verbose=True)
+    x_adv, report = attacks.autoattack(fn,
+                                       x,
+                                       y,
+                                       key=jax.random.fold_in(key, 99),
+                                       eps=EPS,
+                                       batch_size=bs,
+                                       verbose=True)
     results["AutoAttack"] = accuracy(x_adv)
     results["AutoAttack seconds"] = time.time() - start
     results["AutoAttack report"] = report
@@ -227,25 +262,46 @@ def table(args) -> None:
             f"{100 * (ours[name] - value):+.1f} |")
 
 
+def _add_flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+  """Adds `--name` (hyphenated) and, hidden from --help, its underscore spelling used before."""
+  dest = name.replace("-", "_")
+  parser.add_argument(f"--{name}", dest=dest, **kwargs)
+  parser.add_argument(f"--{dest}",
+                      dest=dest,
+                      default=argparse.SUPPRESS,
+                      help=argparse.SUPPRESS,
+                      **{
+                          k: v for k, v in kwargs.items() if k in ("type", "action")
+                      })
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("stage", choices=("train", "attack", "table"))
-  parser.add_argument("--data", default="/tmp/cifar/cifar10-jpeg")
-  parser.add_argument("--out", default="/tmp/agree")
-  parser.add_argument("--train_per_class", type=int, default=2000)
-  parser.add_argument("--test_per_class", type=int, default=100)
+  parser.add_argument("--data",
+                      default="/tmp/cifar/cifar10-jpeg",
+                      help="CIFAR-10 JPEG image folder (train stage)")
+  parser.add_argument("--out",
+                      default="/tmp/agree",
+                      help="folder of model.npz and the JSON results (every stage)")
+  _add_flag(parser, "train-per-class", type=int, default=2000)
+  _add_flag(parser, "test-per-class", type=int, default=100)
   parser.add_argument("--epochs", type=int, default=10)
-  parser.add_argument("--batch_size", type=int, default=128)
+  _add_flag(parser,
+            "batch-size",
+            type=int,
+            default=None,
+            help="default 128 for train, 500 for attack (as the torch side)")
   parser.add_argument("--lr", type=float, default=2e-3)
-  parser.add_argument("--pgd_steps", type=int, default=5)
+  _add_flag(parser, "pgd-steps", type=int, default=5, help="PGD steps of adversarial training")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--n", type=int, default=0, help="attack only the first n test images")
-  parser.add_argument("--square_queries", type=int, default=0, help="0: the 5,000 of AutoAttack")
+  parser.add_argument("--n", type=int, default=0, help="attack only the first N test images")
+  _add_flag(parser, "square-queries", type=int, default=0, help="0: the 5,000 of AutoAttack")
   parser.add_argument("--only", default="", help="comma-separated attack names to run")
   parser.add_argument("--l2", action="store_true", help="run only APGD-CE at L2 eps 0.5")
   args = parser.parse_args()
-  if args.stage == "attack" and args.batch_size == 128:
-    args.batch_size = 500
+  if args.batch_size is None:
+    args.batch_size = 500 if args.stage == "attack" else 128
   {"train": train, "attack": run_attacks, "table": table}[args.stage](args)
 
 

@@ -1,7 +1,7 @@
 """The one place speed is measured: training steps, attacks and single convolutions.
 
 Prints one JSON line per measurement (and appends it to `--out` if given) with `what`, `model`,
-`batch`, `backend`, `devices`, `images_per_second`, `seconds_per_step` (median of `--steps`
+`batch`, `backend`, `devices`, `images_per_second`, `seconds_per_step` (median of `--repeats`
 timed repetitions after `--warmup` untimed ones), `compile_seconds`, `peak_memory_bytes` (the
 device's peak where the backend reports it, else null), and more context: the XLA memory plan of
 the compiled program, the process's peak RSS, the CPU seconds per step (robust to other
@@ -18,12 +18,15 @@ What is timed (`--what`):
 
 Synopsis::
 
-    python experiments/bench.py --what generalist_step --model resnet18 --batch 128 --steps 5
-    python experiments/bench.py --what pgd20 --model resnet18 --batch 128 --conv-impl xla
-    python experiments/bench.py --what natural_step --model smallcnn --sweep batch
-    python experiments/bench.py --what robust_step --model smallcnn --sweep pgd_steps
+    python experiments/bench.py --what generalist_step --model resnet18 --batch-size 128 --repeats 5
+    python experiments/bench.py --what pgd20 --model resnet18 --batch-size 128 --conv-impl xla
+    python experiments/bench.py --what natural_step --model smallcnn --sweep batch-size
+    python experiments/bench.py --what robust_step --model smallcnn --sweep pgd-steps
     python experiments/bench.py --what conv --conv-shape 128,32,32,64,64,3,1
 
+Flags are hyphenated. Kept for old command lines: `--batch` (= `--batch-size`), `--steps`
+(deprecated = `--repeats`: elsewhere `--steps` means PGD steps), and the sweep names `batch` and
+`pgd_steps`. The PyTorch baseline of this script is `experiments/reference/bench_torch.py`.
 A sweep runs every point in a fresh subprocess (so peak RSS and failures stay per point).
 Model FLOPs follow the usual MFU convention: F = XLA's count for one inference forward pass,
 a training forward+backward = 3F, a PGD iteration (forward + input gradient) = 2F.
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import resource
@@ -49,44 +53,79 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from gen_jax.models import COMPUTE_DTYPES  # noqa: E402
+
 WHATS = ("natural_step", "robust_step", "generalist_step", "pgd20", "autoattack", "conv")
 METHOD_OF = {"natural_step": "natural", "robust_step": "pgd_at", "generalist_step": "generalist"}
+# Sweep name -> (record field, the flag's spellings (the first is passed on), default values).
 SWEEPS = {
-    "batch": ("batch", [16, 32, 64, 128, 256, 512]),
-    "pgd_steps": ("pgd_steps", [1, 3, 5, 10, 20]),
-    "model": ("model", ["smallcnn", "resnet18", "wrn34_10"]),
+    "batch-size": ("batch", ("--batch-size", "--batch"), [16, 32, 64, 128, 256, 512]),
+    "pgd-steps": ("pgd_steps", ("--pgd-steps",), [1, 3, 5, 10, 20]),
+    "model": ("model", ("--model",), ["smallcnn", "resnet18", "wrn34_10"]),
 }
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SWEEP_ALIASES = {"batch": "batch-size", "pgd_steps": "pgd-steps"}  # the names used before
 
 
 def _parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--what", default="generalist_step",
+  p.add_argument("--what",
+                 default="generalist_step",
                  help=f"comma-separated subset of {','.join(WHATS)}")
   p.add_argument("--model", default="resnet18")
-  p.add_argument("--batch", type=int, default=128)
-  p.add_argument("--pgd-steps", type=int, default=None,
+  p.add_argument("--batch-size", dest="batch", type=int, default=128, metavar="N")
+  p.add_argument("--batch",
+                 dest="batch",
+                 type=int,
+                 default=argparse.SUPPRESS,
+                 help=argparse.SUPPRESS)  # the old spelling, still accepted
+  p.add_argument("--pgd-steps",
+                 type=int,
+                 default=None,
                  help="PGD iterations (default: 10 inside training steps, 20 for pgd20)")
-  p.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
+  p.add_argument("--dtype",
+                 default="float32",
+                 choices=tuple(COMPUTE_DTYPES),
                  help="compute dtype of training steps (attacks always run in float32)")
-  p.add_argument("--conv-impl", default="auto", choices=("auto", "xla", "fast"),
+  p.add_argument("--conv-impl",
+                 default="auto",
+                 choices=("auto", "xla", "fast"),
                  help="xla: nn.Conv; fast/auto: gen_jax.ops.conv.FastConv (custom VJP on CPU)")
-  p.add_argument("--steps", type=int, default=5, help="timed repetitions (median reported)")
+  p.add_argument("--repeats",
+                 type=int,
+                 default=5,
+                 metavar="N",
+                 help="timed repetitions (median reported)")
+  p.add_argument("--steps",
+                 dest="repeats",
+                 type=int,
+                 default=argparse.SUPPRESS,
+                 metavar="N",
+                 help="deprecated alias of --repeats (elsewhere --steps means PGD steps)")
   p.add_argument("--warmup", type=int, default=1, help="untimed repetitions after compiling")
   p.add_argument("--num-classes", type=int, default=10)
   p.add_argument("--image-size", type=int, default=32)
-  p.add_argument("--conv-shape", default="128,32,32,64,64,3,1",
+  p.add_argument("--conv-shape",
+                 default="128,32,32,64,64,3,1",
                  help="N,H,W,C_in,C_out,kernel,stride for --what conv")
-  p.add_argument("--aa-attacks", default=None,
+  p.add_argument("--aa-attacks",
+                 default=None,
                  help="comma-separated AutoAttack stages (default: the 'standard' list)")
-  p.add_argument("--peak-flops", type=float, default=None,
+  p.add_argument("--peak-flops",
+                 type=float,
+                 default=None,
                  help="device peak FLOP/s; adds model FLOP utilisation (mfu) to the output")
-  p.add_argument("--sweep", choices=tuple(SWEEPS), default=None,
+  p.add_argument("--sweep",
+                 choices=tuple(SWEEPS),
+                 default=None,
+                 type=lambda name: SWEEP_ALIASES.get(name, name),
                  help="run each value of the sweep in a fresh subprocess")
   p.add_argument("--sweep-values", default=None, help="comma-separated values overriding the sweep")
   p.add_argument("--out", default=None, help="also append the JSON lines to this file")
-  p.add_argument("--profile", type=int, default=0, metavar="K",
+  p.add_argument("--profile",
+                 type=int,
+                 default=0,
+                 metavar="K",
                  help="trace one more step with jax.profiler and report the K most costly XLA "
                  "operations (summed self time, ms) under `top_ops`")
   p.add_argument("--seed", type=int, default=0)
@@ -96,9 +135,10 @@ def _parse_args(argv=None) -> argparse.Namespace:
   if bad or not whats:
     p.error(f"--what must be a comma-separated subset of {WHATS}; got {args.what!r}")
   args.whats = whats
-  for name in ("batch", "steps", "num_classes", "image_size"):
+  for name, flag in (("batch", "--batch-size"), ("repeats", "--repeats"),
+                     ("num_classes", "--num-classes"), ("image_size", "--image-size")):
     if getattr(args, name) < 1:
-      p.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+      p.error(f"{flag} must be >= 1; got {getattr(args, name)}")
   if args.pgd_steps is not None and args.pgd_steps < 1:
     p.error(f"--pgd-steps must be >= 1; got {args.pgd_steps}")
   if args.warmup < 0:
@@ -140,7 +180,9 @@ def _clock() -> _CompileClock:
   return _CLOCK
 
 
-def _time_calls(run_fn: Callable[[], Any], steps: int, warmup: int,
+def _time_calls(run_fn: Callable[[], Any],
+                repeats: int,
+                warmup: int,
                 profile: int = 0) -> dict[str, Any]:
   """Times `run_fn` (which must block until its result is ready); the first call compiles."""
   with _clock() as clock:
@@ -150,7 +192,7 @@ def _time_calls(run_fn: Callable[[], Any], steps: int, warmup: int,
   for _ in range(warmup):
     jax.block_until_ready(run_fn())
   wall, cpu = [], []
-  for _ in range(steps):
+  for _ in range(repeats):
     c0, t0 = time.process_time(), time.perf_counter()
     jax.block_until_ready(run_fn())
     wall.append(time.perf_counter() - t0)
@@ -243,7 +285,7 @@ def _context(args: argparse.Namespace, what: str) -> dict[str, Any]:
       "dtype": args.dtype if what in METHOD_OF else "float32",
       "conv_impl": args.conv_impl,
       "pgd_steps": _pgd_steps(args, what),
-      "steps": args.steps,
+      "repeats": args.repeats,
       "jax_version": jax.__version__,
       "load_average_1min": os.getloadavg()[0],
       "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -258,8 +300,8 @@ def _pgd_steps(args: argparse.Namespace, what: str) -> int | None:
   return None
 
 
-def _finish(record: dict[str, Any], timing: dict[str, Any], images: int,
-            model_flops: float | None, args: argparse.Namespace) -> dict[str, Any]:
+def _finish(record: dict[str, Any], timing: dict[str, Any], images: int, model_flops: float | None,
+            args: argparse.Namespace) -> dict[str, Any]:
   record.update(timing)
   record["images_per_second"] = images / timing["seconds_per_step"]
   record["peak_memory_bytes"] = _device_peak_memory()
@@ -304,57 +346,63 @@ def _synthetic_batch(args: argparse.Namespace):
 
 
 def bench_train_step(args: argparse.Namespace, what: str) -> dict[str, Any]:
-  """natural_step / robust_step / generalist_step through the training API."""
-  from gen_jax import config as cfg, models, training  # pylint: disable=g-import-not-at-top
+  """natural_step / robust_step / generalist_step: the training loop's own jitted step.
+
+  `steps.make_train_step` is the program `train_and_evaluate` runs (gather from the
+  device-resident data, augment, the experts, the Generalist update, running totals), compiled
+  here ahead of time so that the compile time, XLA's memory plan and FLOP count are exact. The
+  synthetic training set is one batch, gathered through the identity permutation.
+  """
+  from gen_jax import config as cfg, models  # pylint: disable=g-import-not-at-top
+  from gen_jax.training import steps as steps_lib  # pylint: disable=g-import-not-at-top
   pgd_steps = _pgd_steps(args, what) or 10
-  config = dataclasses.replace(cfg.get_config("cifar10"), method=METHOD_OF[what], model=args.model,
-                               batch_size=args.batch, pgd_steps=pgd_steps,
-                               compute_dtype=args.dtype, conv_impl=args.conv_impl)
-  model = models.create_model(config.model, args.num_classes, dtype=DTYPES[args.dtype],
+  config = dataclasses.replace(cfg.get_config("cifar10"),
+                               method=METHOD_OF[what],
+                               model=args.model,
+                               batch_size=args.batch,
+                               pgd_steps=pgd_steps,
+                               compute_dtype=args.dtype,
+                               conv_impl=args.conv_impl)
+  model = models.create_model(config.model,
+                              args.num_classes,
+                              dtype=COMPUTE_DTYPES[args.dtype],
                               conv_impl=config.conv_impl)
   image_shape = (args.image_size, args.image_size, 3)
-  state = training.create_train_state(config, model, jax.random.key(args.seed),
-                                      image_shape=image_shape, num_classes=args.num_classes,
-                                      total_steps=1000)
+  state = steps_lib.create_train_state(config,
+                                       model,
+                                       jax.random.key(args.seed),
+                                       image_shape=image_shape)
   images, labels = _synthetic_batch(args)
+  perm = jnp.arange(args.batch, dtype=jnp.int32)
+  tables = steps_lib.schedule_arrays(config, max(1, 1000 // config.epochs))
   record = _context(args, what)
-  compiled = None
-  try:
-    # The same program make_train_step builds, compiled ahead of time so that the compile time,
-    # XLA's memory plan and FLOP count are exact.
-    from gen_jax.training import steps as steps_lib  # pylint: disable=g-import-not-at-top
-    import functools  # pylint: disable=g-import-not-at-top
-    tables = steps_lib.schedule_arrays(config, max(1, 1000 // config.epochs))
-    jitted = jax.jit(functools.partial(steps_lib.train_step, model=model, config=config),
-                     donate_argnums=0)
-    with _clock() as clock:
-      t0 = time.perf_counter()
-      compiled = jitted.lower(state, images, labels, jax.random.key(1), tables).compile()
-      compile_seconds = time.perf_counter() - t0
-    step_fn = lambda s, i, l, k: compiled(s, i, l, k, tables)  # noqa: E731
-  except (AttributeError, TypeError) as e:  # the training API moved: fall back to its front door
-    record["note"] = f"timed through make_train_step ({type(e).__name__}: {e})"
-    step_fn = training.make_train_step(config, model, total_steps=1000)
-    compile_seconds = None
-  holder = {"state": state, "i": 0}
+  jitted = steps_lib.make_train_step(config, model)
+  key = jax.random.key(2)
+  with _clock():
+    t0 = time.perf_counter()
+    compiled = jitted.lower(state, steps_lib.zero_totals(config), images, labels, perm,
+                            jnp.int32(0), key, tables).compile()
+    compile_seconds = time.perf_counter() - t0
+  holder = {"state": state, "totals": steps_lib.zero_totals(config)}
 
   def run():
-    holder["i"] += 1
-    holder["state"], metrics = step_fn(holder["state"], images, labels,
-                                       jax.random.fold_in(jax.random.key(2), holder["i"]))
-    return holder["state"].step, metrics
+    holder["state"], holder["totals"] = compiled(holder["state"], holder["totals"], images, labels,
+                                                 perm, jnp.int32(0), key, tables)
+    return holder["state"].step, holder["totals"]
 
-  timing = _time_calls(run, args.steps, args.warmup, args.profile)
-  if compile_seconds is not None:
-    timing["compile_seconds"] = compile_seconds
-    timing["program_memory_bytes"] = _program_memory(compiled)
+  timing = _time_calls(run, args.repeats, args.warmup, args.profile)
+  timing["compile_seconds"] = compile_seconds
+  timing["program_memory_bytes"] = _program_memory(compiled)
   # Model FLOPs (MFU convention) from XLA's count of one float32 inference forward pass.
-  fwd_model, fwd_vars = model, holder["state"].mix
+  fwd_model, fwd_vars = model, holder["state"].global_model
   f = _forward_flops(fwd_model, fwd_vars, args.batch, args.image_size)
   model_flops = None
   if f:
-    per = {"natural_step": 3 * f, "robust_step": (2 * pgd_steps + 3) * f,
-           "generalist_step": (2 * pgd_steps + 6) * f}
+    per = {
+        "natural_step": 3 * f,
+        "robust_step": (2 * pgd_steps + 3) * f,
+        "generalist_step": (2 * pgd_steps + 6) * f
+    }
     model_flops = per[what]
   return _finish(record, timing, args.batch, model_flops, args)
 
@@ -382,7 +430,7 @@ def bench_pgd(args: argparse.Namespace) -> dict[str, Any]:
     holder["i"] += 1
     return compiled(variables, x, labels, jax.random.fold_in(jax.random.key(3), holder["i"]))
 
-  timing = _time_calls(run, args.steps, args.warmup, args.profile)
+  timing = _time_calls(run, args.repeats, args.warmup, args.profile)
   timing["compile_seconds"] = compile_seconds
   timing["program_memory_bytes"] = _program_memory(compiled)
   f = _forward_flops(model, variables, args.batch, args.image_size)
@@ -399,7 +447,9 @@ def bench_autoattack(args: argparse.Namespace) -> dict[str, Any]:
     autoattack, record["skipped"] = None, f"gen_jax.attacks does not import: {e}"
   if autoattack is None:
     record.setdefault("skipped", "gen_jax.attacks.autoattack is not available in this checkout")
-    record.update(images_per_second=None, seconds_per_step=None, compile_seconds=None,
+    record.update(images_per_second=None,
+                  seconds_per_step=None,
+                  compile_seconds=None,
                   peak_memory_bytes=None)
     return record
   model, variables = _model_and_variables(args, jnp.float32)
@@ -415,16 +465,21 @@ def bench_autoattack(args: argparse.Namespace) -> dict[str, Any]:
   reports = []
 
   def run():
-    x_adv, report = autoattack(logits_fn, np.asarray(x), np.asarray(labels),
-                               key=jax.random.key(4), eps=8 / 255, batch_size=args.batch,
+    x_adv, report = autoattack(logits_fn,
+                               np.asarray(x),
+                               np.asarray(labels),
+                               key=jax.random.key(4),
+                               eps=8 / 255,
+                               batch_size=args.batch,
                                **kwargs)
     reports.append(report)
     return x_adv
 
-  timing = _time_calls(run, args.steps, args.warmup, args.profile)
+  timing = _time_calls(run, args.repeats, args.warmup, args.profile)
   record["robust_accuracy"] = reports[-1].get("robust_accuracy")
-  record["stage_seconds"] = {s["attack"]: round(s["seconds"], 3)
-                             for s in reports[-1].get("stages", [])}
+  record["stage_seconds"] = {
+      s["attack"]: round(s["seconds"], 3) for s in reports[-1].get("stages", [])
+  }
   return _finish(record, timing, args.batch, None, args)
 
 
@@ -435,7 +490,7 @@ def bench_conv(args: argparse.Namespace) -> list[dict[str, Any]]:
     n, h, w, c_in, c_out, k, s = (int(v) for v in args.conv_shape.split(","))
   except ValueError as e:
     raise SystemExit(f"--conv-shape must be 7 comma-separated ints N,H,W,C_in,C_out,kernel,stride;"
-                     f" got {args.conv_shape!r} ({e})")
+                     f" got {args.conv_shape!r} ({e})") from None
   key_x, key_k = jax.random.split(jax.random.key(args.seed))
   x = jax.random.normal(key_x, (n, h, w, c_in))
   kernel = jax.random.normal(key_k, (k, k, c_in, c_out)) * 0.05
@@ -443,21 +498,21 @@ def bench_conv(args: argparse.Namespace) -> list[dict[str, Any]]:
   pads = ((pad, pad), (pad, pad))
   fns = {
       "xla": lambda x, kk: conv_lib.conv2d_xla(x, kk, (s, s), pads),
-      "custom": lambda x, kk: conv_lib.conv2d(x, kk, s, pads),
+      "fast": lambda x, kk: conv_lib.conv2d(x, kk, s, pads),
   }
   records = []
   for impl, conv_fn in fns.items():
     for part, fn in (("forward", lambda x, kk, f=conv_fn: f(x, kk)),
                      ("grad_input", jax.grad(lambda x, kk, f=conv_fn: jnp.sum(f(x, kk)**2), 0)),
                      ("grad_kernel", jax.grad(lambda x, kk, f=conv_fn: jnp.sum(f(x, kk)**2), 1)),
-                     ("grad_both",
-                      jax.grad(lambda x, kk, f=conv_fn: jnp.sum(f(x, kk)**2), (0, 1)))):
-      if impl == "custom" and part == "forward":
+                     ("grad_both", jax.grad(lambda x, kk, f=conv_fn: jnp.sum(f(x, kk)**2),
+                                            (0, 1)))):
+      if impl == "fast" and part == "forward":
         continue  # the custom forward is XLA's
       compiled = jax.jit(fn).lower(x, kernel).compile()
       record = _context(args, "conv")
       record.update(conv_impl=impl, part=part, batch=n)
-      timing = _time_calls(lambda: compiled(x, kernel), args.steps, args.warmup)
+      timing = _time_calls(functools.partial(compiled, x, kernel), args.repeats, args.warmup)
       records.append(_finish(record, timing, n, _flops(compiled), args))
   return records
 
@@ -474,20 +529,22 @@ def _emit(record: dict[str, Any], out: str | None) -> None:
 
 
 def _run_sweep(args: argparse.Namespace, argv: list[str]) -> int:
-  field, values = SWEEPS[args.sweep]
+  field, flags, values = SWEEPS[args.sweep]
   if args.sweep_values:
     values = [v.strip() for v in args.sweep_values.split(",") if v.strip()]
-  flag = "--" + field.replace("_", "-")
-  # Strip the sweep flags (and any fixed value of the swept field) from the child's command line.
+  flag = flags[0]
+  # Strip the sweep flags (and any fixed value of the swept field, in any of its spellings) from
+  # the child's command line.
+  strip = ("--sweep", "--sweep-values", *flags)
   child, skip = [], False
   for a in argv:
     if skip:
       skip = False
       continue
-    if a in ("--sweep", "--sweep-values", flag):
+    if a in strip:
       skip = True
       continue
-    if a.startswith(("--sweep=", "--sweep-values=", flag + "=")):
+    if a.startswith(tuple(s + "=" for s in strip)):
       continue
     child.append(a)
   status = 0
@@ -496,8 +553,13 @@ def _run_sweep(args: argparse.Namespace, argv: list[str]) -> int:
     result = subprocess.run(cmd, check=False)
     if result.returncode != 0:
       status = result.returncode
-      _emit({"what": args.what, "sweep": args.sweep, field: value, "error":
-             f"subprocess exited with status {result.returncode}"}, args.out)
+      _emit(
+          {
+              "what": args.what,
+              "sweep": args.sweep,
+              field: value,
+              "error": f"subprocess exited with status {result.returncode}"
+          }, args.out)
   return status
 
 

@@ -23,8 +23,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from gen_jax import cli, study, training  # noqa: E402
-from gen_jax.training import loop  # noqa: E402
+from gen_jax import cli, runs, study, training  # noqa: E402
 
 
 def _ints(text):
@@ -64,26 +63,26 @@ def main():
     overrides = {"method": run.method, "seed": run.seed}
     if run.variant in study.ABLATIONS:
       if total_steps is None:
-        splits = loop.load_splits(config)
+        splits = runs.load_splits(config)
         total_steps = len(splits.train_y) // config.batch_size * config.epochs
       overrides.update(study.ablation_overrides(run.variant, total_steps=total_steps))
     run_config = dataclasses.replace(config, **overrides).validate()
     run_dir = os.path.join(workdir, run.name)
     print(f"== {run.name} ==", flush=True)
     summary = training.train_and_evaluate(run_config, run_dir, progress=not args.no_progress)
-    pgd_key = f"pgd{config.eval_pgd_steps}_acc"
+    final = summary["models"]
     rows.append({
-        **dataclasses.asdict(run), "clean": summary["global"]["clean_acc"],
-        "robust": summary["global"][pgd_key],
+        **dataclasses.asdict(run), "clean": final["global"]["clean_acc"],
+        "robust": final["global"]["pgd_acc"],
         "teachers": {
-            r: summary[r] for r in ("natural", "robust") if r in summary
+            r: final[r] for r in ("natural", "robust") if r in final
         },
         "train_seconds": summary["train_seconds"],
         "workdir": run_dir
     })
     result = {
         "preset": args.preset,
-        "robust_metric": pgd_key,
+        "robust_metric": f"pgd{config.eval_pgd_steps}",
         "runs": rows,
         "aggregate": study.aggregate(rows),
         "config": dataclasses.asdict(config)

@@ -69,14 +69,14 @@ for model in wrn34_10 resnet18; do
   for dtype in bfloat16 float32; do
     for batch in 128 512; do
       (( $(left) < BUDGET_S - BENCH_BUDGET )) && break 3
-      bench 60 --what robust_step --model $model --batch $batch --dtype $dtype --steps 5
+      bench 60 --what robust_step --model $model --batch-size $batch --dtype $dtype --repeats 5
     done
   done
 done
-(( $(left) > 200 )) && bench 70 --what generalist_step,pgd20 --model resnet18 --batch 128 \
-  --dtype bfloat16 --steps 5
-(( $(left) > 200 )) && bench 70 --what generalist_step --model wrn34_10 --batch 128 \
-  --dtype bfloat16 --steps 3
+(( $(left) > 200 )) && bench 70 --what generalist_step,pgd20 --model resnet18 --batch-size 128 \
+  --dtype bfloat16 --repeats 5
+(( $(left) > 200 )) && bench 70 --what generalist_step --model wrn34_10 --batch-size 128 \
+  --dtype bfloat16 --repeats 3
 
 $PYTHON - "$BENCH_OUT" <<'EOF'
 import json, sys

@@ -1,4 +1,4 @@
-"""Train Generalist (or a baseline) and print the three models' clean and PGD-20 accuracy.
+"""Train Generalist (or a baseline) and print the models' clean and PGD-20 accuracy.
 
     python experiments/train.py --preset pilot --workdir runs/pilot
     python experiments/train.py --preset cifar10 --workdir runs/c10
@@ -7,7 +7,6 @@
 
 Running the same command again resumes from the workdir's latest checkpoint.
 """
-import json
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -33,12 +32,10 @@ def main():
 
 
 def format_summary(summary):
-  pgd_key = next(k for k in summary["global"] if k.startswith("pgd"))
-  lines = [f"{'model':<10} {'clean':>7} {pgd_key.replace('_acc', ''):>7}"]
-  for role in ("natural", "robust", "global"):
-    if role in summary:
-      v = summary[role]
-      lines.append(f"{role:<10} {v['clean_acc']:>7.2%} {v[pgd_key]:>7.2%}")
+  name = f"pgd{summary['pgd']['steps']}" if "pgd" in summary else "pgd"
+  lines = [f"{'model':<10} {'clean':>7} {name:>7}"]
+  for role, v in summary["models"].items():
+    lines.append(f"{role:<10} {v['clean_acc']:>7.2%} {v['pgd_acc']:>7.2%}")
   lines.append(f"({summary['test_images']} test images, {summary['seconds']:.0f} s; method "
                f"{summary['method']}; best validation epoch {summary['best'].get('epoch')})")
   return "\n".join(lines)

@@ -94,6 +94,64 @@ def restore(manager: ocp.CheckpointManager,
   return restored["state"], dict(restored["meta"])
 
 
+def _read_manager(directory: str | os.PathLike) -> ocp.CheckpointManager:
+  """A read-only view of a checkpoint directory whose state item can be restored in part."""
+  return ocp.CheckpointManager(os.path.abspath(directory),
+                               options=ocp.CheckpointManagerOptions(read_only=True),
+                               item_handlers={
+                                   "state": ocp.PyTreeCheckpointHandler(),
+                                   "meta": ocp.JsonCheckpointHandler()
+                               })
+
+
+def restore_items(directory: str | os.PathLike,
+                  names: Any,
+                  step: int | None = None) -> tuple[dict[str, Any], dict[str, Any]] | None:
+  """Restores only some top-level entries of a saved state (e.g. the models, not the optimiser).
+
+  Args:
+    directory: a checkpoint directory written through `open_manager` / `save`.
+    names: a function from the saved state's top-level keys to the keys to restore (so that a
+      caller can choose among layouts), or a collection of keys.
+    step: which checkpoint; None for the latest.
+
+  Returns:
+    `({name: subtree}, meta)` with every array on the first local device, or None when the
+    directory holds no checkpoint.
+
+  Raises:
+    ValueError: unreadable checkpoint, or a requested key it does not hold.
+  """
+  manager = _read_manager(directory)
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      return None
+    try:
+      tree = manager.item_metadata(step)["state"]
+      keys = list(names(tuple(tree.keys())) if callable(names) else names)
+      missing = [k for k in keys if k not in tree]
+      if missing:
+        raise ValueError(f"it holds no {missing} (it has {sorted(tree.keys())})")
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      abstract = jax.tree_util.tree_map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+          {k: tree[k] for k in keys})
+      restored = manager.restore(
+          step,
+          args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+              item=abstract,
+              restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+              partial_restore=True),
+                                  meta=ocp.args.JsonRestore()))
+    except Exception as error:  # orbax raises many types; wrap them with the culprit's path.
+      raise ValueError(f"cannot restore checkpoint step {step} from {directory}: {error}. The "
+                       "checkpoint is corrupt or not of a gen_jax run.") from error
+    return dict(restored["state"]), dict(restored["meta"])
+  finally:
+    manager.close()
+
+
 MODEL_RECORD = "model.json"
 _MODEL_ITEM = "variables"
 

@@ -1,9 +1,11 @@
-"""Command-line configuration: `--preset NAME` plus one flag per `Config` field.
+"""Command lines: `--preset NAME` plus one flag per `Config` field, and the shared flag parsers.
 
-Every field of `gen_jax.config.Config` is a flag of its own name (`--eps 0.031`), with hyphens
-accepted for underscores (`--data-dir`). Values are parsed by the field's type (`none` for an
-optional field, `true`/`false` for booleans, comma-separated lists for tuples), and the
-resulting config is validated before anything runs.
+One flag style across every program: hyphenated names (`--data-dir`, `--batch-size`), with the
+underscore spellings that earlier versions used still accepted. Every field of
+`gen_jax.config.Config` is a flag of its own name (`--eps 0.031`, `--lr-rob 0.05`). Values are
+parsed by the field's type (`none` for an optional field, `true`/`false` for booleans,
+comma-separated lists for tuples), and the resulting config is validated before anything runs;
+the library's `ConfigError` names a field, which the message shows as its flag.
 
 Synopsis::
 
@@ -94,9 +96,9 @@ def build_parser(
     add_arguments(parser)
   group = parser.add_argument_group("config fields (override the preset)")
   for field in dataclasses.fields(cfg.Config):
-    flags = [f"--{field.name}"]
+    flags = [flag_of(field.name)]
     if "_" in field.name:
-      flags.append(f"--{field.name.replace('_', '-')}")
+      flags.append(f"--{field.name}")
     group.add_argument(*flags,
                        dest=f"cfg_{field.name}",
                        type=_parser_for(field.name),
@@ -118,9 +120,68 @@ def parse_config(parser: argparse.ArgumentParser,
   config = dataclasses.replace(cfg.get_config(args.preset), **overrides)
   try:
     config.validate()
-  except ValueError as error:
-    parser.error(str(error))
+  except cfg.ConfigError as error:
+    parser.error(f"{flag_of(error.field)} {error.detail}")
   return args, config
+
+
+def flag_of(field: str) -> str:
+  """The command-line flag of a config field: `data_dir` -> `--data-dir`."""
+  return "--" + field.replace("_", "-")
+
+
+# ----------------------------------------------------------------- parsers of program flags
+def positive_int(text: str) -> int:
+  """An argparse type: an int >= 1."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
+  return value
+
+
+def positive_float(text: str) -> float:
+  """An argparse type: a finite float > 0."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+  if not 0 < value < float("inf"):
+    raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {value}")
+  return value
+
+
+def parsed_by(fn: Callable[[str], Any]) -> Callable[[str], Any]:
+  """An argparse type from a library parser that raises ValueError (its message is kept)."""
+
+  def parse(text: str) -> Any:
+    try:
+      return fn(text)
+    except ValueError as error:
+      raise argparse.ArgumentTypeError(str(error)) from None
+
+  parse.__name__ = getattr(fn, "__name__", "value")
+  return parse
+
+
+def names_of(check: Callable[[list[str]], Any]) -> Callable[[str], Any]:
+  """An argparse type for a comma-separated list of names, validated by `check`."""
+  return parsed_by(lambda text: check([n.strip() for n in text.split(",") if n.strip()]))
+
+
+def floats_of(check: Callable[[list[float]], Any]) -> Callable[[str], Any]:
+  """An argparse type for a comma-separated list of numbers, validated by `check`."""
+
+  def parse(text: str) -> Any:
+    try:
+      values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+      raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
+    return check(values)
+
+  return parsed_by(parse)
 
 
 def main_guard(fn: Callable[[], Any]) -> None:

@@ -19,15 +19,27 @@ comment says so.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-from collections.abc import Callable
-from typing import Optional
+from collections.abc import Callable, Mapping
+from typing import Any, Optional
 
-METHODS = ("generalist", "pgd_at", "trades", "natural")
-ROBUST_LOSSES = ("pgd", "trades")
-NORMS = ("linf", "l2")
-DTYPES = ("float32", "bfloat16")
-CONV_IMPLS = ("auto", "xla", "fast")
+from gen_jax.attacks.core import NORMS
+from gen_jax.data.sources import DATASET_NAMES
+from gen_jax.models import COMPUTE_DTYPES, CONV_IMPLS
+from gen_jax.training import methods
+
+
+class ConfigError(ValueError):
+  """A bad config field: `field` names it, the message says what is wrong and what is accepted.
+
+  The command line (`gen_jax.cli`) shows the field as its flag (`--data-dir`).
+  """
+
+  def __init__(self, field: str, detail: str):
+    self.field = field
+    self.detail = detail
+    super().__init__(f"{field} {detail}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,64 +106,103 @@ class Config:
   keep_checkpoints: int = 2
 
   def validate(self) -> "Config":
-    """Checks every field; raises ValueError naming the field and the accepted values."""
-    _choice("method", self.method, METHODS)
-    _choice("robust_loss", self.robust_loss, ROBUST_LOSSES)
+    """Checks every field; raises `ConfigError` naming the field and the accepted values."""
+    _choice("method", self.method, methods.METHODS)
+    _choice("robust_loss", self.robust_loss, methods.ROBUST_LOSSES)
     _choice("norm", self.norm, NORMS)
-    _choice("compute_dtype", self.compute_dtype, DTYPES)
+    _choice("compute_dtype", self.compute_dtype, tuple(COMPUTE_DTYPES))
     _choice("conv_impl", self.conv_impl, CONV_IMPLS)
+    _choice("dataset", self.dataset, DATASET_NAMES)
     for name in ("epochs", "batch_size", "pgd_steps", "eval_pgd_steps", "eval_batch_size",
                  "eval_every", "log_every", "keep_checkpoints"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+      _at_least(name, getattr(self, name), 1)
+    _at_least("seed", self.seed, 0)
     for name in ("eps", "step_size", "eval_step_size", "lr_nat", "lr_rob", "weight_decay_nat",
                  "weight_decay_rob", "trades_beta", "validation_size", "crop_padding"):
-      if getattr(self, name) < 0:
-        raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
+      _at_least(name, getattr(self, name), 0)
     for name in ("momentum", "ema_decay", "beta_final", "beta_start", "redistribute_start",
                  "redistribute_duty", "select_min_clean"):
-      if not 0.0 <= getattr(self, name) <= 1.0:
-        raise ValueError(f"--{name} must lie in [0, 1], got {getattr(self, name)}.")
+      value = getattr(self, name)
+      _finite(name, value)
+      if not 0.0 <= value <= 1.0:
+        raise ConfigError(name, f"must lie in [0, 1], got {value}.")
+    _finite("redistribute_period", self.redistribute_period)
     if not 0.0 < self.redistribute_period <= 1.0:
-      raise ValueError(f"--redistribute_period must lie in (0, 1], got {self.redistribute_period}.")
+      raise ConfigError("redistribute_period",
+                        f"must lie in (0, 1], got {self.redistribute_period}.")
     if self.norm == "linf" and self.eps > 1.0:
-      raise ValueError(f"--eps {self.eps} exceeds the [0, 1] pixel range of an L-inf ball; "
-                       "images are in [0, 1], so 8/255 = 0.0314 is the usual value.")
+      raise ConfigError(
+          "eps", f"{self.eps} exceeds the [0, 1] pixel range of an L-inf ball; "
+          "images are in [0, 1], so 8/255 = 0.0314 is the usual value.")
     if len(self.lr_knots) != len(self.lr_factors) or len(self.lr_knots) < 2:
-      raise ValueError("--lr_knots and --lr_factors need the same length (>= 2), got "
-                       f"{len(self.lr_knots)} and {len(self.lr_factors)}.")
+      raise ConfigError(
+          "lr_knots", "and lr_factors need the same length (>= 2), got "
+          f"{len(self.lr_knots)} and {len(self.lr_factors)}.")
+    for name in ("lr_knots", "lr_factors"):
+      for value in getattr(self, name):
+        _finite(name, value)
     if list(self.lr_knots) != sorted(self.lr_knots) or self.lr_knots[0] != 0.0 or \
         self.lr_knots[-1] != 1.0:
-      raise ValueError(f"--lr_knots must increase from 0 to 1, got {self.lr_knots}.")
+      raise ConfigError("lr_knots", f"must increase from 0 to 1, got {self.lr_knots}.")
     if self.dataset == "folder" and not self.data_dir:
-      raise ValueError("--dataset folder needs --data_dir ROOT (ROOT/{train,test}/<class>/*.jpg).")
+      raise ConfigError(
+          "data_dir", "is required with dataset 'folder': the root of "
+          "ROOT/{train,test}/<class>/*.jpg.")
     for name in ("max_train_per_class", "max_test_per_class", "eval_test_size", "image_size"):
       value = getattr(self, name)
-      if value is not None and value < 1:
-        raise ValueError(f"--{name} must be >= 1 or none, got {value}.")
+      if value is not None:
+        _at_least(name, value, 1)
     if self.validation_size >= 1 and self.validation_size != math.floor(self.validation_size):
-      raise ValueError(f"--validation_size must be a count (>= 1) or a fraction (< 1), got "
-                       f"{self.validation_size}.")
+      raise ConfigError(
+          "validation_size", "must be a count (>= 1) or a fraction (< 1), got "
+          f"{self.validation_size}.")
     return self
 
   @property
   def experts(self) -> tuple[str, ...]:
-    """The experts this method trains: ("nat", "rob"), ("rob",) or ("nat",)."""
-    return {
-        "generalist": ("nat", "rob"),
-        "pgd_at": ("rob",),
-        "trades": ("rob",),
-        "natural": ("nat",)
-    }[self.method]
+    """The roles of the experts this method trains: ("natural", "robust"), or one of them."""
+    return methods.experts(self.method)
 
   @property
   def uses_trades(self) -> bool:
-    return self.method == "trades" or (self.method == "generalist" and self.robust_loss == "trades")
+    return methods.uses_trades(self.method, self.robust_loss)
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
   if value not in allowed:
-    raise ValueError(f"--{name} must be one of {', '.join(allowed)}; got {value!r}.")
+    raise ConfigError(name, f"must be one of {', '.join(allowed)}; got {value!r}.")
+
+
+def _finite(name: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    raise ConfigError(name, f"must be a finite number, got {value!r}.")
+
+
+def _at_least(name: str, value: Any, minimum: float) -> None:
+  _finite(name, value)
+  if value < minimum:
+    raise ConfigError(name, f"must be >= {minimum:g}, got {value}.")
+
+
+def config_record(config: Config) -> dict[str, Any]:
+  """The JSON record of a config (what a run's `config.json` and a model's record hold)."""
+  return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def config_from_record(record: Mapping[str, Any]) -> Config:
+  """Rebuilds a validated `Config` from its JSON record.
+
+  A field missing from the record takes its default, so records written before the field existed
+  still load; a key that is no field raises `ConfigError` naming it.
+  """
+  names = {f.name for f in dataclasses.fields(Config)}
+  unknown = sorted(set(record) - names)
+  if unknown:
+    raise ConfigError(
+        unknown[0], f"is not a config field (record keys {unknown}); the record "
+        "comes from another program or a newer gen_jax.")
+  values = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
+  return Config(**values).validate()
 
 
 # ----------------------------------------------------------------------------------- presets
@@ -191,11 +242,11 @@ def cifar10_wrn() -> Config:
 def pilot() -> Config:
   """A CPU pilot on the embedded digits data: every part of the method, in minutes.
 
-  Command: `python experiments/train.py --preset pilot --workdir runs/pilot` (102 s on an idle
-  2-core CPU, 8.3 minutes when shared with other jobs at load 9; measured 2026-11-28: global model
-  97.8 % clean and 57.9 % PGD-20 at eps 0.2 on the 359 test digits). Test accuracy is measured every 5 epochs.
-  The digits are upsampled to 16x16 greyscale; eps is larger than CIFAR's because
-  the digits' 17 grey levels make 8/255 an invisible perturbation.
+  Command: `python experiments/train.py --preset pilot --workdir runs/pilot`. About 2 minutes on
+  2 CPU cores (Xeon); the global model reaches about 98 % clean and 50-60 % PGD-20 accuracy at
+  eps 0.2 on the 359 test digits (it varies from run to run; docs/results.md). Test accuracy is
+  measured every 5 epochs. The digits are upsampled to 16x16 greyscale; eps is larger than
+  CIFAR's because the digits' 17 grey levels make 8/255 an invisible perturbation.
   """
   return dataclasses.replace(cifar10(),
                              dataset="digits",
@@ -220,7 +271,7 @@ def cifar10_cpu() -> Config:
 
   Command (the CIFAR-10 image folder, or `--dataset cifar10` for TFDS):
   `python experiments/compare.py --preset cifar10-cpu --dataset folder --data-dir ROOT`.
-  About 25 minutes per method on 2 CPU cores; eps 8/255 with PGD-5 during training.
+  About 25 minutes per method on 2 CPU cores (Xeon); eps 8/255 with PGD-5 during training.
   """
   return dataclasses.replace(cifar10(),
                              model="smallcnn",
@@ -246,7 +297,8 @@ def cifar10_study() -> Config:
   all 2,000 at the end.
 
   Command (the CIFAR-10 image folder; `--dataset cifar10` reads TFDS instead):
-  `python experiments/study.py --preset cifar10-study --dataset folder --data-dir ROOT`.
+  `python experiments/compare.py --preset cifar10-study --dataset folder --data-dir ROOT
+  --workdir runs/study --seeds 0,1,2 --ablations all`.
   Expected on 2 CPU cores of a Xeon: natural about 63 % clean / 0 % PGD-20, PGD-AT about
   44 % / 27 %; results and times per run are in docs/results.md.
   """

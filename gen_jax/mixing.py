@@ -20,6 +20,7 @@ References:
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -210,6 +211,18 @@ def ema_update(average: PyTree, new: PyTree, decay: float | jax.Array) -> PyTree
   return jax.tree_util.tree_map(step, average, new)
 
 
+def schedule_knot(fraction: float, epochs: int) -> float:
+  """The epoch at `fraction` of a run of `epochs`, rounded down as the reference's `E // 3`.
+
+  The reference code places its schedule knots at integer epochs (`E // 3`, `2 * E // 3`); the
+  tiny offset keeps fractions such as 2/3 from rounding below an exact integer.
+
+  >>> schedule_knot(2 / 3, 120), schedule_knot(2 / 3, 20)
+  (80.0, 13.0)
+  """
+  return float(math.floor(fraction * epochs + 1e-9))
+
+
 def beta_schedule(epoch: int | jax.Array,
                   epochs: int,
                   *,
@@ -219,19 +232,19 @@ def beta_schedule(epoch: int | jax.Array,
 
   The reference evaluates `np.interp(epoch, [0, E//3, 2E//3, E], [1, 1, 1, 0.4])` once per
   epoch with the 1-indexed epoch number, so with E = 120 epochs β = 1 up to epoch 80 and reaches
-  0.4 in epoch 120. `epoch` may be fractional for step-level granularity.
+  0.4 in epoch 120. The training loop builds its per-step β table from this function.
 
-  >>> float(beta_schedule(100, 120))
+  >>> round(float(beta_schedule(100, 120)), 4)
   0.7
 
   Args:
-    epoch: 1-indexed epoch (or fractional position in epochs).
+    epoch: 1-indexed epoch (scalar or array; may be traced).
     epochs: total number of epochs E.
     final_beta: β at the end of training (0.4: 60 % natural expert).
-    start_fraction: fraction of training after which β starts to fall.
+    start_fraction: fraction of training after which β starts to fall (knot at
+      `schedule_knot(start_fraction, epochs)`).
   """
-  # The reference computes the knot as `2 * E // 3` (integer division); keep that exact.
-  start = epochs * 2 // 3 if start_fraction == 2 / 3 else epochs * start_fraction
+  start = schedule_knot(start_fraction, epochs)
   epoch = jnp.asarray(epoch, jnp.float32)
-  return jnp.interp(epoch, jnp.array([0.0, float(start), float(epochs)]),
-                    jnp.array([1.0, 1.0, final_beta]))
+  return jnp.interp(epoch, jnp.array([0.0, start, float(epochs)]), jnp.array([1.0, 1.0,
+                                                                              final_beta]))

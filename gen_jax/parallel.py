@@ -60,4 +60,3 @@ def check_batch_size(batch_size: int, mesh: Mesh, name: str = "batch_size") -> N
   if batch_size % mesh.size:
     raise ValueError(f"--{name} {batch_size} is not divisible by the {mesh.size} devices; "
                      f"use a multiple of {mesh.size}.")
-

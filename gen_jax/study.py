@@ -65,15 +65,25 @@ def ablation_overrides(name: str, *, total_steps: int) -> dict[str, Any]:
 # Each ablation changes one component of Generalist; the reference schedule stays the default.
 ABLATIONS: dict[str, dict[str, Any]] = {
     # The experts are never reset to the global model.
-    "no-redistribution": {"redistribute": False},
+    "no-redistribution": {
+        "redistribute": False
+    },
     # Two redistribution periods of a fifth of the run instead of ten of 1/24: the experts get
     # about 3 epochs (1.5-2 EMA windows, as at paper scale) of free training between resets.
-    "long-periods": {"redistribute_period": 0.2},
+    "long-periods": {
+        "redistribute_period": 0.2
+    },
     # The teachers' EMA window scaled to the run length (see `paper_scaled_ema_decay`).
-    "ema-scaled": {"ema_decay": "paper-scaled"},
+    "ema-scaled": {
+        "ema_decay": "paper-scaled"
+    },
     # More robust weight in the final global model.
-    "beta0.6": {"beta_final": 0.6},
-    "beta0.8": {"beta_final": 0.8},
+    "beta0.6": {
+        "beta_final": 0.6
+    },
+    "beta0.8": {
+        "beta_final": 0.8
+    },
 }
 
 
@@ -86,7 +96,8 @@ class PlannedRun:
   seed: int
 
 
-def plan_runs(seeds: Sequence[int], ablations: Iterable[str] = (),
+def plan_runs(seeds: Sequence[int],
+              ablations: Iterable[str] = (),
               ablation_seeds: Sequence[int] | None = None) -> list[PlannedRun]:
   """The study's runs in the order they train: baselines seed by seed, then the ablations.
 
@@ -96,7 +107,8 @@ def plan_runs(seeds: Sequence[int], ablations: Iterable[str] = (),
   ablation_seeds = _unique_ints(ablation_seeds if ablation_seeds is not None else seeds[:1],
                                 "ablation_seeds")
   runs = [
-      PlannedRun(f"{method}-s{seed}", method, method, seed) for seed in seeds
+      PlannedRun(f"{method}-s{seed}", method, method, seed)
+      for seed in seeds
       for method in ("natural", "pgd_at", "generalist")
   ]
   for name in ablations:
@@ -198,12 +210,7 @@ def aggregate(rows: Sequence[Mapping[str, Any]], confidence: float = 0.95) -> di
     if variant not in BASELINES:
       scores = scores_of(variant)
       ablations[variant] = {"per_seed": scores, **spread(list(scores.values()), confidence)}
-  return {
-      "confidence": confidence,
-      "variants": variants,
-      "chord": chord,
-      "ablations": ablations
-  }
+  return {"confidence": confidence, "variants": variants, "chord": chord, "ablations": ablations}
 
 
 def to_markdown(result: Mapping[str, Any], robust_name: str = "PGD-20") -> str:
@@ -223,8 +230,8 @@ def to_markdown(result: Mapping[str, Any], robust_name: str = "PGD-20") -> str:
   chord_of = {"generalist": result["chord"], **result["ablations"]}
   for variant, v in result["variants"].items():
     c = chord_of.get(variant)
-    chord = "-" if c is None or c["n"] == 0 else (f"{c['mean']:.3f}" if c["n"] == 1 else
-                                                  f"{c['mean']:.3f} ± {c['std']:.3f}")
+    chord = "-" if c is None or c["n"] == 0 else (
+        f"{c['mean']:.3f}" if c["n"] == 1 else f"{c['mean']:.3f} ± {c['std']:.3f}")
     lines.append(f"| {variant} | {','.join(map(str, v['seeds']))} | {pct(v['clean'])} | "
                  f"{pct(v['robust'])} | {chord} |")
   c = result["chord"]

@@ -33,17 +33,21 @@ def _mlp(params, x):
 
 def _make_linear(seed: int, num_classes: int = C):
   rng = np.random.default_rng(seed)
-  params = {"w": jnp.asarray(rng.normal(size=(D, num_classes)), jnp.float32),
-            "b": jnp.asarray(rng.normal(size=(num_classes,)), jnp.float32)}
+  params = {
+      "w": jnp.asarray(rng.normal(size=(D, num_classes)), jnp.float32),
+      "b": jnp.asarray(rng.normal(size=(num_classes,)), jnp.float32)
+  }
   return jax.tree_util.Partial(_linear, params), params
 
 
 def _make_mlp(seed: int):
   rng = np.random.default_rng(seed)
-  params = {"w1": jnp.asarray(rng.normal(size=(D, 12)), jnp.float32),
-            "b1": jnp.zeros((12,), jnp.float32),
-            "w2": jnp.asarray(rng.normal(size=(12, C)) * 2, jnp.float32),
-            "b2": jnp.zeros((C,), jnp.float32)}
+  params = {
+      "w1": jnp.asarray(rng.normal(size=(D, 12)), jnp.float32),
+      "b1": jnp.zeros((12,), jnp.float32),
+      "w2": jnp.asarray(rng.normal(size=(12, C)) * 2, jnp.float32),
+      "b2": jnp.zeros((C,), jnp.float32)
+  }
   return jax.tree_util.Partial(_mlp, params)
 
 
@@ -60,20 +64,28 @@ APGD_STEPS = 10
 
 # name -> attack(logits_fn, x, y, key, eps, norm) with small step counts.
 ATTACKS = {
-    "fgsm": lambda f, x, y, k, e, n: attacks.fgsm(f, x, y, key=k, eps=e, norm=n),
-    "pgd_ce": lambda f, x, y, k, e, n: attacks.pgd(f, x, y, key=k, eps=e, steps=STEPS, norm=n),
-    "pgd_cw_restarts": lambda f, x, y, k, e, n: attacks.pgd(
-        f, x, y, key=k, eps=e, steps=STEPS, norm=n, loss="cw", restarts=2),
-    "pgd_dlr": lambda f, x, y, k, e, n: attacks.pgd(
-        f, x, y, key=k, eps=e, steps=STEPS, norm=n, loss="dlr"),
-    "mim": lambda f, x, y, k, e, n: attacks.mim(f, x, y, key=k, eps=e, steps=STEPS, norm=n),
-    "cw": lambda f, x, y, k, e, n: attacks.cw(f, x, y, key=k, eps=e, steps=STEPS, norm=n),
-    "apgd_ce": lambda f, x, y, k, e, n: attacks.apgd(
-        f, x, y, key=k, eps=e, norm=n, steps=APGD_STEPS),
-    "apgd_dlr": lambda f, x, y, k, e, n: attacks.apgd(
-        f, x, y, key=k, eps=e, norm=n, loss="dlr", steps=APGD_STEPS),
-    "apgd_t": lambda f, x, y, k, e, n: attacks.apgd_targeted(
-        f, x, y, key=k, eps=e, norm=n, steps=APGD_STEPS, n_target_classes=3),
+    "fgsm":
+        lambda f, x, y, k, e, n: attacks.fgsm(f, x, y, key=k, eps=e, norm=n),
+    "pgd_ce":
+        lambda f, x, y, k, e, n: attacks.pgd(f, x, y, key=k, eps=e, steps=STEPS, norm=n),
+    "pgd_cw_restarts":
+        lambda f, x, y, k, e, n: attacks.pgd(
+            f, x, y, key=k, eps=e, steps=STEPS, norm=n, loss="cw", restarts=2),
+    "pgd_dlr":
+        lambda f, x, y, k, e, n: attacks.pgd(f, x, y, key=k, eps=e, steps=STEPS, norm=n, loss="dlr"
+                                            ),
+    "mim":
+        lambda f, x, y, k, e, n: attacks.mim(f, x, y, key=k, eps=e, steps=STEPS, norm=n),
+    "cw":
+        lambda f, x, y, k, e, n: attacks.cw(f, x, y, key=k, eps=e, steps=STEPS, norm=n),
+    "apgd_ce":
+        lambda f, x, y, k, e, n: attacks.apgd(f, x, y, key=k, eps=e, norm=n, steps=APGD_STEPS),
+    "apgd_dlr":
+        lambda f, x, y, k, e, n: attacks.apgd(
+            f, x, y, key=k, eps=e, norm=n, loss="dlr", steps=APGD_STEPS),
+    "apgd_t":
+        lambda f, x, y, k, e, n: attacks.apgd_targeted(
+            f, x, y, key=k, eps=e, norm=n, steps=APGD_STEPS, n_target_classes=3),
 }
 EPS = {"linf": 0.1, "l2": 0.5}
 
@@ -148,10 +160,13 @@ def test_linear_classifier_exact_minimal_perturbation(name, norm):
   step_kw = {}
   if name in ("pgd_ce", "pgd_cw_restarts", "mim"):
     x_adv = {
-        "pgd_ce": lambda: attacks.pgd(f, x, y, key=KEY, eps=eps, steps=20, norm=norm),
-        "pgd_cw_restarts": lambda: attacks.pgd(
-            f, x, y, key=KEY, eps=eps, steps=20, norm=norm, loss="cw", restarts=2),
-        "mim": lambda: attacks.mim(f, x, y, key=KEY, eps=eps, steps=20, norm=norm),
+        "pgd_ce":
+            lambda: attacks.pgd(f, x, y, key=KEY, eps=eps, steps=20, norm=norm),
+        "pgd_cw_restarts":
+            lambda: attacks.pgd(
+                f, x, y, key=KEY, eps=eps, steps=20, norm=norm, loss="cw", restarts=2),
+        "mim":
+            lambda: attacks.mim(f, x, y, key=KEY, eps=eps, steps=20, norm=norm),
     }[name]()
   else:
     x_adv = attacks.apgd(f, x, y, key=KEY, eps=eps, norm=norm, steps=20, **step_kw)
@@ -180,8 +195,9 @@ def test_random_start_depends_on_the_key():
   b = attacks.pgd(MLP, X, Y, key=jax.random.key(4), eps=0.1, steps=1, step_size=0.0)
   assert not np.array_equal(np.asarray(a), np.asarray(b))
   np.testing.assert_array_equal(
-      np.asarray(attacks.pgd(MLP, X, Y, key=KEY, eps=0.1, steps=1, step_size=0.0,
-                             random_start=False)), np.asarray(X))
+      np.asarray(
+          attacks.pgd(MLP, X, Y, key=KEY, eps=0.1, steps=1, step_size=0.0, random_start=False)),
+      np.asarray(X))
 
 
 def test_pgd_is_traceable_without_retracing_across_eps():
@@ -202,8 +218,8 @@ def test_attacks_inside_jit_closing_over_traced_weights_leak_no_tracer():
   @jax.jit
   def attack_step(w, x, y, key, eps):
     logits_fn = lambda z: z.reshape(z.shape[0], -1) @ w  # closes over a tracer, as a train step
-    return (attacks.pgd(logits_fn, x, y, key=key, eps=eps, steps=2),
-            attacks.apgd(logits_fn, x, y, key=key, eps=eps, steps=2))
+    return (attacks.pgd(logits_fn, x, y, key=key, eps=eps,
+                        steps=2), attacks.apgd(logits_fn, x, y, key=key, eps=eps, steps=2))
 
   with jax.checking_leaks():
     for scale in (1.0, 2.0):
@@ -238,15 +254,17 @@ def test_losses_match_their_formulas():
   np.testing.assert_allclose(core.dlr_targeted_loss(z, y, t),
                              [-(3 - 1) / (3 - 0.5 * (1 - 1)), -(1 - 2) / (4 - 0.5 * (1 + 0))],
                              rtol=1e-6)
-  np.testing.assert_allclose(core.ce_loss(z, y), jax.nn.logsumexp(z, axis=1) - z[[0, 1], y],
+  np.testing.assert_allclose(core.ce_loss(z, y),
+                             jax.nn.logsumexp(z, axis=1) - z[[0, 1], y],
                              rtol=1e-6)
 
 
 def test_projections_and_random_start():
   x = jnp.full((2, 2, 2, 1), 0.5)
   far = x + jnp.asarray([3.0, -3.0]).reshape(2, 1, 1, 1)
-  np.testing.assert_allclose(core.project(far, x, 0.1, "linf"), np.asarray(x) +
-                             np.asarray([0.1, -0.1]).reshape(2, 1, 1, 1), rtol=1e-6)
+  np.testing.assert_allclose(core.project(far, x, 0.1, "linf"),
+                             np.asarray(x) + np.asarray([0.1, -0.1]).reshape(2, 1, 1, 1),
+                             rtol=1e-6)
   p = core.project(far, x, 0.4, "l2")
   np.testing.assert_allclose(core.lp_norm(p - x, "l2"), [0.4, 0.4], rtol=1e-5)
   for norm, eps in (("linf", 0.3), ("l2", 0.3)):
@@ -261,15 +279,23 @@ def test_attack_in_batches_matches_one_call():
   np.testing.assert_allclose(batched, np.asarray(fgsm(X, Y, key=KEY)), atol=1e-7)
 
 
-_SMALL = dataclasses.replace(DEFAULTS, apgd=APGDSettings(steps=APGD_STEPS),
+_SMALL = dataclasses.replace(DEFAULTS,
+                             apgd=APGDSettings(steps=APGD_STEPS),
                              apgd_t=APGDSettings(steps=APGD_STEPS, n_target_classes=3))
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_autoattack_not_weaker_than_its_components(norm):
   eps = EPS[norm] / 2
-  x_adv, report = attacks.autoattack(MLP, X, Y, key=KEY, eps=eps, norm=norm, batch_size=B,
-                                     attacks=("apgd-ce", "apgd-t"), settings=_SMALL)
+  x_adv, report = attacks.autoattack(MLP,
+                                     X,
+                                     Y,
+                                     key=KEY,
+                                     eps=eps,
+                                     norm=norm,
+                                     batch_size=B,
+                                     attacks=("apgd-ce", "apgd-t"),
+                                     settings=_SMALL)
   attacks.verify_adversarial(x_adv, np.asarray(X), eps, norm)
   clean = _accuracy(MLP, X, Y)
   assert report["clean_accuracy"] == clean
@@ -281,7 +307,13 @@ def test_autoattack_not_weaker_than_its_components(norm):
   assert all(s["seconds"] >= 0 for s in report["stages"])
   alone = [
       attacks.apgd(MLP, X, Y, key=KEY, eps=eps, norm=norm, steps=APGD_STEPS),
-      attacks.apgd_targeted(MLP, X, Y, key=KEY, eps=eps, norm=norm, steps=APGD_STEPS,
+      attacks.apgd_targeted(MLP,
+                            X,
+                            Y,
+                            key=KEY,
+                            eps=eps,
+                            norm=norm,
+                            steps=APGD_STEPS,
                             n_target_classes=3)
   ]
   for x_alone in alone:
@@ -297,8 +329,14 @@ def test_autoattack_rand_version_with_a_randomised_model():
     return MLP(jnp.clip(x + 0.01 * jax.random.normal(key, x.shape), 0.0, 1.0))
 
   small = dataclasses.replace(DEFAULTS, apgd=APGDSettings(steps=APGD_STEPS, eot_iter=2))
-  x_adv, report = attacks.autoattack(noisy, X, Y, key=KEY, eps=0.05, version="rand",
-                                     settings=small, batch_size=B)
+  x_adv, report = attacks.autoattack(noisy,
+                                     X,
+                                     Y,
+                                     key=KEY,
+                                     eps=0.05,
+                                     version="rand",
+                                     settings=small,
+                                     batch_size=B)
   assert [s["attack"] for s in report["stages"]] == ["apgd-ce", "apgd-dlr"]
   attacks.verify_adversarial(x_adv, np.asarray(X), 0.05, "linf")
   assert report["robust_accuracy"] < report["clean_accuracy"]
@@ -329,12 +367,11 @@ _BAD_INPUTS = {
 
 
 # autoattack takes its step counts from its settings, so "zero steps" does not apply to it.
-@pytest.mark.parametrize("attack,case", [
-    (attack, case)
-    for attack in ("pgd", "mim", "apgd", "apgd_targeted", "autoattack")
-    for case in sorted(_BAD_INPUTS)
-    if not (attack == "autoattack" and case == "zero steps")
-])
+@pytest.mark.parametrize("attack,case",
+                         [(attack, case)
+                          for attack in ("pgd", "mim", "apgd", "apgd_targeted", "autoattack")
+                          for case in sorted(_BAD_INPUTS)
+                          if not (attack == "autoattack" and case == "zero steps")])
 def test_bad_input_raises_a_clear_error(attack, case):
   overrides, pattern = _BAD_INPUTS[case]
   kw = dict(f=MLP, x=X, y=Y, eps=0.1, steps=3, norm="linf")

@@ -212,7 +212,8 @@ def test_attacks_trace_with_traced_eps():
   key = jax.random.key(0)
   for attack_fn, kwargs in ((fab_lib.fab_targeted, dict(steps=3)), (fab_lib.fab, dict(steps=3)),
                             (square_lib.square, dict(n_queries=3, norm="l2"))):
-    jaxpr = jax.make_jaxpr(lambda eps: attack_fn(logits_fn, x, y, key=key, eps=eps, **kwargs))(0.1)
+    jaxpr = jax.make_jaxpr(
+        lambda eps, f=attack_fn, kw=kwargs: f(logits_fn, x, y, key=key, eps=eps, **kw))(0.1)
     assert jaxpr.out_avals[0].shape == x.shape
 
 

@@ -1,8 +1,12 @@
 """Smoke test of experiments/bench.py in its smallest configuration: it runs and its JSON is whole.
 
 Nothing about time is asserted (tests never time anything); this only keeps the benchmark from
-rotting as the training, model and attack APIs evolve.
+rotting as the training, model and attack APIs evolve. The PyTorch side (experiments/reference/)
+needs torch, which CI never has: side_by_side.py is run against a stand-in "python", and the flags
+it passes to bench_torch.py are checked against that script's source.
 """
+import ast
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,15 +16,25 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "experiments", "bench.py")
+REFERENCE = os.path.join(ROOT, "experiments", "reference")
+SIDE_BY_SIDE = os.path.join(REFERENCE, "side_by_side.py")
+BENCH_TORCH = os.path.join(REFERENCE, "bench_torch.py")
 FIELDS = ("what", "model", "batch", "backend", "devices", "images_per_second", "seconds_per_step",
           "compile_seconds", "peak_memory_bytes")
 
 
 def _run(*flags: str) -> list[dict]:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+  env = dict(os.environ,
+             JAX_PLATFORMS="cpu",
+             JAX_DISABLE_MOST_OPTIMIZATIONS="1",
              TF_CPP_MIN_LOG_LEVEL="3")
-  result = subprocess.run([sys.executable, BENCH, *flags], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=600, check=False)
+  result = subprocess.run([sys.executable, BENCH, *flags],
+                          capture_output=True,
+                          text=True,
+                          cwd=ROOT,
+                          env=env,
+                          timeout=600,
+                          check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   lines = [l for l in result.stdout.splitlines() if l.startswith("{")]
   assert lines, f"no JSON line in the output:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
@@ -35,13 +49,34 @@ def _check(record: dict, what: str, model: str, batch: int) -> None:
   assert record["images_per_second"] > 0 and record["seconds_per_step"] > 0
   assert record["compile_seconds"] >= 0
   assert abs(record["images_per_second"] * record["seconds_per_step"] - batch) < 1e-6 * batch
-  assert len(record["seconds_all"]) == record["steps"]
+  assert len(record["seconds_all"]) == record["repeats"]
+
+
+def _load(path: str, name: str):
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _option_strings(path: str) -> set[str]:
+  """Every "--flag" string literal passed to an add_argument call in a script's source."""
+  flags = set()
+  for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and
+        node.func.attr == "add_argument"):
+      flags |= {
+          a.value
+          for a in node.args
+          if isinstance(a, ast.Constant) and str(a.value).startswith("--")
+      }
+  return flags
 
 
 @pytest.mark.slow
 def test_training_step_and_pgd_smallest_config():
-  records = _run("--what", "generalist_step,pgd20", "--model", "smallcnn", "--batch", "2",
-                 "--pgd-steps", "1", "--steps", "1", "--warmup", "0", "--image-size", "8")
+  records = _run("--what", "generalist_step,pgd20", "--model", "smallcnn", "--batch-size", "2",
+                 "--pgd-steps", "1", "--repeats", "1", "--warmup", "0", "--image-size", "8")
   assert [r["what"] for r in records] == ["generalist_step", "pgd20"]
   for r in records:
     _check(r, r["what"], "smallcnn", 2)
@@ -55,42 +90,84 @@ def test_training_step_and_pgd_smallest_config():
 @pytest.mark.slow
 def test_conv_and_sweep_smallest_config(tmp_path):
   out = tmp_path / "bench.jsonl"
-  records = _run("--what", "conv", "--conv-shape", "2,6,6,3,4,3,2", "--steps", "1", "--out",
+  records = _run("--what", "conv", "--conv-shape", "2,6,6,3,4,3,2", "--repeats", "1", "--out",
                  str(out))
-  assert {(r["conv_impl"], r["part"]) for r in records} == {
-      ("xla", "forward"), ("xla", "grad_input"), ("xla", "grad_kernel"), ("xla", "grad_both"),
-      ("custom", "grad_input"), ("custom", "grad_kernel"), ("custom", "grad_both")}
+  assert {(r["conv_impl"], r["part"]) for r in records} == {("xla", "forward"),
+                                                            ("xla", "grad_input"),
+                                                            ("xla", "grad_kernel"),
+                                                            ("xla", "grad_both"),
+                                                            ("custom", "grad_input"),
+                                                            ("custom", "grad_kernel"),
+                                                            ("custom", "grad_both")}
   for r in records:
     _check(r, "conv", "conv:2,6,6,3,4,3,2", 2)
   assert len(out.read_text().splitlines()) == len(records)
-  # A sweep runs each point in its own process and labels it.
-  records = _run("--what", "natural_step", "--model", "smallcnn", "--image-size", "8", "--steps",
-                 "1", "--warmup", "0", "--sweep", "batch", "--sweep-values", "2,4")
+  # A sweep runs each point in its own process and labels it; a fixed batch size (here in its old
+  # spelling) is replaced by the swept one.
+  records = _run("--what", "natural_step", "--model", "smallcnn", "--image-size", "8", "--repeats",
+                 "1", "--warmup", "0", "--batch", "8", "--sweep", "batch-size", "--sweep-values",
+                 "2,4")
   assert [r["batch"] for r in records] == [2, 4]
   for r in records:
     _check(r, "natural_step", "smallcnn", r["batch"])
 
 
+def test_old_flag_spellings_still_parse_the_same():
+  bench = _load(BENCH, "bench_under_test")
+  new = vars(bench._parse_args(["--batch-size", "16", "--repeats", "3", "--sweep", "pgd-steps"]))
+  old = vars(bench._parse_args(["--batch", "16", "--steps", "3", "--sweep", "pgd_steps"]))
+  assert new == old and new["batch"] == 16 and new["repeats"] == 3
+  assert new["sweep"] == "pgd-steps"
+  assert bench._parse_args(["--sweep", "batch"]).sweep == "batch-size"
+  side = _load(SIDE_BY_SIDE, "side_by_side_under_test")
+  common = ["--torch-python", sys.executable, "--what", "pgd20"]
+  new = vars(side._parse_args(common + ["--batch-size", "4", "--repeats", "2"]))
+  old = vars(side._parse_args(common + ["--batch", "4", "--steps", "2"]))
+  assert new == old and new["batch"] == 4 and new["repeats"] == 2
+
+
+def test_side_by_side_finds_both_bench_scripts_and_passes_flags_they_define():
+  side = _load(SIDE_BY_SIDE, "side_by_side_under_test")
+  args = side._parse_args([
+      "--torch-python", sys.executable, "--batch-size", "4", "--repeats", "2", "--pgd-steps", "1",
+      "--image-size", "8"
+  ])
+  ours, theirs = side._commands(args, "pgd20")
+  assert os.path.samefile(ours[1], BENCH) and os.path.samefile(theirs[1], BENCH_TORCH)
+  # bench.py parses what it is given; bench_torch.py (torch is absent here) defines every flag.
+  parsed = _load(BENCH, "bench_under_test")._parse_args(ours[2:])
+  assert (parsed.batch, parsed.repeats, parsed.pgd_steps, parsed.image_size) == (4, 2, 1, 8)
+  passed = {a for a in theirs[2:] if a.startswith("--")}
+  assert passed <= _option_strings(BENCH_TORCH), passed - _option_strings(BENCH_TORCH)
+
+
 def test_bad_flags_fail_clearly():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, BENCH, "--what", "nonsense"], capture_output=True,
-                          text=True, cwd=ROOT, env=env, timeout=120, check=False)
+  result = subprocess.run([sys.executable, BENCH, "--what", "nonsense"],
+                          capture_output=True,
+                          text=True,
+                          cwd=ROOT,
+                          env=env,
+                          timeout=120,
+                          check=False)
   assert result.returncode != 0 and "--what" in result.stderr
 
 
 @pytest.mark.slow
 def test_side_by_side_pairs_rounds_and_reports_the_median_ratio(tmp_path):
-  # A stand-in for the PyTorch environment: a "python" that prints one bench line at 2 img/s.
+  # A stand-in for the PyTorch environment: a "python" that notes its arguments and prints one
+  # bench line at 2 img/s.
   fake = tmp_path / "fake_python"
-  fake.write_text("#!/bin/sh\necho '{\"what\": \"pgd20\", \"images_per_second\": 2.0}'\n")
+  calls = tmp_path / "calls.txt"
+  fake.write_text(f"#!/bin/sh\necho \"$*\" >> '{calls}'\n"
+                  "echo '{\"what\": \"pgd20\", \"images_per_second\": 2.0}'\n")
   fake.chmod(0o755)
   out = tmp_path / "side.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
   result = subprocess.run([
-      sys.executable,
-      os.path.join(ROOT, "experiments", "side_by_side.py"), "--torch-python",
-      str(fake), "--what", "pgd20", "--model", "smallcnn", "--batch", "2", "--pgd-steps", "1",
-      "--image-size", "8", "--rounds", "2", "--steps", "1", "--warmup", "0", "--out",
+      sys.executable, SIDE_BY_SIDE, "--torch-python",
+      str(fake), "--what", "pgd20", "--model", "smallcnn", "--batch-size", "2", "--pgd-steps", "1",
+      "--image-size", "8", "--rounds", "2", "--repeats", "1", "--warmup", "0", "--out",
       str(out)
   ],
                           capture_output=True,
@@ -108,3 +185,7 @@ def test_side_by_side_pairs_rounds_and_reports_the_median_ratio(tmp_path):
   assert summary["ratios"] == [o / 2.0 for o in ours]
   assert summary["ratio_median_of_pairs"] == pytest.approx(sum(ours) / 4.0)
   assert "| pgd20 |" in result.stdout
+  torch_calls = calls.read_text().splitlines()
+  assert len(torch_calls) == 2
+  assert torch_calls[0].startswith(BENCH_TORCH + " --what pgd20 --model smallcnn --batch-size 2 "
+                                   "--repeats 1 --warmup 0 --pgd-steps 1 --image-size 8")

@@ -139,7 +139,7 @@ def test_report_summaries_follow_from_the_distances(linear, report):
   json.dumps(report, allow_nan=False)  # JSON-safe: no inf / nan
   assert report["n"] == 64 and report["method"] == "bisection"
   assert report["eps_max"] == EPS_MAX and report["fraction"] == 0.25
-  for role, row in report["models"].items():
+  for row in report["models"].values():
     d = np.asarray(row["distances"])
     assert d.shape == (64,) and np.all(np.abs(d) <= EPS_MAX)
     np.testing.assert_array_equal(d < 0, ~linear["correct"])

@@ -1,5 +1,4 @@
 """Tests of the command-line programs: flags, errors before any work, a tiny end-to-end run."""
-import importlib.util
 import json
 import math
 import pathlib
@@ -8,7 +7,7 @@ import sys
 
 import pytest
 
-from gen_jax import cli
+from gen_jax import cli, study
 from gen_jax import config as cfg
 from gen_jax.evaluation import corruptions, sanity
 
@@ -21,13 +20,6 @@ def _run(*args, cwd=None, timeout=600):
                         text=True,
                         cwd=cwd,
                         timeout=timeout)
-
-
-def _load(name):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def test_every_field_is_a_flag_and_overrides_parse_by_type():
@@ -48,8 +40,10 @@ def test_every_field_is_a_flag_and_overrides_parse_by_type():
     (["--preset", "pilot", "--epochs", "two"], "expected an int"),
     (["--preset", "pilot", "--eps", "-1"], "--eps must be >= 0"),
     (["--preset", "pilot", "--method", "magic"], "--method must be one of"),
-    (["--preset", "pilot", "--ema_decay", "1.5"], r"--ema_decay must lie in \[0, 1\]"),
-    (["--preset", "pilot", "--dataset", "folder"], "needs --data_dir"),
+    (["--preset", "pilot", "--ema_decay", "1.5"], r"--ema-decay must lie in \[0, 1\]"),
+    (["--preset", "pilot", "--dataset", "folder"], "--data-dir is required"),
+    (["--preset", "pilot", "--eps", "nan"], "--eps must be a finite number"),
+    (["--preset", "pilot", "--seed", "-1"], "--seed must be >= 0"),
     (["--preset", "pilot", "--no_such_field", "1"], "unrecognized arguments"),
 ])
 def test_bad_flags_fail_before_any_work(argv, message, capsys):
@@ -76,13 +70,12 @@ def test_evaluate_rejects_unknown_attack_and_missing_run(tmp_path):
 
 
 def test_chord_score():
-  compare = _load("compare")
   clean = {"natural": 0.9, "pgd_at": 0.7, "generalist": 0.8}
   robust = {"natural": 0.0, "pgd_at": 0.4, "generalist": 0.2}
-  assert compare.chord_score(clean, robust) == pytest.approx(1.0)  # on the straight line
+  assert study.chord_score(clean, robust) == pytest.approx(1.0)  # on the straight line
   better = dict(clean, generalist=0.85)
-  assert compare.chord_score(better, robust) == pytest.approx(1.25)
-  assert math.isnan(compare.chord_score(dict(clean, pgd_at=0.9), robust))
+  assert study.chord_score(better, robust) == pytest.approx(1.25)
+  assert math.isnan(study.chord_score(dict(clean, pgd_at=0.9), robust))
 
 
 def test_train_command_tiny_end_to_end(tmp_path):
@@ -99,7 +92,7 @@ def test_train_command_tiny_end_to_end(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   assert "global" in out.stdout and "natural" in out.stdout
   summary = json.loads((workdir / "summary.json").read_text())
-  assert set(summary["global"]) == {"clean_acc", "pgd2_acc"}
+  assert set(summary["models"]["global"]) == {"clean_acc", "pgd_acc"}
   # The robustness report of the run's three models.
   out = _run(str(ROOT / "experiments" / "evaluate.py"),
              "--workdir",

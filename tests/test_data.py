@@ -362,8 +362,12 @@ def test_to_float():
   x = np.array([[0, 51, 255]], np.uint8)
   np.testing.assert_allclose(data.to_float(x), [[0.0, 0.2, 1.0]], rtol=1e-6)
   assert data.to_float(x).dtype == jnp.float32
+  assert isinstance(data.to_float(x), np.ndarray)  # host arrays stay on the host
+  assert isinstance(data.to_float(jnp.asarray(x)), jax.Array)
+  halves = np.full((2,), 0.5, np.float64)  # floats are already in [0, 1]: only cast
+  assert data.to_float(halves).dtype == np.float32 and data.to_float(halves)[0] == 0.5
   with pytest.raises(TypeError, match="uint8"):
-    data.to_float(x.astype(np.float32))
+    data.to_float(x.astype(np.int32))
 
 
 def test_augment_deterministic_dtype_range():
@@ -376,7 +380,9 @@ def test_augment_deterministic_dtype_range():
   assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
-  np.testing.assert_array_equal(_aug_fn(key, images, pad=0, flip=False), data.to_float(images))
+  # (On the device, as the augmentation: XLA may divide by 255 as a multiply by its reciprocal.)
+  np.testing.assert_array_equal(_aug_fn(key, images, pad=0, flip=False),
+                                data.to_float(jnp.asarray(images)))
 
 
 def test_augment_crop_shifts_content():

@@ -36,8 +36,7 @@ TORCH_PARAM_COUNTS = {
 
 
 def _abstract_variables(model, image_shape=(32, 32, 3)):
-  return jax.eval_shape(lambda k: models.init_variables(model, k, image_shape),
-                        jax.random.key(0))
+  return jax.eval_shape(lambda k: models.init_variables(model, k, image_shape), jax.random.key(0))
 
 
 # Jitted with the (hashable) module static: one compile per model and mode is much faster than
@@ -63,8 +62,9 @@ def _images(key, shape):
 
 
 def test_registry_names():
-  assert set(models.MODEL_NAMES) == {"smallcnn", "resnet18", "preactresnet18", "wrn34_10",
-                                     "wrn32_10", "wrn28_10"}
+  assert set(models.MODEL_NAMES) == {
+      "smallcnn", "resnet18", "preactresnet18", "wrn34_10", "wrn32_10", "wrn28_10"
+  }
 
 
 @pytest.mark.parametrize("name", models.MODEL_NAMES)
@@ -98,8 +98,7 @@ def test_count_params_on_concrete_tree():
 def test_module_names_are_readable():
   params = _abstract_variables(models.create_model("resnet18", 10))["params"]
   assert {"conv1", "bn1", "layer1_0", "layer4_1", "linear"} <= set(params)
-  assert set(params["layer2_0"]) == {"conv1", "bn1", "conv2", "bn2", "shortcut_conv",
-                                     "shortcut_bn"}
+  assert set(params["layer2_0"]) == {"conv1", "bn1", "conv2", "bn2", "shortcut_conv", "shortcut_bn"}
   assert "shortcut_conv" not in params["layer1_0"]
   assert params["layer2_0"]["shortcut_conv"]["kernel"].shape == (1, 1, 64, 128)
   assert "bias" not in params["conv1"]
@@ -159,10 +158,12 @@ def test_batch_stats_running_mean_update_matches_pytorch_momentum():
   variables = models.init_variables(model, jax.random.key(0), (8, 8, 3))
   x = _images(jax.random.key(2), (4, 8, 8, 3))
   _, state = _train(model, variables, x)
-  conv_out = nn.Conv(32, (3, 3), padding=((1, 1), (1, 1)), use_bias=False).apply(
-      {"params": variables["params"]["conv1"]}, x)
+  conv_out = nn.Conv(32, (3, 3), padding=((1, 1), (1, 1)),
+                     use_bias=False).apply({"params": variables["params"]["conv1"]}, x)
   np.testing.assert_allclose(state["batch_stats"]["bn1"]["mean"],
-                             0.1 * conv_out.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
+                             0.1 * conv_out.mean(axis=(0, 1, 2)),
+                             rtol=1e-4,
+                             atol=1e-6)
 
 
 def test_bfloat16_compute_gives_float32_logits_and_params():
@@ -197,10 +198,13 @@ def test_normalisation_inside_the_model():
   only_mean = models.create_model("smallcnn", 3, mean=mean)
   np.testing.assert_allclose(_eval(only_mean, variables, x),
                              _eval(plain, variables, x - jnp.array(mean)),
-                             rtol=1e-5, atol=1e-5)
+                             rtol=1e-5,
+                             atol=1e-5)
   identity = models.create_model("smallcnn", 3, mean=[0.0] * 3, std=[1.0] * 3)
   np.testing.assert_allclose(_eval(identity, variables, x),
-                             _eval(plain, variables, x), rtol=1e-6, atol=1e-6)
+                             _eval(plain, variables, x),
+                             rtol=1e-6,
+                             atol=1e-6)
 
 
 def test_normalisation_channel_mismatch():
@@ -219,9 +223,11 @@ def test_smallcnn_on_greyscale_16x16():
   assert np.all(np.isfinite(logits))
   assert not np.allclose(logits[0], logits[1])
   # Gradients reach every parameter.
-  grads = jax.jit(jax.grad(lambda p: model.apply({**variables, "params": p}, x, train=True,
-                                                 mutable=["batch_stats"])[0].sum()))(
-                                                     variables["params"])
+  grads = jax.jit(
+      jax.grad(
+          lambda p: model.apply({
+              **variables, "params": p
+          }, x, train=True, mutable=["batch_stats"])[0].sum()))(variables["params"])
   assert all(np.any(g != 0) for g in jax.tree_util.tree_leaves(grads))
 
 
@@ -267,27 +273,32 @@ class _TaggedConv(nn.Conv):
 def test_conv_class_is_used_for_every_conv(kind):
   model = _tiny_models()[kind].clone(conv=_TaggedConv)
   variables = _abstract_variables(model, (8, 8, 3))
-  _, state = jax.eval_shape(
-      lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]), variables,
-      jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32))
+  _, state = jax.eval_shape(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]),
+                            variables, jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32))
   tagged = {path[:-1] for path in traverse_util.flatten_dict(state["intermediates"])}
-  convs = {path[:-1] for path in traverse_util.flatten_dict(variables["params"])
-           if path[-1] == "kernel" and path[-2] not in ("linear", "fc")}
+  convs = {
+      path[:-1]
+      for path in traverse_util.flatten_dict(variables["params"])
+      if path[-1] == "kernel" and path[-2] not in ("linear", "fc")
+  }
   assert len(convs) >= 4
   assert tagged == convs
 
 
 def test_conv_impl_fast_uses_fastconv():
   conv_module = pytest.importorskip("gen_jax.ops.conv")
-  for impl in ("fast", "auto"):
-    assert models.create_model("smallcnn", 10, conv_impl=impl).conv is conv_module.FastConv
+  assert models.create_model("smallcnn", 10, conv_impl="auto").conv is conv_module.FastConv
+  forced = models.create_model("smallcnn", 10, conv_impl="fast").conv
+  assert forced.func is conv_module.FastConv and forced.keywords == {"impl": "fast"}
   assert models.create_model("smallcnn", 10).conv is nn.Conv
   fast = models.create_model("smallcnn", 4, conv_impl="fast")
   xla = models.create_model("smallcnn", 4)
   variables = models.init_variables(xla, jax.random.key(0), (8, 8, 3))
   x = _images(jax.random.key(7), (2, 8, 8, 3))
   np.testing.assert_allclose(_eval(fast, variables, x),
-                             _eval(xla, variables, x), rtol=1e-4, atol=1e-5)
+                             _eval(xla, variables, x),
+                             rtol=1e-4,
+                             atol=1e-5)
 
 
 def test_unknown_name_lists_known_models():

@@ -63,9 +63,13 @@ def test_gradients_match_xla_bfloat16(kernel_size, strides, padding, h):
   assert dx.dtype == jnp.bfloat16 and dk.dtype == jnp.bfloat16
   # bfloat16 keeps 8 bits of mantissa; XLA and the custom path round the sums differently.
   scale = float(jnp.max(jnp.abs(dk_ref.astype(jnp.float32))))
-  np.testing.assert_allclose(dk.astype(jnp.float32), dk_ref.astype(jnp.float32),
-                             atol=3e-2 * scale, rtol=0)
-  np.testing.assert_allclose(dx.astype(jnp.float32), dx_ref.astype(jnp.float32), atol=5e-2,
+  np.testing.assert_allclose(dk.astype(jnp.float32),
+                             dk_ref.astype(jnp.float32),
+                             atol=3e-2 * scale,
+                             rtol=0)
+  np.testing.assert_allclose(dx.astype(jnp.float32),
+                             dx_ref.astype(jnp.float32),
+                             atol=5e-2,
                              rtol=2e-2)
 
 
@@ -95,7 +99,7 @@ def test_jit_and_vmap():
   np.testing.assert_allclose(dks, dks_ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["custom", "xla", "auto"])
+@pytest.mark.parametrize("impl", ["fast", "xla", "auto"])
 @pytest.mark.parametrize("kernel_size,strides,padding,use_bias", [
     ((3, 3), 1, "SAME", False),
     ((3, 3), 2, ((1, 1), (1, 1)), True),
@@ -105,8 +109,11 @@ def test_jit_and_vmap():
 def test_fastconv_interchangeable_with_nn_conv(impl, kernel_size, strides, padding, use_bias):
   x = jax.random.uniform(jax.random.key(4), (2, 8, 8, 3))
   fast = FastConv(6, kernel_size, strides=strides, padding=padding, use_bias=use_bias, impl=impl)
-  ref = nn.Conv(6, kernel_size if not isinstance(kernel_size, int) else (kernel_size,) * 2,
-                strides=strides, padding=padding, use_bias=use_bias)
+  ref = nn.Conv(6,
+                kernel_size if not isinstance(kernel_size, int) else (kernel_size,) * 2,
+                strides=strides,
+                padding=padding,
+                use_bias=use_bias)
   v_fast = fast.init(jax.random.key(5), x)
   v_ref = ref.init(jax.random.key(5), x)
   # Same names, shapes, dtypes and (same key) the same default initial values.
@@ -135,7 +142,9 @@ def test_fastconv_dtype_promotion_matches_nn_conv():
   assert jax.tree.leaves(v)[0].dtype == jnp.float32  # parameters stay float32
   y_fast, y_ref = fast.apply(v, x), ref.apply(v, x)
   assert y_fast.dtype == y_ref.dtype == jnp.bfloat16
-  np.testing.assert_allclose(y_fast.astype(jnp.float32), y_ref.astype(jnp.float32), rtol=2e-2,
+  np.testing.assert_allclose(y_fast.astype(jnp.float32),
+                             y_ref.astype(jnp.float32),
+                             rtol=2e-2,
                              atol=2e-2)
   g = jax.grad(lambda v: jnp.sum(fast.apply(v, x).astype(jnp.float32)))(v)
   assert jax.tree.leaves(g)[0].dtype == jnp.float32
@@ -143,7 +152,7 @@ def test_fastconv_dtype_promotion_matches_nn_conv():
 
 def test_auto_selects_custom_path_by_backend(monkeypatch):
   assert conv_lib.use_custom_vjp("auto") == (jax.default_backend() == "cpu")
-  assert conv_lib.use_custom_vjp("custom") and not conv_lib.use_custom_vjp("xla")
+  assert conv_lib.use_custom_vjp("fast") and not conv_lib.use_custom_vjp("xla")
   monkeypatch.setattr(conv_lib.jax, "default_backend", lambda: "gpu")
   assert not conv_lib.use_custom_vjp("auto")
   x = jnp.ones((1, 4, 4, 2))
@@ -187,6 +196,6 @@ def test_input_gradient_keeps_hwio_kernel_inside_loops():
   hlo = jax.jit(attack_like).lower(x, kernel).compile().as_text()
   assert "01io" in hlo and "01oi" not in hlo
   ref = jax.lax.fori_loop(
-      0, 2, lambda _, z: z + 0.1 * jnp.sign(jax.grad(lambda z: jnp.sum(
-          conv2d_xla(z, kernel, (2, 2), ((0, 1), (1, 1)))**2))(z)), x)
+      0, 2, lambda _, z: z + 0.1 * jnp.sign(
+          jax.grad(lambda z: jnp.sum(conv2d_xla(z, kernel, (2, 2), ((0, 1), (1, 1)))**2))(z)), x)
   np.testing.assert_allclose(attack_like(x, kernel), ref, atol=1e-6)

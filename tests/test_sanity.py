@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from gen_jax.evaluation import sanity
+from gen_jax.evaluation import catalogue, sanity
 
 EPS = 0.1
 STEP = 0.025
@@ -161,7 +161,7 @@ def test_eps_curve_compiles_once(digits):
   params, x, y = digits
   # A fresh function object, so nothing is cached for it yet.
   fn = jax.tree_util.Partial(lambda p, z: _mlp(p, z), params)
-  before = sanity._attack._cache_size()  # pylint: disable=protected-access
+  before = catalogue._pgd_batch._cache_size()  # pylint: disable=protected-access
   known = {k: 0.0 for k in sanity.FIGURES if not k.startswith("pgd20")}
   result = sanity.sanity_checks(fn,
                                 x[:20],
@@ -171,11 +171,17 @@ def test_eps_curve_compiles_once(digits):
                                 step_size=STEP,
                                 known=known)
   assert result["computed"] == ["pgd20@0.25x", "pgd20@0.5x", "pgd20", "pgd20@2x", "pgd20@4x"]
-  assert sanity._attack._cache_size() - before == 1  # pylint: disable=protected-access
+  assert catalogue._pgd_batch._cache_size() - before == 1  # pylint: disable=protected-access
 
 
 def test_markdown_table(natural_result, masked_result):
-  table = sanity.to_markdown({"natural": natural_result, "masked": masked_result})
+  table = sanity.to_markdown({
+      "n": 100,
+      "models": {
+          "natural": natural_result,
+          "masked": masked_result
+      }
+  })
   lines = table.strip().splitlines()
   header = [c.strip() for c in lines[2].strip("|").split("|")]
   assert header == ["model", *sanity.CHECKS, "overall"]
@@ -189,7 +195,7 @@ def test_markdown_table(natural_result, masked_result):
   assert masked["unbounded_eps"].startswith("FAIL") and masked["overall"].startswith("FAIL")
   assert f"{100 * masked_result['accuracies']['square']:.1f}" in masked["black_box_vs_white_box"]
   with pytest.raises(ValueError, match="lacks check"):
-    sanity.to_markdown({"bad": {"checks": {}}})
+    sanity.to_markdown({"n": 1, "models": {"bad": {"checks": {}}}})
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import gen_jax
-from gen_jax import checkpoint, training
+from gen_jax import checkpoint, runs, training
 from gen_jax import config as cfg
-from gen_jax.evaluation import evaluate_models, outputs, sweep
+from gen_jax.evaluation import ModelSet, evaluate_models, outputs, sweep
 from gen_jax.models import common
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -22,25 +22,24 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-  """A finished 2-epoch tiny Generalist run and its restored state."""
+  """A finished 2-epoch tiny Generalist run and its restored models."""
   workdir = tmp_path_factory.mktemp("run")
   training.train_and_evaluate(cfg.get_config("tiny"), workdir, progress=False)
-  return (workdir, *training.loop.restore_run(workdir))
+  return workdir, runs.restore_models(workdir)
 
 
 def test_sweep_endpoints_equal_the_experts_and_global_is_evaluated(tiny_run):
-  _, config, splits, model, state = tiny_run
-  result = sweep.sweep_mix(state.teacher_nat,
-                           state.teacher_rob,
-                           model,
-                           splits.test_x,
-                           splits.test_y,
-                           betas=[1.0, 0.0, 0.5],
-                           key=jax.random.key(3),
-                           eps=config.eps,
-                           step_size=config.eval_step_size,
-                           steps=3,
-                           global_variables=state.mix)
+  _, run = tiny_run
+  config, model = run.config, run.model
+  assert list(run.models) == ["natural", "robust", "global"]
+  result = sweep.run(ModelSet(model, run.models),
+                     run.test_x,
+                     run.test_y,
+                     betas=[1.0, 0.0, 0.5],
+                     key=jax.random.key(3),
+                     eps=config.eps,
+                     step_size=config.eval_step_size,
+                     steps=3)
   assert result["betas"] == [0.0, 0.5, 1.0]
   points = {p["beta"]: p for p in result["points"]}
   assert points[0.0]["clean"] == result["experts"]["natural"]["clean"]
@@ -48,9 +47,9 @@ def test_sweep_endpoints_equal_the_experts_and_global_is_evaluated(tiny_run):
   assert points[1.0]["clean"] == result["experts"]["robust"]["clean"]
   assert points[1.0]["robust"] == result["experts"]["robust"]["robust"]
   # The figures are those of the shared evaluator, not a copy of something else.
-  direct = evaluate_models({"g": state.mix},
-                           splits.test_x,
-                           splits.test_y,
+  direct = evaluate_models({"g": run.models["global"]},
+                           run.test_x,
+                           run.test_y,
                            model=model,
                            key=jax.random.key(3),
                            eps=config.eps,
@@ -58,7 +57,7 @@ def test_sweep_endpoints_equal_the_experts_and_global_is_evaluated(tiny_run):
                            steps=3,
                            batch_size=250)["g"]
   assert result["global"] == {"clean": direct["clean_acc"], "robust": direct["pgd_acc"]}
-  assert result["n"] == len(splits.test_y) and not result["bn_recalibrated"]
+  assert result["n"] == len(run.test_y) and not result["bn_recalibrated"]
   # The front is over every plotted point: sweep, experts and global model.
   everything = {p["beta"]: (p["clean"], p["robust"]) for p in result["points"]}
   everything.update({r: (f["clean"], f["robust"]) for r, f in result["experts"].items()})
@@ -215,11 +214,14 @@ def test_model_checkpoint_round_trip_and_no_overwrite(tmp_path):
   gc.collect()  # collect orbax's failed reader coroutines here, under this test's filter
 
 
-def test_restore_model_checkpoint_reads_a_runs_best_directory(tiny_run, tmp_path):
+def test_load_model_reads_a_runs_best_directory(tiny_run, tmp_path):
   workdir = tiny_run[0]
-  config, splits, model, variables, name = training.loop.restore_model_checkpoint(workdir / "best")
+  best_run = runs.load_model(workdir / "best")
+  ((name, variables),) = best_run.models.items()
+  config, model, splits = best_run.config, best_run.model, runs.load_splits(best_run.config)
   best = json.loads((workdir / "summary.json").read_text())["best"]
-  assert name == f"best (epoch {best['epoch']})" and config == tiny_run[1]
+  assert name == f"global (best, epoch {best['epoch']})" and config == tiny_run[1].config
+  assert best_run.eval_dir == workdir / "eval" / "best"
   direct = evaluate_models({"b": variables},
                            splits.val_x,
                            splits.val_y,
@@ -230,9 +232,9 @@ def test_restore_model_checkpoint_reads_a_runs_best_directory(tiny_run, tmp_path
                            steps=0)["b"]
   assert direct["clean_acc"] == pytest.approx(best["clean_acc"])  # the model selected on validation
   with pytest.raises(FileNotFoundError, match="neither a model checkpoint"):
-    training.loop.restore_model_checkpoint(tmp_path)
+    runs.load_model(tmp_path)
   with pytest.raises(FileNotFoundError, match="no such directory"):
-    training.loop.restore_model_checkpoint(tmp_path / "missing")
+    runs.load_model(tmp_path / "missing")
 
 
 def test_outputs_keep_earlier_files(tmp_path):

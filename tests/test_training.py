@@ -94,7 +94,7 @@ def _loss(model, variables, x, y):
 def test_natural_step_lowers_the_clean_loss(tiny_setup):
   config, model, images, labels, state = tiny_setup
   x = jnp.asarray(images, jnp.float32) / 255
-  expert = state.nat
+  expert = state.experts["natural"]
   before = _loss(model, expert.variables, x, labels)
   step = jax.jit(lambda s: steps_lib.natural_train_step(
       s, x, labels, jnp.float32(0.05), model=model, config=config))
@@ -110,7 +110,7 @@ def test_training_adversary_stays_in_ball_and_box_and_raises_loss(tiny_setup):
   hparams = {"eps": jnp.float32(0.1), "step_size": jnp.float32(0.03)}
   for robust_loss in ("pgd", "trades"):
     c = dataclasses.replace(config, robust_loss=robust_loss, pgd_steps=5)
-    x_adv = steps_lib.adversarial_examples(state.rob.variables,
+    x_adv = steps_lib.adversarial_examples(state.experts["robust"].variables,
                                            x,
                                            labels,
                                            jax.random.key(1),
@@ -121,8 +121,8 @@ def test_training_adversary_stays_in_ball_and_box_and_raises_loss(tiny_setup):
     assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
     assert float(jnp.max(jnp.abs(x_adv - x))) > 0.05  # it moved
     if robust_loss == "pgd":
-      assert _loss(model, state.rob.variables, x_adv, labels) > _loss(model, state.rob.variables, x,
-                                                                      labels)
+      assert _loss(model, state.experts["robust"].variables, x_adv,
+                   labels) > _loss(model, state.experts["robust"].variables, x, labels)
 
 
 def test_robust_step_lowers_the_adversarial_loss(tiny_setup):
@@ -146,7 +146,7 @@ def test_robust_step_lowers_the_adversarial_loss(tiny_setup):
                                            config=config)
     return _loss(model, expert.variables, x_adv, labels)
 
-  expert = state.rob
+  expert = state.experts["robust"]
   before = adv_loss(expert)
   step = jax.jit(
       lambda s: steps_lib.robust_train_step(s, x, labels, key, hparams, model=model, config=config))
@@ -158,12 +158,17 @@ def test_robust_step_lowers_the_adversarial_loss(tiny_setup):
 def test_generalist_update_matches_hand_computation(tiny_setup):
   config, _, _, _, state = tiny_setup
   leaf = lambda v: {"params": {"w": jnp.full((2,), v)}, "batch_stats": {"m": jnp.full((2,), v)}}
+  experts = state.experts
   s = state.replace(step=jnp.int32(3),
-                    nat=state.nat.replace(variables=leaf(2.0)),
-                    rob=state.rob.replace(variables=leaf(4.0)),
-                    teacher_nat=leaf(1.0),
-                    teacher_rob=leaf(3.0),
-                    mix=leaf(0.0))
+                    experts={
+                        "natural": experts["natural"].replace(variables=leaf(2.0)),
+                        "robust": experts["robust"].replace(variables=leaf(4.0))
+                    },
+                    teachers={
+                        "natural": leaf(1.0),
+                        "robust": leaf(3.0)
+                    },
+                    global_model=leaf(0.0))
   d = 4 / 13  # min(0.999, (3 + 1) / (3 + 10))
   t_nat, t_rob = d * 1 + (1 - d) * 2, d * 3 + (1 - d) * 4
   beta = 0.7
@@ -173,13 +178,13 @@ def test_generalist_update_matches_hand_computation(tiny_setup):
                                       beta=jnp.float32(beta),
                                       redistribute=jnp.bool_(redistribute),
                                       config=config)
-    np.testing.assert_allclose(out.teacher_nat["params"]["w"], t_nat, rtol=1e-6)
-    np.testing.assert_allclose(out.teacher_rob["batch_stats"]["m"], t_rob, rtol=1e-6)
-    np.testing.assert_allclose(out.mix["params"]["w"], glob, rtol=1e-6)
-    np.testing.assert_allclose(out.nat.variables["params"]["w"],
+    np.testing.assert_allclose(out.teachers["natural"]["params"]["w"], t_nat, rtol=1e-6)
+    np.testing.assert_allclose(out.teachers["robust"]["batch_stats"]["m"], t_rob, rtol=1e-6)
+    np.testing.assert_allclose(out.global_model["params"]["w"], glob, rtol=1e-6)
+    np.testing.assert_allclose(out.experts["natural"].variables["params"]["w"],
                                glob if redistribute else 2.0,
                                rtol=1e-6)
-    np.testing.assert_allclose(out.rob.variables["batch_stats"]["m"],
+    np.testing.assert_allclose(out.experts["robust"].variables["batch_stats"]["m"],
                                glob if redistribute else 4.0,
                                rtol=1e-6)
     assert int(out.step) == 4
@@ -196,7 +201,7 @@ def test_train_step_compiles_once_across_steps_and_schedule_values(tiny_setup):
     for i in range(2):
       state, metrics = jitted(state, tables, jax.random.key(i))
   assert int(state.step) == 4
-  assert set(metrics) == {"nat", "rob"}
+  assert set(metrics) == {"natural", "robust"}
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -205,9 +210,11 @@ def test_tiny_run_writes_files_and_resume_reproduces_the_uninterrupted_run(tmp_p
   full = training.train_and_evaluate(config, tmp_path / "full", progress=False)
   for name in ("config.json", "metrics.jsonl", "summary.json"):
     assert (tmp_path / "full" / name).exists()
+  assert list(full["models"]) == ["natural", "robust", "global"]
   for role in ("natural", "robust", "global"):
-    for key in ("clean_acc", "pgd2_acc"):
-      assert 0.0 <= full[role][key] <= 1.0
+    for key in ("clean_acc", "pgd_acc"):
+      assert 0.0 <= full["models"][role][key] <= 1.0
+  assert full["pgd"]["steps"] == config.eval_pgd_steps
   lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(l)["epoch"] for l in lines] == [1, 2]
   assert {"natural", "robust", "global"} <= set(json.loads(lines[0])["test"])
@@ -223,8 +230,7 @@ def test_tiny_run_writes_files_and_resume_reproduces_the_uninterrupted_run(tmp_p
   with pytest.raises(ValueError, match="cannot restore checkpoint step 1 from .*corrupt"):
     training.train_and_evaluate(config, tmp_path / "corrupt", progress=False)
   resumed = training.train_and_evaluate(config, tmp_path / "cut", progress=False)
-  for role in ("natural", "robust", "global"):
-    assert resumed[role] == full[role]
+  assert resumed["models"] == full["models"]
   cut_lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
   strip = lambda l: {k: v for k, v in json.loads(l).items() if k != "train_seconds"}
   assert [strip(l) for l in cut_lines] == [strip(l) for l in lines]

@@ -19,17 +19,17 @@ arguments (no recompilation when they change, no constants baked into the progra
 """
 from gen_jax.attacks.apgd import apgd, apgd_checkpoints, apgd_targeted
 from gen_jax.attacks.autoattack import autoattack, verify_adversarial
-from gen_jax.attacks.core import (attack_in_batches, ce_loss, dlr_loss, dlr_targeted_loss, lp_norm,
-                                  margin_loss, project, project_l2, project_linf, random_start,
-                                  validate_attack_inputs)
+from gen_jax.attacks.core import (attack_in_batches, ce_loss, dlr_loss, dlr_targeted_loss, kl_loss,
+                                  lp_norm, margin_loss, project, project_l2, project_linf,
+                                  random_start, validate_attack_inputs)
 from gen_jax.attacks.fab import fab, fab_targeted
-from gen_jax.attacks.pgd import cw, fgsm, mim, pgd
+from gen_jax.attacks.pgd import cw, fgsm, mim, pgd, trades_attack
 from gen_jax.attacks.settings import DEFAULTS, RAND
 from gen_jax.attacks.square import square
 
 __all__ = [
-    "fgsm", "pgd", "mim", "cw", "apgd", "apgd_targeted", "apgd_checkpoints", "fab", "fab_targeted",
-    "square", "autoattack", "verify_adversarial", "attack_in_batches", "validate_attack_inputs",
-    "project", "project_linf", "project_l2", "random_start", "ce_loss", "margin_loss", "dlr_loss",
-    "dlr_targeted_loss", "lp_norm", "DEFAULTS", "RAND"
+    "fgsm", "pgd", "mim", "trades_attack", "cw", "apgd", "apgd_targeted", "apgd_checkpoints", "fab",
+    "fab_targeted", "square", "autoattack", "verify_adversarial", "attack_in_batches",
+    "validate_attack_inputs", "project", "project_linf", "project_l2", "random_start", "ce_loss",
+    "margin_loss", "dlr_loss", "dlr_targeted_loss", "kl_loss", "lp_norm", "DEFAULTS", "RAND"
 ]

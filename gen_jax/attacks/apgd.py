@@ -213,9 +213,19 @@ def _apgd_engine(logits_fn, x, y, key, eps, *, steps, norm, loss, restarts, n_ta
   def run(carry, inputs):
     adv, robust = carry
     target, run_key = inputs
-    x_best_adv, correct = _single_run(logits_fn, x, y, target, run_key, eps, steps=steps,
-                                      norm=norm, loss=loss, rho=rho, momentum=momentum,
-                                      step_size_factor=step_size_factor, eot_iter=eot_iter,
+    x_best_adv, correct = _single_run(logits_fn,
+                                      x,
+                                      y,
+                                      target,
+                                      run_key,
+                                      eps,
+                                      steps=steps,
+                                      norm=norm,
+                                      loss=loss,
+                                      rho=rho,
+                                      momentum=momentum,
+                                      step_size_factor=step_size_factor,
+                                      eot_iter=eot_iter,
                                       randomized=randomized)
     fooled = robust & ~correct
     adv = jnp.where(fooled[:, None, None, None], x_best_adv, adv)
@@ -226,10 +236,10 @@ def _apgd_engine(logits_fn, x, y, key, eps, *, steps, norm, loss, restarts, n_ta
   return jax.lax.stop_gradient(adv).astype(x.dtype)
 
 
-_apgd_engine_jit = jax.jit(
-    _apgd_engine,
-    static_argnames=("steps", "norm", "loss", "restarts", "n_targets", "rho", "momentum",
-                     "step_size_factor", "eot_iter", "randomized"))
+_apgd_engine_jit = jax.jit(_apgd_engine,
+                           static_argnames=("steps", "norm", "loss", "restarts", "n_targets", "rho",
+                                            "momentum", "step_size_factor", "eot_iter",
+                                            "randomized"))
 
 
 def _engine(x, y, key, eps):
@@ -250,7 +260,12 @@ def _validate(logits_fn, x, y, key, eps, steps, norm, restarts, rho, eot_iter, r
     raise ValueError("eot_iter > 1 averages over the randomness of the model: pass "
                      "randomized=True and a logits_fn(x, key).")
   check_fn = (lambda xx: logits_fn(xx, key)) if randomized else logits_fn
-  return core.validate_attack_inputs(check_fn, x, y, eps=eps, steps=steps, norm=norm,
+  return core.validate_attack_inputs(check_fn,
+                                     x,
+                                     y,
+                                     eps=eps,
+                                     steps=steps,
+                                     norm=norm,
                                      min_classes=min_classes)
 
 
@@ -300,13 +315,34 @@ def apgd(logits_fn: LogitsFn,
   if loss not in ("ce", "dlr"):
     raise ValueError(f"loss must be 'ce' or 'dlr' (for the targeted DLR use apgd_targeted), got "
                      f"{loss!r}.")
-  _validate(logits_fn, x, y, key, eps, steps, norm, restarts, rho, eot_iter, randomized,
+  _validate(logits_fn,
+            x,
+            y,
+            key,
+            eps,
+            steps,
+            norm,
+            restarts,
+            rho,
+            eot_iter,
+            randomized,
             min_classes=3 if loss == "dlr" else 2)
   engine = _engine(x, y, key, eps)
-  return engine(core.as_pytree_fn(logits_fn), x, y, key, jnp.asarray(eps), steps=steps, norm=norm,
-                loss=loss, restarts=restarts, n_targets=0, rho=float(rho),
-                momentum=DEFAULTS.apgd.momentum, step_size_factor=DEFAULTS.apgd.step_size_factor,
-                eot_iter=eot_iter, randomized=bool(randomized))
+  return engine(core.as_pytree_fn(logits_fn),
+                x,
+                y,
+                key,
+                jnp.asarray(eps),
+                steps=steps,
+                norm=norm,
+                loss=loss,
+                restarts=restarts,
+                n_targets=0,
+                rho=float(rho),
+                momentum=DEFAULTS.apgd.momentum,
+                step_size_factor=DEFAULTS.apgd.step_size_factor,
+                eot_iter=eot_iter,
+                randomized=bool(randomized))
 
 
 def apgd_targeted(logits_fn: LogitsFn,
@@ -352,12 +388,32 @@ def apgd_targeted(logits_fn: LogitsFn,
     Croce & Hein, ICML 2020, https://arxiv.org/abs/2003.01690
   """
   core.check_positive_int("n_target_classes", n_target_classes)
-  num_classes = _validate(logits_fn, x, y, key, eps, steps, norm, restarts, rho, eot_iter,
-                          randomized, min_classes=4)
+  num_classes = _validate(logits_fn,
+                          x,
+                          y,
+                          key,
+                          eps,
+                          steps,
+                          norm,
+                          restarts,
+                          rho,
+                          eot_iter,
+                          randomized,
+                          min_classes=4)
   n_targets = min(n_target_classes, num_classes - 1)
   engine = _engine(x, y, key, eps)
-  return engine(core.as_pytree_fn(logits_fn), x, y, key, jnp.asarray(eps), steps=steps, norm=norm,
-                loss="dlr-targeted", restarts=restarts, n_targets=n_targets, rho=float(rho),
+  return engine(core.as_pytree_fn(logits_fn),
+                x,
+                y,
+                key,
+                jnp.asarray(eps),
+                steps=steps,
+                norm=norm,
+                loss="dlr-targeted",
+                restarts=restarts,
+                n_targets=n_targets,
+                rho=float(rho),
                 momentum=DEFAULTS.apgd_t.momentum,
-                step_size_factor=DEFAULTS.apgd_t.step_size_factor, eot_iter=eot_iter,
+                step_size_factor=DEFAULTS.apgd_t.step_size_factor,
+                eot_iter=eot_iter,
                 randomized=bool(randomized))

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gen_jax.attacks import core
+from gen_jax.data.batching import map_batches
 from gen_jax.attacks.apgd import apgd, apgd_targeted
 from gen_jax.attacks.fab import fab, fab_targeted
 from gen_jax.attacks.settings import VERSIONS, AutoAttackSettings
@@ -90,15 +91,7 @@ def _predict_fn(logits_fn, randomized):
 
 def _predict_all(predict, x, key, batch_size):
   """Predicted labels of `x` in padded batches of one shape."""
-  n = x.shape[0]
-  out = np.empty((n,), np.int64)
-  for i, start in enumerate(range(0, n, batch_size)):
-    xb = x[start:start + batch_size]
-    m = xb.shape[0]
-    if m < batch_size:
-      xb = np.concatenate([xb, np.repeat(xb[:1], batch_size - m, axis=0)])
-    out[start:start + m] = predict(xb, jax.random.fold_in(key, i))[:m]
-  return out
+  return map_batches(predict, (x,), batch_size=batch_size, key=key)
 
 
 def _padded_size(m: int, batch_size: int) -> int:
@@ -112,13 +105,10 @@ def _padded_size(m: int, batch_size: int) -> int:
 
 def _attack_subset(attack_fn, x_sub, y_sub, key, batch_size):
   """Runs `attack_fn` on a subset in batches, padding the remainder to few compiled shapes."""
-  m = x_sub.shape[0]
-  if m >= batch_size:
-    return core.attack_in_batches(attack_fn, x_sub, y_sub, key=key, batch_size=batch_size)
-  size = _padded_size(m, batch_size)
-  xb = np.concatenate([x_sub, np.repeat(x_sub[:1], size - m, axis=0)])
-  yb = np.concatenate([y_sub, np.repeat(y_sub[:1], size - m, axis=0)])
-  return np.asarray(attack_fn(xb, yb, key=jax.random.fold_in(key, 0)))[:m]
+  size = batch_size if x_sub.shape[0] >= batch_size else _padded_size(x_sub.shape[0], batch_size)
+  return map_batches(lambda xb, yb, k: attack_fn(xb, yb, key=k), (x_sub, y_sub),
+                     batch_size=size,
+                     key=key)
 
 
 def _stage_fn(name: str, logits_fn, eps, norm, settings, randomized) -> Callable[..., Any]:
@@ -128,24 +118,41 @@ def _stage_fn(name: str, logits_fn, eps, norm, settings, randomized) -> Callable
                      "runs only 'apgd-ce' and 'apgd-dlr'.")
   rand_kw = dict(eot_iter=settings.apgd.eot_iter, randomized=randomized)
   if name in ("apgd-ce", "apgd-dlr"):
-    return functools.partial(apgd, logits_fn, eps=eps, norm=norm, loss=name[5:],
-                             steps=settings.apgd.steps, restarts=settings.apgd.restarts,
-                             rho=settings.apgd.rho, **rand_kw)
+    return functools.partial(apgd,
+                             logits_fn,
+                             eps=eps,
+                             norm=norm,
+                             loss=name[5:],
+                             steps=settings.apgd.steps,
+                             restarts=settings.apgd.restarts,
+                             rho=settings.apgd.rho,
+                             **rand_kw)
   if name == "apgd-t":
-    return functools.partial(apgd_targeted, logits_fn, eps=eps, norm=norm,
-                             steps=settings.apgd_t.steps, restarts=settings.apgd_t.restarts,
+    return functools.partial(apgd_targeted,
+                             logits_fn,
+                             eps=eps,
+                             norm=norm,
+                             steps=settings.apgd_t.steps,
+                             restarts=settings.apgd_t.restarts,
                              n_target_classes=settings.apgd_t.n_target_classes,
                              rho=settings.apgd_t.rho)
   if name in ("fab-t", "fab"):
     fn = fab_targeted if name == "fab-t" else fab
     fab_settings = settings.fab_t
-    kw = dict(steps=fab_settings.steps, restarts=fab_settings.restarts,
-              alpha_max=fab_settings.alpha_max, eta=fab_settings.eta, beta=fab_settings.beta)
+    kw = dict(steps=fab_settings.steps,
+              restarts=fab_settings.restarts,
+              alpha_max=fab_settings.alpha_max,
+              eta=fab_settings.eta,
+              beta=fab_settings.beta)
     if name == "fab-t":
       kw["n_target_classes"] = fab_settings.n_target_classes
     return functools.partial(fn, logits_fn, eps=eps, norm=norm, **kw)
-  return functools.partial(square, logits_fn, eps=eps, norm=norm,
-                           n_queries=settings.square.n_queries, p_init=settings.square.p_init,
+  return functools.partial(square,
+                           logits_fn,
+                           eps=eps,
+                           norm=norm,
+                           n_queries=settings.square.n_queries,
+                           p_init=settings.square.p_init,
                            restarts=settings.square.restarts)
 
 

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gen_jax.data.batching import map_batches
+
 NORMS = ("linf", "l2")
 
 # Floor of the L2 norm in divisions (the reference AutoAttack uses 1e-12 as well).
@@ -290,11 +292,27 @@ def dlr_targeted_loss(logits: jax.Array, y: jax.Array, target: jax.Array) -> jax
   return -(z_y - z_t) / (z_sorted[:, -1] - 0.5 * (z_sorted[:, -3] + z_sorted[:, -4]) + _TINY)
 
 
-LOSSES = {"ce": ce_loss, "cw": margin_loss, "dlr": dlr_loss}
+def kl_loss(logits: jax.Array, clean_logits: jax.Array) -> jax.Array:
+  """Per-example KL(p_clean || p), with p = softmax(logits), in float32.
+
+  PyTorch's `KLDivLoss(log_softmax(adv), softmax(clean))` summed over classes: the TRADES attack
+  maximises it, and the TRADES objective adds beta times its mean to the clean cross-entropy.
+
+  References:
+    Zhang et al., "Theoretically Principled Trade-off between Robustness and Accuracy", ICML 2019.
+  """
+  log_p_clean = jax.nn.log_softmax(clean_logits.astype(jnp.float32))
+  log_p = jax.nn.log_softmax(logits.astype(jnp.float32))
+  return jnp.sum(jnp.exp(log_p_clean) * (log_p_clean - log_p), axis=-1)
+
+
+# Per-example losses the PGD engine ascends: (logits, target) -> [B]. The target is the label for
+# "ce", "cw" and "dlr", and the clean logits for "kl" (TRADES).
+LOSSES = {"ce": ce_loss, "cw": margin_loss, "dlr": dlr_loss, "kl": kl_loss}
 
 
 def get_loss_fn(loss: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """The per-example loss named `loss` ("ce", "cw" or "dlr").
+  """The per-example loss named `loss` ("ce", "cw", "dlr" or "kl").
 
   Raises:
     ValueError: for any other name.
@@ -304,16 +322,13 @@ def get_loss_fn(loss: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
   return LOSSES[loss]
 
 
-def attack_in_batches(attack_fn: Callable[..., jax.Array],
-                      x: Any,
-                      y: Any,
-                      *,
-                      key: jax.Array,
+def attack_in_batches(attack_fn: Callable[..., jax.Array], x: Any, y: Any, *, key: jax.Array,
                       batch_size: int) -> np.ndarray:
   """Runs `attack_fn(x_b, y_b, key=key_b)` over batches of a large input; returns a host array.
 
-  The last batch is padded (with copies of its first example) to `batch_size`, so a jitted
-  `attack_fn` compiles once; batch `i` uses `jax.random.fold_in(key, i)`.
+  Batches follow `gen_jax.data.batching.map_batches`: the last one is padded to `batch_size`, so
+  a jitted `attack_fn` compiles once (N <= `batch_size` examples form one batch of size N);
+  batch `i` uses `jax.random.fold_in(key, i)`.
 
   Args:
     attack_fn: `(x, y, *, key) -> x_adv`, e.g. `functools.partial(pgd, logits_fn, eps=..., ...)`.
@@ -329,17 +344,7 @@ def attack_in_batches(attack_fn: Callable[..., jax.Array],
     ValueError: if `batch_size` < 1 or `x` and `y` disagree on N.
   """
   check_positive_int("batch_size", batch_size)
-  x, y = np.asarray(x), np.asarray(y)
-  if x.shape[:1] != y.shape[:1]:
-    raise ValueError(f"x and y must have the same number of examples, got {x.shape} and {y.shape}.")
-  n = x.shape[0]
-  out = np.empty_like(x)
-  for i, start in enumerate(range(0, n, batch_size)):
-    xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-    m = xb.shape[0]
-    if m < batch_size and n > batch_size:
-      pad = batch_size - m
-      xb = np.concatenate([xb, np.repeat(xb[:1], pad, axis=0)])
-      yb = np.concatenate([yb, np.repeat(yb[:1], pad, axis=0)])
-    out[start:start + m] = np.asarray(attack_fn(xb, yb, key=jax.random.fold_in(key, i)))[:m]
-  return out
+  n = np.shape(y)[0]
+  return map_batches(lambda xb, yb, k: attack_fn(xb, yb, key=k), (x, y),
+                     batch_size=max(1, min(batch_size, n)),
+                     key=key)

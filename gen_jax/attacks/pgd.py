@@ -1,6 +1,6 @@
-"""The PGD family: FGSM, PGD (CE / CW margin / DLR, L-inf / L2, restarts), MIM and CW-inf.
+"""The PGD family: FGSM, PGD (CE / CW margin / DLR, L-inf / L2, restarts), MIM, CW-inf and TRADES.
 
-All four share one engine: gradient steps on the summed per-example loss (sign steps for L-inf,
+All five share one engine: gradient steps on the summed per-example loss (sign steps for L-inf,
 L2-normalised steps for L2), each followed by the projection onto the eps-ball and the [0, 1] box,
 as a `lax.fori_loop`. `eps` and `step_size` may be traced (the training step calls `pgd` inside
 `jax.jit` without recompiling when they change); `steps`, `restarts`, `norm` and `loss` are static.
@@ -17,6 +17,7 @@ Synopsis::
     x_adv = attacks.mim(logits_fn, x, y, key=key, eps=8 / 255, step_size=2 / 255, steps=20)
     x_adv = attacks.cw(logits_fn, x, y, key=key, eps=8 / 255, step_size=2 / 255, steps=30)
     x_adv = attacks.fgsm(logits_fn, x, y, eps=8 / 255)
+    x_adv = attacks.trades_attack(logits_fn, x, key=key, eps=8 / 255, step_size=2 / 255, steps=10)
 
 References:
   Goodfellow et al., "Explaining and Harnessing Adversarial Examples", ICLR 2015,
@@ -27,6 +28,8 @@ References:
   https://arxiv.org/abs/1710.06081
   Carlini & Wagner, "Towards Evaluating the Robustness of Neural Networks", S&P 2017,
   https://arxiv.org/abs/1608.04644
+  Zhang et al., "Theoretically Principled Trade-off between Robustness and Accuracy", ICML 2019,
+  https://arxiv.org/abs/1901.08573
 """
 from typing import Any, Callable, Optional
 
@@ -37,17 +40,34 @@ from gen_jax.attacks import core
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
+# Where the ascent starts: the clean image, a uniform point of the ball (Madry), or the clean image
+# plus 0.001 * N(0, 1) noise (the TRADES code).
+STARTS = ("none", "uniform", "normal")
+_TRADES_NOISE = 0.001
+
+
+def _start(key, x, eps, norm, start):
+  if start == "uniform":
+    return core.random_start(key, x, eps, norm)
+  if start == "normal":
+    return core.project(x + _TRADES_NOISE * jax.random.normal(key, x.shape, x.dtype), x, eps, norm)
+  return x
+
 
 def _pgd_engine(logits_fn: jax.tree_util.Partial, x: jax.Array, y: jax.Array, key: jax.Array,
                 eps: jax.Array, step_size: jax.Array, *, steps: int, norm: str, loss: str,
-                use_random_start: bool, restarts: int, decay: Optional[float]) -> jax.Array:
-  """Projected gradient ascent on `loss`; `decay` set turns it into MIM. See `pgd`, `mim`."""
+                start: str, restarts: int, decay: Optional[float]) -> jax.Array:
+  """Projected gradient ascent on `loss(logits, y)`; `decay` set turns it into MIM.
+
+  `y` is the loss's target: labels, or the clean logits for the "kl" loss. See `pgd`, `mim`,
+  `trades_attack`.
+  """
   loss_fn = core.get_loss_fn(loss)
   grad_fn = jax.grad(lambda xa: jnp.sum(loss_fn(logits_fn(xa), y)))
   step = core._per_example(step_size, x)  # pylint: disable=protected-access
 
   def one_run(run_key):
-    x0 = core.random_start(run_key, x, eps, norm) if use_random_start else x
+    x0 = _start(run_key, x, eps, norm, start)
 
     def body(_, carry):
       xa, velocity = carry
@@ -82,17 +102,21 @@ def _pgd_engine(logits_fn: jax.tree_util.Partial, x: jax.Array, y: jax.Array, ke
   return jax.lax.stop_gradient(x_adv).astype(x.dtype)
 
 
-_pgd_engine_jit = jax.jit(
-    _pgd_engine, static_argnames=("steps", "norm", "loss", "use_random_start", "restarts", "decay"))
+_pgd_engine_jit = jax.jit(_pgd_engine,
+                          static_argnames=("steps", "norm", "loss", "start", "restarts", "decay"))
 
 
-def _run(logits_fn, x, y, key, eps, step_size, *, steps, norm, loss, random_start, restarts,
-         decay):
+def _run(logits_fn, x, y, key, eps, step_size, *, steps, norm, loss, random_start, restarts, decay):
   """Validates (eagerly, concrete values only), then runs the jitted engine."""
   num_classes_needed = 3 if loss == "dlr" else 2
   core.get_loss_fn(loss)
   core.check_positive_int("restarts", restarts)
-  core.validate_attack_inputs(logits_fn, x, y, eps=eps, steps=steps, norm=norm,
+  core.validate_attack_inputs(logits_fn,
+                              x,
+                              y,
+                              eps=eps,
+                              steps=steps,
+                              norm=norm,
                               min_classes=num_classes_needed)
   if step_size is None:
     step_size = eps / 4
@@ -105,9 +129,18 @@ def _run(logits_fn, x, y, key, eps, step_size, *, steps, norm, loss, random_star
   # Under an outer trace a nested jit adds nothing, and its cache would keep the caller's tracers
   # (closed over by logits_fn) alive: call the plain function there.
   engine = _pgd_engine_jit if core.is_concrete((x, y, key, eps, step_size)) else _pgd_engine
-  return engine(core.as_pytree_fn(logits_fn), x, y, key, jnp.asarray(eps),
-                     jnp.asarray(step_size), steps=steps, norm=norm, loss=loss,
-                     use_random_start=bool(random_start), restarts=restarts, decay=decay)
+  return engine(core.as_pytree_fn(logits_fn),
+                x,
+                y,
+                key,
+                jnp.asarray(eps),
+                jnp.asarray(step_size),
+                steps=steps,
+                norm=norm,
+                loss=loss,
+                start="uniform" if random_start else "none",
+                restarts=restarts,
+                decay=decay)
 
 
 def pgd(logits_fn: LogitsFn,
@@ -152,8 +185,18 @@ def pgd(logits_fn: LogitsFn,
   References:
     Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018.
   """
-  return _run(logits_fn, x, y, key, eps, step_size, steps=steps, norm=norm, loss=loss,
-              random_start=random_start, restarts=restarts, decay=None)
+  return _run(logits_fn,
+              x,
+              y,
+              key,
+              eps,
+              step_size,
+              steps=steps,
+              norm=norm,
+              loss=loss,
+              random_start=random_start,
+              restarts=restarts,
+              decay=None)
 
 
 def fgsm(logits_fn: LogitsFn,
@@ -184,8 +227,18 @@ def fgsm(logits_fn: LogitsFn,
   References:
     Goodfellow et al., "Explaining and Harnessing Adversarial Examples", ICLR 2015.
   """
-  return _run(logits_fn, x, y, key, eps, eps, steps=1, norm=norm, loss=loss, random_start=False,
-              restarts=1, decay=None)
+  return _run(logits_fn,
+              x,
+              y,
+              key,
+              eps,
+              eps,
+              steps=1,
+              norm=norm,
+              loss=loss,
+              random_start=False,
+              restarts=1,
+              decay=None)
 
 
 def mim(logits_fn: LogitsFn,
@@ -227,8 +280,18 @@ def mim(logits_fn: LogitsFn,
   References:
     Dong et al., "Boosting Adversarial Attacks with Momentum", CVPR 2018.
   """
-  return _run(logits_fn, x, y, key, eps, step_size, steps=steps, norm=norm, loss=loss,
-              random_start=random_start, restarts=1, decay=float(decay))
+  return _run(logits_fn,
+              x,
+              y,
+              key,
+              eps,
+              step_size,
+              steps=steps,
+              norm=norm,
+              loss=loss,
+              random_start=random_start,
+              restarts=1,
+              decay=float(decay))
 
 
 def cw(logits_fn: LogitsFn,
@@ -265,5 +328,59 @@ def cw(logits_fn: LogitsFn,
   References:
     Carlini & Wagner, "Towards Evaluating the Robustness of Neural Networks", S&P 2017.
   """
-  return _run(logits_fn, x, y, key, eps, step_size, steps=steps, norm=norm, loss="cw",
-              random_start=random_start, restarts=restarts, decay=None)
+  return _run(logits_fn,
+              x,
+              y,
+              key,
+              eps,
+              step_size,
+              steps=steps,
+              norm=norm,
+              loss="cw",
+              random_start=random_start,
+              restarts=restarts,
+              decay=None)
+
+
+def trades_attack(logits_fn: LogitsFn,
+                  x: jax.Array,
+                  *,
+                  key: jax.Array,
+                  eps: Any,
+                  step_size: Any,
+                  steps: int,
+                  norm: str = "linf") -> jax.Array:
+  """The TRADES training adversary: the PGD engine ascending KL(p(x) || p(x')).
+
+  Starts at x + 0.001 * N(0, 1) (projected), as the TRADES code does, and needs no labels: the
+  target is the model's own clean prediction. Called inside the jitted training step, so nothing
+  is validated eagerly here.
+
+  Args:
+    logits_fn: the model in inference mode (BatchNorm running statistics), as in TRADES.
+    x: clean images [B, H, W, C] in [0, 1].
+    key: PRNG key of the Gaussian start.
+    eps: radius (may be traced).
+    step_size: step length (may be traced).
+    steps: iterations (static).
+    norm: "linf" (the TRADES setting) or "l2".
+
+  Returns:
+    Adversarial images in the ball around `x` and in [0, 1], gradients stopped.
+
+  References:
+    Zhang et al., "Theoretically Principled Trade-off between Robustness and Accuracy", ICML 2019.
+  """
+  clean_logits = jax.lax.stop_gradient(logits_fn(x))
+  return _pgd_engine(core.as_pytree_fn(logits_fn),
+                     x,
+                     clean_logits,
+                     key,
+                     jnp.asarray(eps),
+                     jnp.asarray(step_size),
+                     steps=steps,
+                     norm=norm,
+                     loss="kl",
+                     start="normal",
+                     restarts=1,
+                     decay=None)

@@ -15,14 +15,15 @@ Synopsis::
     x = data.augment_batch(key, tx[:128], pad=4, flip=data.flip_default(ds.name))
 """
 from gen_jax.data.augment import DEFAULT_FLIP, augment_batch, flip_default, to_float
-from gen_jax.data.batching import eval_batches
+from gen_jax.data.batching import eval_batches, map_batches
 from gen_jax.data.dataset import Dataset, first_per_class, from_arrays, train_validation_split
 from gen_jax.data.folder import IMAGE_EXTENSIONS, load_image_folder
-from gen_jax.data.sources import DATASET_NAMES, load_dataset, load_digits, load_tfds
+from gen_jax.data.sources import (DATASET_NAMES, load_dataset, load_digits, load_tfds,
+                                  read_tfds_source)
 
 __all__ = [
-    "DATASET_NAMES", "DEFAULT_FLIP", "Dataset", "IMAGE_EXTENSIONS", "augment_batch",
-    "eval_batches", "first_per_class", "flip_default", "from_arrays",
+    "DATASET_NAMES", "DEFAULT_FLIP", "Dataset", "IMAGE_EXTENSIONS", "augment_batch", "eval_batches",
+    "map_batches", "read_tfds_source", "first_per_class", "flip_default", "from_arrays",
     "load_dataset", "load_digits", "load_image_folder", "load_tfds", "to_float",
     "train_validation_split"
 ]

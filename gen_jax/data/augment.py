@@ -17,8 +17,11 @@ References:
 """
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Horizontal flips change the meaning of digits and house numbers; natural photos are symmetric.
 DEFAULT_FLIP = {
@@ -53,22 +56,31 @@ def _check_uint8_nhwc(images, fn_name: str) -> None:
     raise ValueError(f"{fn_name} expects an NHWC batch (rank 4), got shape {images.shape}.")
 
 
-def to_float(images: jax.Array) -> jax.Array:
-  """Converts uint8 images to float32 in [0, 1] (x / 255).
+def to_float(images: Any) -> Any:
+  """The project's one pixel conversion: uint8 0..255 -> float32 in [0, 1] (x / 255).
+
+  Floating-point images are taken to be in [0, 1] already and only cast to float32, so a
+  function that accepts either kind calls this once. A numpy array stays a numpy array (host),
+  a JAX array a JAX array (device, traceable).
 
   Args:
-    images: uint8 array of any shape.
+    images: uint8 or floating-point array of any shape.
 
   Returns:
-    float32 array of the same shape.
+    float32 array of the same shape and kind.
 
   Raises:
-    TypeError: `images` is not uint8.
+    TypeError: `images` is neither uint8 nor floating point (e.g. int32 labels passed by mistake).
   """
-  if not hasattr(images, "dtype") or images.dtype != jnp.uint8:
-    raise TypeError(f"to_float expects uint8 images, got dtype "
-                    f"{getattr(images, 'dtype', type(images).__name__)}.")
-  return jnp.asarray(images).astype(jnp.float32) / 255.0
+  dtype = getattr(images, "dtype", None)
+  if dtype == np.uint8:
+    return images.astype(np.float32) / np.float32(255.0)
+  if dtype == np.float32:
+    return images  # already converted: no copy
+  if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+    return images.astype(np.float32)
+  raise TypeError(f"to_float expects uint8 images (0..255) or floats in [0, 1], got "
+                  f"{dtype if dtype is not None else type(images).__name__}.")
 
 
 def augment_batch(key: jax.Array,

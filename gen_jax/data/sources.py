@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+from typing import Any
 
 import numpy as np
 
@@ -96,24 +97,31 @@ def load_digits(image_size: int | None = None) -> Dataset:
                  class_names=tuple(str(i) for i in range(10)))
 
 
-def _read_source(source, num_threads: int) -> tuple[np.ndarray, np.ndarray]:
-  """Reads a whole TFDS data source into (uint8 images, int32 labels)."""
-  n = len(source)
+def read_tfds_source(source: Any, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Reads the first `n` examples (all if None) of a TFDS data source: (uint8 images, int32 labels).
 
-  # Per-index reads: `__getitems__` is broken under `tfds.testing.mock_data` (TFDS 4.9.10), and
-  # threads overlap the per-record PNG decoding anyway.
+  The project's one TFDS reader (training sets here, CIFAR-10-C in `evaluation.corruptions`).
+  Reads index by index in threads: `__getitems__` is broken under `tfds.testing.mock_data`
+  (TFDS 4.9.10), and threads overlap the per-record PNG decoding anyway.
+
+  Raises:
+    ValueError: the source (or its first n) is empty.
+  """
+  count = len(source) if n is None else min(n, len(source))
+  if count == 0:
+    raise ValueError("the TFDS split is empty.")
+
   def read_chunk(start):
-    examples = [source[i] for i in range(start, min(start + 1024, n))]
+    examples = [source[i] for i in range(start, min(start + 1024, count))]
     return ([np.asarray(ex["image"], dtype=np.uint8) for ex in examples],
             [int(ex["label"]) for ex in examples])
 
   images, labels = [], []
+  num_threads = min(16, 2 * (os.cpu_count() or 1))
   with concurrent.futures.ThreadPoolExecutor(max_workers=num_threads) as pool:
-    for chunk_images, chunk_labels in pool.map(read_chunk, range(0, n, 1024)):
+    for chunk_images, chunk_labels in pool.map(read_chunk, range(0, count, 1024)):
       images.extend(chunk_images)
       labels.extend(chunk_labels)
-  if not images:
-    raise ValueError("the TFDS split is empty.")
   return np.stack(images), np.asarray(labels, dtype=np.int32)
 
 
@@ -163,9 +171,8 @@ def load_tfds(name: str, *, data_dir: str | None = None, image_size: int | None 
         f"tfds.data_source('{tfds_name}', data_dir='D')\"\n"
         f"  (or: tfds build {tfds_name} --data_dir=D)\n"
         f"then copy D here and pass --data-dir D (data_dir=D).") from err
-  num_threads = min(16, 2 * (os.cpu_count() or 1))
-  train_x, train_y = _read_source(train_src, num_threads)
-  test_x, test_y = _read_source(test_src, num_threads)
+  train_x, train_y = read_tfds_source(train_src)
+  test_x, test_y = read_tfds_source(test_src)
   if image_size is not None:
     train_x, test_x = _resize(train_x, image_size), _resize(test_x, image_size)
   names = getattr(train_src.dataset_info.features["label"], "names", None)

@@ -1,29 +1,37 @@
 """Evaluation: exact accuracy, the robustness report and the analyses that go with it.
 
 Modules (loaded on first use):
+  modelset     `ModelSet`: one network and named variables, what every analysis evaluates
   accuracy     exact clean / PGD accuracy of several models (`evaluate_models`)
-  report       the attack table, written with the analyses as report.json / report.md
+  catalogue    the named attacks of the report and the sanity checks, and how to run them
+  report       the whole report (`evaluate`, `evaluate_run`): attack table + analyses
   sanity       gradient-masking sanity checks
   boundary     minimal adversarial perturbations and accuracy near the decision boundary
   corruptions  common corruptions computed in JAX (or CIFAR-10-C from TFDS)
   sweep        the mixing-weight sweep, BatchNorm recalibration, Pareto front, selection rule
   outputs      writing result files without overwriting earlier ones
 
+Each analysis (sanity, boundary, corruptions, sweep) is `run(models, images, labels, *, key,
+batch_size, progress, ...)` with its own `to_markdown(result)`.
+
 Synopsis::
 
-    from gen_jax import evaluation
-    evaluation.evaluate_models({"global": v}, images, labels, model=model, key=key, eps=8 / 255,
-                               step_size=2 / 255, steps=20)
-    report = evaluation.robustness_report({"global": v}, model, images, labels,
-                                          attacks_to_run=("clean", "pgd20", "aa"), key=key)
+    from gen_jax import evaluation, runs
+    report = evaluation.evaluate(evaluation.ModelSet(model, {"global": v}), images, labels,
+                                 key=key, eps=8 / 255, step_size=2 / 255,
+                                 attacks=("clean", "pgd20", "aa"))
+    report = evaluation.evaluate_run(runs.restore_models("runs/pilot"), attacks=("clean", "pgd20"))
+    evaluation.write_report(report, "runs/pilot/eval")
 """
 import importlib
 
-_SUBMODULES = ("accuracy", "report", "sanity", "boundary", "corruptions", "sweep", "outputs")
+_SUBMODULES = ("modelset", "accuracy", "catalogue", "report", "sanity", "boundary", "corruptions",
+               "sweep", "outputs")
 _NAMES = {
+    "ModelSet": "modelset",
     "evaluate_models": "accuracy",
-    "ATTACKS": "report",
-    "robustness_report": "report",
+    "evaluate": "report",
+    "evaluate_run": "report",
     "write_report": "report",
 }
 

@@ -20,13 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from gen_jax import attacks
-from gen_jax.data.batching import eval_batches
+from gen_jax.data import to_float
+from gen_jax.data.batching import eval_batches, map_batches
 
 
 @functools.partial(jax.jit, static_argnames=("model", "steps", "norm"))
 def _batch_correct(variables, images, labels, mask, key, eps, step_size, *, model: nn.Module,
                    steps: int, norm: str):
-  x = images.astype(jnp.float32) / 255.0
+  x = to_float(images)
   logits_fn = lambda z: model.apply(variables, z, train=False)
   clean = jnp.argmax(logits_fn(x), -1) == labels
   if steps > 0:
@@ -55,14 +56,9 @@ def correct_predictions(logits_fn: Any, images: Any, labels: Any, batch_size: in
   `logits_fn` is a `jax.tree_util.Partial` (or any pytree-callable) over float images in [0, 1];
   batches have one padded shape, so the jitted prediction compiles once per model architecture.
   """
-  x, y = np.asarray(images), np.asarray(labels).astype(np.int32)
-  n = int(y.shape[0])
-  batches, masks = eval_batches(n, min(batch_size, n))
-  out = [
-      np.asarray(_correct(logits_fn, jnp.asarray(x[idx]), jnp.asarray(y[idx])))[mask]
-      for idx, mask in zip(batches, masks)
-  ]
-  return np.concatenate(out)
+  y = np.asarray(labels).astype(np.int32)
+  return map_batches(functools.partial(_correct, logits_fn), (images, y),
+                     batch_size=min(batch_size, len(y)))
 
 
 def accuracy(logits_fn: Any, images: Any, labels: Any, batch_size: int) -> float:
@@ -86,7 +82,7 @@ def evaluate_models(models: dict[str, Any],
 
   Args:
     models: role -> linen variables, all of the architecture `model`.
-    images: uint8 NHWC images (host or device).
+    images: NHWC images, uint8 or floats in [0, 1] (host or device).
     labels: int labels.
     model: the linen module (evaluated in inference mode).
     key: PRNG key; batch i uses `fold_in(key, i)`, the same for every model.
@@ -122,10 +118,10 @@ def evaluate_models(models: dict[str, Any],
                                      norm=norm)
       totals[role][0] += clean
       totals[role][1] += robust
-  totals = jax.device_get(totals)
+  totals = jax.device_get(totals)  # (sorts the keys: keep the caller's order below)
   return {
       role: {
-          "clean_acc": float(c) / n,
-          "pgd_acc": float(r) / n
-      } for role, (c, r) in totals.items()
+          "clean_acc": float(totals[role][0]) / n,
+          "pgd_acc": float(totals[role][1]) / n
+      } for role in models
   }

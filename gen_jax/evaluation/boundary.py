@@ -64,7 +64,11 @@ import numpy as np
 
 from gen_jax.attacks import core
 from gen_jax.attacks.fab import fab as fab_attack
+from gen_jax.data import to_float
+from gen_jax.data.batching import map_batches
+from gen_jax.evaluation import outputs
 from gen_jax.evaluation.accuracy import correct_predictions
+from gen_jax.evaluation.modelset import ModelSet
 
 METHODS = ("bisection", "fab")
 
@@ -80,7 +84,8 @@ def _check_eps_max(eps_max: Any) -> float:
   try:
     value = float(eps_max)
   except (TypeError, ValueError):
-    raise ValueError(f"eps_max must be a positive number (e.g. 32 / 255), got {eps_max!r}.")
+    raise ValueError(
+        f"eps_max must be a positive number (e.g. 32 / 255), got {eps_max!r}.") from None
   if not math.isfinite(value) or value <= 0:
     raise ValueError(f"eps_max must be finite and > 0 (the largest radius searched, e.g. "
                      f"32 / 255), got {eps_max!r}.")
@@ -91,7 +96,7 @@ def _check_fraction(fraction: Any) -> float:
   try:
     value = float(fraction)
   except (TypeError, ValueError):
-    raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}.")
+    raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}.") from None
   if not 0.0 < value <= 1.0:
     raise ValueError(f"fraction must lie in (0, 1] (0.1 = the closest 10% of the points), got "
                      f"{fraction!r}.")
@@ -100,8 +105,7 @@ def _check_fraction(fraction: Any) -> float:
 
 def _as_float_images(images: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
   """uint8 images become floats in [0, 1]; labels keep their dtype for the checks."""
-  x = np.asarray(images)
-  x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x
+  x = to_float(np.asarray(images))
   if x.shape[:1] == (0,):
     raise ValueError("images is empty; pass at least one test image.")
   return x, np.asarray(labels)
@@ -163,21 +167,6 @@ def _fab_radius(logits_fn, x, y, x_adv):
   return jnp.where(wrong, core.lp_norm(x_adv - x, "linf"), jnp.inf)
 
 
-def _in_batches(fn: Callable[..., jax.Array], x: np.ndarray, y: np.ndarray, key: jax.Array,
-                batch_size: int) -> np.ndarray:
-  """Runs `fn(x_b, y_b, key_b) -> [b]` over batches; the last one is padded to one shape."""
-  n = x.shape[0]
-  out = []
-  for i, start in enumerate(range(0, n, batch_size)):
-    xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-    m = xb.shape[0]
-    if m < batch_size and n > batch_size:
-      xb = np.concatenate([xb, np.repeat(xb[:1], batch_size - m, axis=0)])
-      yb = np.concatenate([yb, np.repeat(yb[:1], batch_size - m, axis=0)])
-    out.append(np.asarray(fn(jnp.asarray(xb), jnp.asarray(yb), jax.random.fold_in(key, i)))[:m])
-  return np.concatenate(out)
-
-
 def boundary_distances(logits_fn: LogitsFn,
                        images: Any,
                        labels: Any,
@@ -233,7 +222,8 @@ def boundary_distances(logits_fn: LogitsFn,
                             pgd_steps=pgd_steps)
 
   if method == "bisection":
-    return _in_batches(bisect, x, y, key, batch_size).astype(np.float32)
+    return map_batches(bisect, (x, y), batch_size=min(batch_size, len(y)),
+                       key=key).astype(np.float32)
 
   fab_key, back_key = jax.random.split(key)
 
@@ -242,10 +232,13 @@ def boundary_distances(logits_fn: LogitsFn,
     return _fab_radius(fn, xb, yb, x_adv)
 
   correct = correct_predictions(fn, x, y, batch_size)
-  dist = _in_batches(fab_radius, x, y, fab_key, batch_size).astype(np.float32)
+  dist = map_batches(fab_radius, (x, y), batch_size=min(batch_size, len(y)),
+                     key=fab_key).astype(np.float32)
   wrong = np.flatnonzero(~correct)
   if wrong.size:
-    dist[wrong] = _in_batches(bisect, x[wrong], y[wrong], back_key, batch_size)
+    dist[wrong] = map_batches(bisect, (x[wrong], y[wrong]),
+                              batch_size=min(batch_size, wrong.size),
+                              key=back_key)
   return dist
 
 
@@ -422,6 +415,29 @@ def boundary_report(logits_fns: Mapping[str, LogitsFn],
   }
 
 
+def run(models: ModelSet,
+        images: Any,
+        labels: Any,
+        *,
+        key: jax.Array,
+        eps: float,
+        batch_size: int = 250,
+        progress: Callable[[str], None] | None = None,
+        **options: Any) -> dict[str, Any]:
+  """The boundary analysis of `gen_jax.evaluation.report`: `boundary_report` of every model.
+
+  `options` are those of `boundary_report` (eps_max, method, fraction, bisection_steps, ...).
+  """
+  return boundary_report(models.logits_fns(),
+                         images,
+                         labels,
+                         key=key,
+                         eps=eps,
+                         batch_size=batch_size,
+                         progress=progress,
+                         **options)
+
+
 def plot_boundary(report: dict[str, Any], path: str | pathlib.Path) -> pathlib.Path:
   """One histogram per model of the signed distances (x 255), saved as a PNG.
 
@@ -460,8 +476,7 @@ def plot_boundary(report: dict[str, Any], path: str | pathlib.Path) -> pathlib.P
               title=f"beyond eps_max: {len(row['beyond_eps_max'])}",
               title_fontsize="small")
   axes[0].set_ylabel("test points")
-  fig.savefig(path, format="png", dpi=100)
-  return path
+  return outputs.save_figure(fig, path, dpi=100)
 
 
 def to_markdown(report: dict[str, Any]) -> str:

@@ -34,9 +34,7 @@ References:
 """
 from __future__ import annotations
 
-import concurrent.futures
 import functools
-import os
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -46,7 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from gen_jax.attacks.core import as_pytree_fn
+from gen_jax.data import to_float
 from gen_jax.data.batching import eval_batches
+from gen_jax.data.sources import read_tfds_source
+from gen_jax.evaluation.modelset import ModelSet
 
 CORRUPTIONS: tuple[str, ...] = ("gaussian_noise", "shot_noise", "impulse_noise", "gaussian_blur",
                                 "contrast", "brightness", "pixelate", "jpeg_compression")
@@ -346,9 +347,8 @@ def jpeg_compress(images: jax.Array, quality: Any) -> jax.Array:
   inverted. Grey (C = 1) images are coded as the luminance plane alone. Images whose sides are not
   multiples of the block (8, or 16 with subsampled chroma) are edge-padded, as libjpeg does, and
   cropped back. Samples are 8-bit integers between the stages, rounded where libjpeg rounds; the
-  float DCT differs from libjpeg's integer one by rounding only (measured against Pillow at the
-  CIFAR-10-C qualities: about 0.1/255 mean absolute difference for grey images and a few times
-  that for RGB, against a 3-5/255 change from the clean image).
+  float DCT differs from libjpeg's integer one by rounding only (tests/test_corruptions.py bounds
+  the difference from Pillow's JPEG at the CIFAR-10-C qualities).
 
   Args:
     images: float NHWC images in [0, 1], C = 1 or 3.
@@ -469,10 +469,7 @@ def _batch_correct(logits_fns, images, labels, mask, key, level, *, name: str | 
 
   The batch is corrupted once and every model sees the same corrupted images.
   """
-  if jnp.issubdtype(images.dtype, jnp.integer):
-    x = images.astype(jnp.float32) / 255.0
-  else:
-    x = images.astype(jnp.promote_types(images.dtype, jnp.float32))
+  x = to_float(images)
   if name is not None:
     x = _apply(x, key, level, name)
   return {
@@ -650,33 +647,14 @@ def _open_sources(data_dir: str | None, names: tuple[str, ...],
       sources.setdefault(name, {})[s] = source
   if missing:
     if sources:
-      warnings.warn(f"cifar10_corrupted is only partly prepared in {data_dir or 'the TFDS default'}"
-                    f"; missing: {', '.join(missing)}. Pass corruptions=/severities= for the "
-                    "configs that are there, or prepare the rest (array_record format) with "
-                    "`tfds build cifar10_corrupted --data_dir=D` on a machine with network.")
+      warnings.warn(
+          f"cifar10_corrupted is only partly prepared in {data_dir or 'the TFDS default'}"
+          f"; missing: {', '.join(missing)}. Pass corruptions=/severities= for the "
+          "configs that are there, or prepare the rest (array_record format) with "
+          "`tfds build cifar10_corrupted --data_dir=D` on a machine with network.",
+          stacklevel=3)
     return None
   return sources
-
-
-def _read(source, n: int | None) -> tuple[np.ndarray, np.ndarray]:
-  """The first `n` examples (all if None) of a TFDS data source as (uint8 images, int32 labels)."""
-  count = len(source) if n is None else min(n, len(source))
-  if count == 0:
-    raise ValueError("the cifar10_corrupted split is empty.")
-
-  # Per-index reads, as gen_jax.data.sources: `__getitems__` is broken under mock_data.
-  def read_chunk(start):
-    examples = [source[i] for i in range(start, min(start + 1024, count))]
-    return ([np.asarray(ex["image"], dtype=np.uint8) for ex in examples],
-            [int(ex["label"]) for ex in examples])
-
-  images, labels = [], []
-  with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, 2 *
-                                                             (os.cpu_count() or 1))) as pool:
-    for chunk_images, chunk_labels in pool.map(read_chunk, range(0, count, 1024)):
-      images.extend(chunk_images)
-      labels.extend(chunk_labels)
-  return np.stack(images), np.asarray(labels, dtype=np.int32)
 
 
 def load_cifar10_corrupted(
@@ -712,7 +690,7 @@ def load_cifar10_corrupted(
   sources = _open_sources(data_dir, names, severities)
   if sources is None:
     return None
-  return {name: {s: _read(sources[name][s], n) for s in severities} for name in names}
+  return {name: {s: read_tfds_source(sources[name][s], n) for s in severities} for name in names}
 
 
 def cifar10_corrupted_accuracy(
@@ -769,7 +747,7 @@ def cifar10_corrupted_accuracy(
     clean_source = None
   clean, n_clean = None, 0
   if clean_source is not None:
-    clean_images, clean_labels = _read(clean_source, n)
+    clean_images, clean_labels = read_tfds_source(clean_source, n)
     clean, n_clean = count(clean_images, clean_labels), int(clean_labels.shape[0])
   counts, n_corrupted = {}, 0
   for j, name in enumerate(names):
@@ -777,7 +755,7 @@ def cifar10_corrupted_accuracy(
       progress(f"cifar10_corrupted {name} ({j + 1}/{len(names)}), severities {list(severities)}")
     counts[name] = {}
     for s in severities:
-      images, labels = _read(sources[name][s], n)
+      images, labels = read_tfds_source(sources[name][s], n)
       n_corrupted = int(labels.shape[0])
       counts[name][s] = count(images, labels)
   return _summarise("tfds:cifar10_corrupted", names, severities, fns, clean, n_clean, counts,
@@ -785,7 +763,34 @@ def cifar10_corrupted_accuracy(
 
 
 # ---------------------------------------------------------------------------------------------
-# report
+# the analysis of the robustness report
+
+
+def run(models: ModelSet,
+        images: Any,
+        labels: Any,
+        *,
+        key: jax.Array,
+        batch_size: int = 250,
+        progress: Callable[[str], Any] | None = None,
+        cifar10c: bool = False,
+        data_dir: str | None = None) -> dict[str, Any]:
+  """The corruption analysis of `gen_jax.evaluation.report`: every model on the same images.
+
+  With `cifar10c`, the released CIFAR-10-C is read from TFDS (`data_dir`) when it is prepared
+  there, for the first N test images; otherwise (or when it is not prepared) the corruptions are
+  computed on `images` (`corruption_accuracy`).
+  """
+  fns = models.logits_fns()
+  result = None
+  if cifar10c:
+    result = cifar10_corrupted_accuracy(fns,
+                                        data_dir,
+                                        n=int(np.shape(labels)[0]),
+                                        batch_size=batch_size,
+                                        progress=progress)
+  return result or corruption_accuracy(
+      fns, images, labels, key=key, batch_size=batch_size, progress=progress)
 
 
 def to_markdown(result: dict[str, Any]) -> str:

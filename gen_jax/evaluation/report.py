@@ -1,194 +1,233 @@
-"""The robustness report: the paper's evaluation table for one or several models.
+"""The robustness report: the paper's attack table and the analyses, for one or several models.
+
+`evaluate` builds the whole `report.json` from models and data: the attack table (attacks of
+`catalogue`), then each analysis of `ANALYSES` (sanity checks, boundary, corruptions) on the
+first `analysis_n` points, every one called with the same shape
+`run(models, images, labels, *, key, batch_size, progress, **its options)` and rendered by its own
+`to_markdown`. `evaluate_run` does the same for a run directory or a saved model
+(`gen_jax.runs.EvalRun`), with the run's eps and PGD step. `write_report` writes `report.json`,
+`report.md` and the analyses' figures.
 
 Every robust accuracy is recomputed on the host from adversarial images that were verified to lie
 in the eps-ball and the [0, 1] box (`attacks.verify_adversarial`); no attack's internal success
-flag is trusted.
+flag is trusted. Unlike the reference code, "PGD-20" really runs 20 steps.
 
 Synopsis::
 
-    report = robustness_report({"global": v_mix, "robust": v_rob}, model, images, labels,
-                               attacks=("clean", "pgd20", "aa"), eps=8 / 255, key=key)
-    write_report(report, "runs/c10/eval")      # report.json and report.md
+    models = ModelSet(model, {"global": v_mix, "robust": v_rob})
+    report = evaluate(models, images, labels, key=key, eps=8 / 255, step_size=2 / 255,
+                      attacks=("clean", "pgd20", "aa"))
+    write_report(report, "runs/c10/eval")      # report.json, report.md, boundary.png
 
-Attack settings are the paper's (eps 8/255; PGD-20/100, MIM-20 and CW-20 with step 2/255 and a
-random start; APGD, FAB-T, Square and AutoAttack with the 'standard' settings of
-`gen_jax.attacks.settings`). Unlike the reference code, "PGD-20" really runs 20 steps.
+    report = evaluate_run(runs.restore_models("runs/c10"), attacks=("clean", "pgd20"))
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
 import pathlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from gen_jax import attacks
-from gen_jax.evaluation import boundary, corruptions, outputs, sanity
-from gen_jax.evaluation.accuracy import accuracy
+from gen_jax.data import to_float
+from gen_jax.evaluation import boundary, catalogue, corruptions, outputs, sanity
+from gen_jax.evaluation.modelset import ModelSet
 
-ATTACKS = ("clean", "pgd20", "pgd100", "mim", "cw", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t",
-           "square", "aa")
 
-# AutoAttack stages run through `attacks.autoattack` (robust subsets, batching, verification).
-_AUTOATTACK_STAGES = {
-    "apgd-ce": ["apgd-ce"],
-    "apgd-dlr": ["apgd-dlr"],
-    "apgd-t": ["apgd-t"],
-    "fab-t": ["fab-t"],
-    "square": ["square"],
-    "aa": None
+@dataclasses.dataclass(frozen=True)
+class Analysis:
+  """One analysis of the report: how to run it, its section title, how to render and plot it."""
+  run: Callable[..., dict[str, Any]]
+  title: str
+  to_markdown: Callable[[dict[str, Any]], str]
+  plot: Callable[[dict[str, Any], pathlib.Path], pathlib.Path] | None = None
+  figure: str | None = None  # file name of the plot
+
+
+# In report order. Analysis i (from 1) uses the key `fold_in(key, i)`; the attack table uses 0.
+ANALYSES: dict[str, Analysis] = {
+    "sanity":
+        Analysis(sanity.run, "Gradient-masking sanity checks", sanity.to_markdown),
+    "boundary":
+        Analysis(boundary.run, "Distance to the decision boundary", boundary.to_markdown,
+                 boundary.plot_boundary, "boundary.png"),
+    "corruptions":
+        Analysis(corruptions.run, "Common corruptions", corruptions.to_markdown),
 }
-
-
-def _pgd_family(name: str, step_size: float) -> Callable[..., jax.Array]:
-  if name in ("pgd20", "pgd100"):
-    steps = int(name[3:])
-    return lambda f, x, y, key, eps: attacks.pgd(
-        f, x, y, key=key, eps=eps, step_size=step_size, steps=steps)
-  if name == "mim":
-    return lambda f, x, y, key, eps: attacks.mim(
-        f, x, y, key=key, eps=eps, step_size=step_size, steps=20)
-  if name == "cw":
-    return lambda f, x, y, key, eps: attacks.cw(
-        f, x, y, key=key, eps=eps, step_size=step_size, steps=20)
-  raise ValueError(name)
-
-
-def check_attack_names(names: Sequence[str]) -> tuple[str, ...]:
-  """Validates attack names before any work; ValueError listing the known ones."""
-  unknown = [n for n in names if n not in ATTACKS]
-  if unknown or not names:
-    raise ValueError(f"unknown attack(s) {unknown or names}; choose from {', '.join(ATTACKS)}.")
-  return tuple(names)
-
-
-def evaluate_attack(name: str, logits_fn, x: np.ndarray, y: np.ndarray, *, key: jax.Array,
-                    eps: float, step_size: float, batch_size: int) -> dict[str, Any]:
-  """Robust accuracy of one attack, measured on verified adversarial images."""
-  started = time.time()
-  if name == "clean":
-    return {
-        "accuracy": accuracy(logits_fn, x, y, batch_size),
-        "seconds": round(time.time() - started, 2)
-    }
-  if name in _AUTOATTACK_STAGES:
-    x_adv, aa_report = attacks.autoattack(logits_fn,
-                                          x,
-                                          y,
-                                          key=key,
-                                          eps=eps,
-                                          attacks=_AUTOATTACK_STAGES[name],
-                                          batch_size=batch_size)
-    extra = {"stages": aa_report["stages"]}
-  else:
-    attack_fn = jax.jit(_pgd_family(name, step_size))
-    x_adv = attacks.attack_in_batches(
-        lambda xb, yb, key: attack_fn(logits_fn, xb, yb, key, jnp.float32(eps)),
-        x,
-        y,
-        key=key,
-        batch_size=batch_size)
-    extra = {}
-  attacks.verify_adversarial(x_adv, x, eps, "linf")
-  return {
-      "accuracy": accuracy(logits_fn, x_adv, y, batch_size),
-      "seconds": round(time.time() - started, 2),
-      **extra
-  }
-
-
-def _apply(model, variables, x):
-  return model.apply(variables, x, train=False)
-
-
-def logits_functions(models: dict[str, Any], model: nn.Module) -> dict[str, Any]:
-  """role -> `x -> logits` in inference mode, as `Partial`s (new weights never retrace)."""
-  return {
-      role: jax.tree_util.Partial(functools.partial(_apply, model), variables)
-      for role, variables in models.items()
-  }
-
-
-def as_float_images(images: Any) -> np.ndarray:
-  """uint8 images -> float32 in [0, 1]; float images are cast to float32."""
-  x = np.asarray(images)
-  return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
-
 
 # Figures of the attack table that the sanity checks may reuse (same points, same settings).
 # ("aa" is left out: it ends with Square, so it would hide a white-box attack's failure.)
-_REUSABLE = ("clean", "pgd20", "pgd100", "mim", "cw", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t",
-             "square")
+_REUSABLE = tuple(name for name in catalogue.REPORT_ATTACKS if name != "aa")
 
 
-def known_figures(report: dict[str, Any], role: str) -> dict[str, float]:
-  """The accuracies of `role` in an attack report that `sanity.sanity_checks` can reuse."""
-  row = report["models"][role]
-  return {name: row[name]["accuracy"] for name in _REUSABLE if name in row}
+def check_analyses(names: Sequence[str]) -> tuple[str, ...]:
+  unknown = [n for n in names if n not in ANALYSES]
+  if unknown:
+    raise ValueError(f"unknown analysis(es) {unknown}; choose from {', '.join(ANALYSES)}.")
+  return tuple(n for n in ANALYSES if n in names)
 
 
-def robustness_report(models: dict[str, Any],
-                      model: nn.Module,
-                      images: np.ndarray,
-                      labels: np.ndarray,
-                      *,
-                      attacks_to_run: Sequence[str],
-                      eps: float = 8 / 255,
-                      step_size: float = 2 / 255,
-                      key: jax.Array,
-                      batch_size: int = 250,
-                      progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-  """Evaluates each model under each attack (L-inf).
+def attack_table(models: ModelSet,
+                 images: np.ndarray,
+                 labels: np.ndarray,
+                 *,
+                 key: jax.Array,
+                 eps: float,
+                 step_size: float,
+                 attacks: Sequence[str] = catalogue.REPORT_ATTACKS,
+                 batch_size: int = 250,
+                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+  """Accuracy of each model under each attack (L-inf); attack i uses `fold_in(key, i)`.
 
-  Args:
-    models: role -> linen variables of `model`.
-    model: the linen module, applied in inference mode.
-    images: uint8 NHWC images (or floats in [0, 1]).
-    labels: int labels.
-    attacks_to_run: names from `ATTACKS`.
-    eps: L-inf radius (8/255; the reference code used 0.031).
-    step_size: step of the PGD family.
-    key: PRNG key (the same attack keys for every model).
-    batch_size: images per attack batch.
-    progress: optional callback told "role/attack" before each evaluation.
+  `progress`, if given, is told "model/attack" before each entry.
 
   Returns:
-    {"eps", "n", "attacks", "models": {role: {attack: {"accuracy", "seconds", ...}}}}.
+    {"eps", "n", "attacks", "models": {name: {attack: {"accuracy", "seconds", ...}}}}.
   """
-  names = check_attack_names(list(attacks_to_run))
-  x = as_float_images(images)
-  y = np.asarray(labels).astype(np.int32)
+  names = catalogue.check_names(list(attacks))
+  x, y = to_float(np.asarray(images)), np.asarray(labels).astype(np.int32)
   results = {}
-  for role, logits_fn in logits_functions(models, model).items():
+  for role, logits_fn in models.logits_fns().items():
     results[role] = {}
     for i, name in enumerate(names):
       if progress:
         progress(f"{role}/{name}")
-      results[role][name] = evaluate_attack(name,
-                                            logits_fn,
-                                            x,
-                                            y,
-                                            key=jax.random.fold_in(key, i),
-                                            eps=eps,
-                                            step_size=step_size,
-                                            batch_size=batch_size)
+      started = time.time()
+      value, extra = catalogue.robust_accuracy(name,
+                                               logits_fn,
+                                               x,
+                                               y,
+                                               key=jax.random.fold_in(key, i),
+                                               eps=eps,
+                                               step_size=step_size,
+                                               batch_size=batch_size)
+      results[role][name] = {"accuracy": value, "seconds": round(time.time() - started, 2), **extra}
   return {"eps": eps, "n": int(len(y)), "attacks": list(names), "models": results}
 
 
-def write_report(report: dict[str, Any], directory: str | pathlib.Path) -> dict[str, pathlib.Path]:
-  """Writes `report.json`, the markdown `report.md` and, with a boundary analysis, `boundary.png`.
+def known_figures(table: Mapping[str, Any], name: str) -> dict[str, float]:
+  """The accuracies of model `name` in an attack table that `sanity.sanity_checks` can reuse."""
+  row = table["models"][name]
+  return {attack: row[attack]["accuracy"] for attack in _REUSABLE if attack in row}
 
-  Earlier files of the same name are kept (`report.1.json`, ...: see `outputs`).
+
+def evaluate(models: ModelSet,
+             images: Any,
+             labels: Any,
+             *,
+             key: jax.Array,
+             eps: float,
+             step_size: float,
+             attacks: Sequence[str] = catalogue.REPORT_ATTACKS,
+             analyses: Sequence[str] = tuple(ANALYSES),
+             analysis_n: int = 500,
+             batch_size: int = 250,
+             options: Mapping[str, Mapping[str, Any]] | None = None,
+             progress: Callable[[str, bool], None] | None = None) -> dict[str, Any]:
+  """The whole robustness report of `models` on `images` (the content of `report.json`).
+
+  Args:
+    models: the models.
+    images, labels: the test points (uint8 NHWC or floats in [0, 1]; converted once here).
+    key: PRNG key: the attack table uses `fold_in(key, 0)`, analysis i `fold_in(key, i)`.
+    eps, step_size: L-inf radius and PGD step of the evaluation.
+    attacks: names from `catalogue.REPORT_ATTACKS`.
+    analyses: names from `ANALYSES`, run on the first `analysis_n` points.
+    analysis_n: points of the analyses (at most all).
+    batch_size: points per compiled call.
+    options: analysis name -> extra keyword arguments of its `run`.
+    progress: optional `progress(message, new_unit)`: `new_unit` is True before each entry of
+      the table ("global/pgd20") and each analysis ("sanity"), False for the analyses' own
+      finer messages; a progress bar counts the units (models x attacks + analyses).
 
   Returns:
-    {"json", "md"[, "boundary"]} -> path.
+    The attack table (`attack_table`) with one more entry per analysis. The sanity checks reuse
+    the table's figures when they run on the same points.
   """
-  directory = pathlib.Path(directory)
+  names = check_analyses(analyses)
+  unit = (lambda what: progress(what, True)) if progress else None
+  detail = (lambda what: progress(what, False)) if progress else None
+  x, y = to_float(np.asarray(images)), np.asarray(labels).astype(np.int32)
+  report = attack_table(models,
+                        x,
+                        y,
+                        key=jax.random.fold_in(key, 0),
+                        eps=eps,
+                        step_size=step_size,
+                        attacks=attacks,
+                        batch_size=batch_size,
+                        progress=unit)
+  m = min(analysis_n, len(y))
+  common = {
+      "sanity": {
+          "eps": eps,
+          "step_size": step_size,
+          "known": {
+              n: known_figures(report, n) for n in models.names
+          } if m == len(y) else None
+      },
+      "boundary": {
+          "eps": eps
+      },
+      "corruptions": {},
+  }
+  for name in names:
+    if unit:
+      unit(name)
+    report[name] = ANALYSES[name].run(models,
+                                      x[:m],
+                                      y[:m],
+                                      key=jax.random.fold_in(key,
+                                                             list(ANALYSES).index(name) + 1),
+                                      batch_size=batch_size,
+                                      progress=detail,
+                                      **common[name],
+                                      **(options or {}).get(name, {}))
+  return report
+
+
+def evaluate_run(run: Any,
+                 *,
+                 attacks: Sequence[str] = catalogue.REPORT_ATTACKS,
+                 analyses: Sequence[str] = tuple(ANALYSES),
+                 n: int | None = None,
+                 analysis_n: int = 500,
+                 eps: float | None = None,
+                 batch_size: int = 250,
+                 seed: int = 0,
+                 progress: Callable[[str, bool], None] | None = None) -> dict[str, Any]:
+  """`evaluate` on a `gen_jax.runs.EvalRun` (a run's models or a saved model) and its test split.
+
+  Uses the first `n` test images (default all), the run's eps (or `eps`, with the PGD step scaled
+  alike), and CIFAR-10-C from TFDS for runs on TFDS CIFAR-10 when it is prepared.
+  """
+  config = run.config
+  n = min(n or len(run.test_y), len(run.test_y))
+  eps = eps or config.eps
+  return evaluate(ModelSet(run.model, run.models),
+                  run.test_x[:n],
+                  run.test_y[:n],
+                  key=jax.random.key(seed),
+                  eps=eps,
+                  step_size=config.eval_step_size * eps / config.eps,
+                  attacks=attacks,
+                  analyses=analyses,
+                  analysis_n=analysis_n,
+                  batch_size=batch_size,
+                  options={
+                      "corruptions": {
+                          "cifar10c": config.dataset == "cifar10",
+                          "data_dir": config.data_dir
+                      }
+                  },
+                  progress=progress)
+
+
+def to_markdown(report: Mapping[str, Any]) -> str:
+  """The report as markdown: the attack table, then one section per analysis present."""
   names = report["attacks"]
   lines = [
       "## Robust accuracy", "", f"Accuracy (%) under each attack, L-inf eps = {report['eps']:.5f} "
@@ -198,16 +237,24 @@ def write_report(report: dict[str, Any], directory: str | pathlib.Path) -> dict[
   for role, row in report["models"].items():
     lines.append(f"| {role} | " + " | ".join(f"{100 * row[n]['accuracy']:.2f}" for n in names) +
                  " |")
-  sections = [("sanity", "Gradient-masking sanity checks", sanity.to_markdown),
-              ("boundary", "Distance to the decision boundary", boundary.to_markdown),
-              ("corruptions", "Common corruptions", corruptions.to_markdown)]
-  for key, title, render in sections:
-    if key in report:
-      part = report[key]["models"] if key == "sanity" else report[key]
-      lines += ["", f"## {title}", "", render(part).rstrip("\n")]
+  for name, analysis in ANALYSES.items():
+    if name in report:
+      lines += ["", f"## {analysis.title}", "", analysis.to_markdown(report[name]).rstrip("\n")]
+  return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], directory: str | pathlib.Path) -> dict[str, pathlib.Path]:
+  """Writes `report.json`, `report.md` and each analysis' figure (e.g. `boundary.png`).
+
+  Earlier files of the same name are kept (`report.1.json`, ...: see `outputs`).
+
+  Returns:
+    {"json", "md", and the analyses' names with a figure} -> path.
+  """
+  directory = pathlib.Path(directory)
   paths = {"json": outputs.write_json(directory / "report.json", report)}
-  paths["md"] = outputs.write_text(directory / "report.md", "\n".join(lines) + "\n")
-  if "boundary" in report:
-    outputs.keep_previous(directory / "boundary.png")
-    paths["boundary"] = boundary.plot_boundary(report["boundary"], directory / "boundary.png")
+  paths["md"] = outputs.write_text(directory / "report.md", to_markdown(report))
+  for name, analysis in ANALYSES.items():
+    if name in report and analysis.plot is not None:
+      paths[name] = analysis.plot(report[name], directory / analysis.figure)
   return paths

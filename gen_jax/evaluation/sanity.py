@@ -40,19 +40,19 @@ References:
 """
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from gen_jax import attacks
 from gen_jax.attacks import core
+from gen_jax.data import to_float
+from gen_jax.evaluation import catalogue
 from gen_jax.evaluation.accuracy import accuracy
+from gen_jax.evaluation.modelset import ModelSet
 
 CHECKS: tuple[str, ...] = ("eps_curve", "iterative_vs_fgsm", "black_box_vs_white_box",
                            "unbounded_eps", "more_steps")
@@ -61,7 +61,7 @@ CHECKS: tuple[str, ...] = ("eps_curve", "iterative_vs_fgsm", "black_box_vs_white
 EPS_MULTIPLIERS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 # The unbounded attack: eps = 1 covers the whole [0, 1] box; 50 steps of 0.1 cross it five times.
-UNBOUNDED_STEPS = 50
+UNBOUNDED_STEPS = catalogue.ATTACKS["pgd50"].steps
 UNBOUNDED_STEP_SIZE = 0.1
 
 
@@ -74,17 +74,14 @@ def _curve_name(multiplier: float) -> str:
 FIGURES: tuple[str, ...] = ("clean", "pgd20@0.25x", "pgd20@0.5x", "pgd20", "pgd20@2x", "pgd20@4x",
                             "fgsm", "pgd10", "pgd100", "pgd-unbounded", "square")
 
-# White-box attacks of the report whose figures (when known) count for the Square check. "aa" is
-# not one: AutoAttack ends with Square, so it would hide the very lead of Square that this checks.
-_WHITE_BOX = ("fgsm", "pgd10", "pgd20", "pgd100", "mim", "cw", "apgd-ce", "apgd-dlr", "apgd-t",
-              "fab-t")
+# White-box attacks whose figures (when known) count for the Square check. AutoAttack ("aa") is
+# not one: it ends with Square, so it would hide the very lead of Square that this checks.
+_WHITE_BOX = tuple(name for name, spec in catalogue.ATTACKS.items() if spec.white_box)
 
 
 def known_names() -> tuple[str, ...]:
-  """Names accepted in `known`: the report's attacks (`report.ATTACKS`) and `FIGURES`."""
-  # Imported here: `report` imports this module to add the checks to its report.
-  from gen_jax.evaluation import report  # pylint: disable=import-outside-toplevel
-  return tuple(dict.fromkeys(report.ATTACKS + FIGURES))
+  """Names accepted in `known`: the report's attacks (`catalogue.REPORT_ATTACKS`) and `FIGURES`."""
+  return tuple(dict.fromkeys(catalogue.REPORT_ATTACKS + FIGURES))
 
 
 def default_tolerance(n: int) -> float:
@@ -97,50 +94,36 @@ def default_square_tolerance(tolerance: float) -> float:
   return max(0.03, 2.0 * tolerance)
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "steps", "queries"))
-def _attack(logits_fn, x, y, key, eps, step_size, *, kind, steps, queries):
-  """One batch of adversarial images; `eps` and `step_size` are traced (one compile per kind)."""
-  if kind == "fgsm":
-    return attacks.fgsm(logits_fn, x, y, eps=eps)
-  if kind == "square":
-    return attacks.square(logits_fn, x, y, key=key, eps=eps, n_queries=queries)
-  return attacks.pgd(logits_fn, x, y, key=key, eps=eps, step_size=step_size, steps=steps)
-
-
-def _figure_settings(name: str, eps: float, step_size: float,
-                     square_queries: int) -> tuple[dict[str, Any], float, float]:
-  """(static attack settings, eps, step size) of a figure; eps above 1 is the whole box anyway."""
+def _figure_settings(name: str, eps: float, step_size: float) -> tuple[str, float, float]:
+  """(catalogue attack, eps, step size) of a figure; eps above 1 is the whole box anyway."""
   if name == "fgsm":
-    return dict(kind="fgsm", steps=1, queries=0), eps, eps
+    return "fgsm", eps, eps
   if name == "square":
-    return dict(kind="square", steps=0, queries=square_queries), eps, step_size
+    return "square1000", eps, step_size
   if name == "pgd-unbounded":
-    return dict(kind="pgd", steps=UNBOUNDED_STEPS, queries=0), 1.0, UNBOUNDED_STEP_SIZE
+    return "pgd50", 1.0, UNBOUNDED_STEP_SIZE
   if name in ("pgd10", "pgd100"):
-    return dict(kind="pgd", steps=int(name[3:]), queries=0), eps, step_size
+    return name, eps, step_size
   multiplier = 1.0 if name == "pgd20" else float(name[len("pgd20@"):-1])
   # The step scales with eps, so every point of the curve is the same attack geometrically.
-  return (dict(kind="pgd", steps=20, queries=0), min(1.0, multiplier * eps), multiplier * step_size)
+  return "pgd20", min(1.0, multiplier * eps), multiplier * step_size
 
 
 def _measure(name, fn, x, y, *, key, eps, step_size, square_queries, batch_size) -> float:
   """Accuracy under the attack of figure `name`, on verified adversarial images."""
   if name == "clean":
     return accuracy(fn, x, y, batch_size)
-  static, eps_used, step_used = _figure_settings(name, eps, step_size, square_queries)
-  attack_fn = functools.partial(_attack,
-                                fn,
-                                eps=jnp.float32(eps_used),
-                                step_size=jnp.float32(step_used),
-                                **static)
-  x_adv = core.attack_in_batches(
-      lambda xb, yb, key: attack_fn(jnp.asarray(xb), jnp.asarray(yb), key),
-      x,
-      y,
-      key=key,
-      batch_size=batch_size)
-  attacks.verify_adversarial(x_adv, x, eps_used, "linf")
-  return accuracy(fn, x_adv, y, batch_size)
+  attack, eps_used, step_used = _figure_settings(name, eps, step_size)
+  value, _ = catalogue.robust_accuracy(attack,
+                                       fn,
+                                       x,
+                                       y,
+                                       key=key,
+                                       eps=eps_used,
+                                       step_size=step_used,
+                                       batch_size=batch_size,
+                                       steps=square_queries if name == "square" else None)
+  return value
 
 
 def _pct(value: float) -> str:
@@ -246,8 +229,7 @@ def _validate(images, labels, eps, step_size, known, tolerance, square_tolerance
       raise ValueError(f"known[{name!r}] must be an accuracy in [0, 1] (a fraction, not %), got "
                        f"{value}.")
     checked[name] = value
-  x = np.asarray(images)
-  x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+  x = to_float(np.asarray(images))
   y = np.asarray(labels)
   if x.ndim != 4 or x.shape[0] == 0:
     raise ValueError(f"images must be a non-empty NHWC batch [N, H, W, C], got shape {x.shape}.")
@@ -280,8 +262,8 @@ def sanity_checks(logits_fn: Callable[[jax.Array], jax.Array],
     eps: L-inf radius of the evaluation (> 0; a concrete float).
     step_size: step of PGD at `eps` (scaled with eps along the curve).
     known: attack name -> accuracy already measured on the same points (names of
-      `report.ATTACKS` such as "clean", "pgd20", "pgd100", "square", or of `FIGURES`); these are
-      used as given and not recomputed.
+      `catalogue.REPORT_ATTACKS` such as "clean", "pgd20", "pgd100", "square", or of `FIGURES`);
+      these are used as given and not recomputed.
     tolerance: absolute accuracy tolerance of the checks; default `max(0.01, 3 / n)`.
     square_tolerance: margin by which Square may beat the best white-box attack; default
       `max(0.03, 2 * tolerance)`.
@@ -352,6 +334,51 @@ def sanity_checks(logits_fn: Callable[[jax.Array], jax.Array],
   }
 
 
+def run(models: ModelSet,
+        images: Any,
+        labels: Any,
+        *,
+        key: jax.Array,
+        eps: float,
+        step_size: float,
+        batch_size: int = 250,
+        progress: Callable[[str], None] | None = None,
+        known: Mapping[str, Mapping[str, float]] | None = None,
+        **options: Any) -> dict[str, Any]:
+  """The sanity checks of `gen_jax.evaluation.report`: `sanity_checks` of every model.
+
+  Args:
+    models: the models.
+    images, labels: the points (float images in [0, 1] or uint8).
+    key: PRNG key (the same for every model).
+    eps, step_size: the evaluation's L-inf radius and PGD step.
+    batch_size: points per compiled attack call.
+    progress: optional callback told the figure's name before each attack.
+    known: name -> figures already measured on the same points (e.g. the attack table's).
+    **options: further arguments of `sanity_checks` (tolerances, square_queries).
+
+  Returns:
+    {"n": number of points, "models": {name: the result of `sanity_checks`}}.
+  """
+  known = known or {}
+  return {
+      "n": int(np.shape(labels)[0]),
+      "models": {
+          name:
+              sanity_checks(fn,
+                            images,
+                            labels,
+                            key=key,
+                            eps=eps,
+                            step_size=step_size,
+                            known=known.get(name),
+                            batch_size=batch_size,
+                            progress=progress,
+                            **options) for name, fn in models.logits_fns().items()
+      }
+  }
+
+
 def _cell(name: str, check: Mapping[str, Any]) -> str:
   """"pass"/"FAIL" and the key figures (%) of one check, short enough for a table cell."""
   f = {k: _pct(v) for k, v in check["figures"].items()}
@@ -368,11 +395,11 @@ def _cell(name: str, check: Mapping[str, Any]) -> str:
   return f"{'pass' if check['passed'] else 'FAIL'} ({figures})"
 
 
-def to_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
+def to_markdown(result: Mapping[str, Any]) -> str:
   """A markdown table of the checks of several models.
 
   Args:
-    results: role -> the output of `sanity_checks`.
+    result: the output of `run`: {"n", "models": {name: the output of `sanity_checks`}}.
 
   Returns:
     A caption line, then `| model | <one column per check> | overall |`, each cell "pass" or
@@ -388,12 +415,12 @@ def to_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
       "more_steps PGD-10/20/100).", "", "| model | " + " | ".join(CHECKS) + " | overall |",
       "|---|" + "---|" * (len(CHECKS) + 1)
   ]
-  for role, result in results.items():
-    missing = [c for c in CHECKS if c not in result.get("checks", {})]
+  for role, checks in result["models"].items():
+    missing = [c for c in CHECKS if c not in checks.get("checks", {})]
     if missing:
-      raise ValueError(f"results[{role!r}] lacks check(s) {missing}; pass sanity_checks outputs.")
-    cells = [_cell(c, result["checks"][c]) for c in CHECKS]
-    overall = (f"{'pass' if result['passed'] else 'FAIL'} (n {result['n']}, tol "
-               f"{_pct(result['tolerance'])}, Square tol {_pct(result['square_tolerance'])})")
+      raise ValueError(f"result['models'][{role!r}] lacks check(s) {missing}; pass run's output.")
+    cells = [_cell(c, checks["checks"][c]) for c in CHECKS]
+    overall = (f"{'pass' if checks['passed'] else 'FAIL'} (n {checks['n']}, tol "
+               f"{_pct(checks['tolerance'])}, Square tol {_pct(checks['square_tolerance'])})")
     lines.append(f"| {role} | " + " | ".join(cells) + f" | {overall} |")
   return "\n".join(lines) + "\n"

@@ -9,11 +9,13 @@ weights: Jordan et al., "REPAIR", ICLR 2023).
 
 Synopsis::
 
-    result = sweep_mix(state.teacher_nat, state.teacher_rob, model, test_x, test_y,
-                       betas=np.linspace(0, 1, 11), key=key, eps=8 / 255, step_size=2 / 255,
-                       global_variables=state.mix)
-    plot_tradeoff(result, "runs/c10/eval/tradeoff.png")
+    models = ModelSet(model, {"natural": t_nat, "robust": t_rob, "global": v_global})
+    result = run(models, test_x, test_y, betas=np.linspace(0, 1, 11), key=key, eps=8 / 255,
+                 step_size=2 / 255)
+    write_sweep(result, "runs/c10/eval")           # sweep.json, sweep.md, tradeoff.png
     choice = select_point(result["points"], parse_rule("clean>=0.88"))   # -> {"beta", ...}
+
+    result = sweep_run(runs.restore_models("runs/c10"), select=parse_rule("clean>=0.88"))
 """
 from __future__ import annotations
 
@@ -28,12 +30,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gen_jax import attacks, mixing
-from gen_jax.evaluation.accuracy import evaluate_models
+from gen_jax import attacks, mixing, runs
+from gen_jax.data import to_float
 from gen_jax.evaluation import outputs
+from gen_jax.evaluation.accuracy import evaluate_models
+from gen_jax.evaluation.modelset import ModelSet
 from gen_jax.models.common import BN_MOMENTUM
+from gen_jax.training.methods import GLOBAL, NATURAL, ROBUST
 
 METRICS = ("clean", "robust")
+DEFAULT_BETAS = tuple(round(b, 10) for b in np.linspace(0, 1, 11))
 _RULE = re.compile(r"^\s*(clean|robust)\s*(>=|>)\s*([0-9]*\.?[0-9]+)\s*(%?)\s*$")
 
 
@@ -44,8 +50,7 @@ def _batch_statistics(variables, images, *, model: nn.Module):
   Flax updates `new = m * old + (1 - m) * batch`; solving for `batch` gives the statistics of this
   batch alone, whatever the stored `old` values are.
   """
-  x = images.astype(jnp.float32) / 255.0 if images.dtype == jnp.uint8 else images
-  _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  _, updates = model.apply(variables, to_float(images), train=True, mutable=["batch_stats"])
   return jax.tree_util.tree_map(lambda new, old: (new - BN_MOMENTUM * old) / (1.0 - BN_MOMENTUM),
                                 updates["batch_stats"], variables["batch_stats"])
 
@@ -132,7 +137,7 @@ def recalibrator(model: nn.Module,
   if labels is None or key is None or eps is None or step_size is None or not steps:
     raise ValueError("matched recalibration needs labels, key, eps, step_size and steps (the "
                      "robust expert's training attack).")
-  x = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images
+  x = to_float(np.asarray(images))
 
   def recalibrate(variables, beta):
     attack = functools.partial(_pgd_batch,
@@ -214,32 +219,29 @@ def check_betas(betas: Sequence[float]) -> list[float]:
   return values
 
 
-def sweep_mix(teacher_nat: dict[str, Any],
-              teacher_rob: dict[str, Any],
-              model: nn.Module,
-              images: np.ndarray,
-              labels: np.ndarray,
-              *,
-              betas: Sequence[float],
-              key: jax.Array,
-              eps: float,
-              step_size: float,
-              steps: int = 20,
-              global_variables: dict[str, Any] | None = None,
-              recalibrate: Callable[[dict[str, Any], float], dict[str, Any]] | None = None,
-              recalibration: str | None = None,
-              batch_size: int = 250,
-              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-  """Clean and PGD accuracy of `mix(teacher_nat, teacher_rob, beta)` for every beta.
+def run(models: ModelSet,
+        images: Any,
+        labels: Any,
+        *,
+        key: jax.Array,
+        eps: float,
+        step_size: float,
+        betas: Sequence[float],
+        steps: int = 20,
+        recalibrate: Callable[[dict[str, Any], float], dict[str, Any]] | None = None,
+        recalibration: str | None = None,
+        batch_size: int = 250,
+        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+  """Clean and PGD accuracy of `mix(models["natural"], models["robust"], beta)` for every beta.
 
   Args:
-    teacher_nat, teacher_rob: the experts' variables (the EMA teachers of a run).
-    model: the linen module (float32, inference mode).
-    images, labels: the test images (uint8 NHWC) and labels.
-    betas: mixing weights of the robust expert, in [0, 1].
+    models: the "natural" and "robust" teachers of a run (and its "global" model, evaluated
+      alongside when present).
+    images, labels: the test images (uint8 NHWC or floats in [0, 1]) and labels.
     key: PRNG key of PGD's random start (the same for every model).
-    eps, step_size, steps: the L-inf PGD attack.
-    global_variables: the trained global model, evaluated alongside (optional).
+    eps, step_size: the L-inf PGD attack.
+    betas: mixing weights of the robust expert, in [0, 1].
+    steps: PGD steps.
     recalibrate: `(variables, beta) -> variables` (from `recalibrator`); when given, every
       mixture's BatchNorm statistics are re-estimated with it before it is evaluated.
     recalibration: the name of the recalibration, recorded in the result (e.g. "clean").
@@ -252,12 +254,19 @@ def sweep_mix(teacher_nat: dict[str, Any],
      "experts": {"natural", "robust"}: {"clean", "robust"}, "global": {...} or None,
      "pareto": the non-dominated points by increasing clean accuracy, each a beta of the sweep
      or "natural" / "robust" (the experts) or "global"}.
+
+  Raises:
+    ValueError: `models` lacks a natural or a robust model (a single-expert run), bad betas.
   """
+  missing = [r for r in (NATURAL, ROBUST) if r not in models.variables]
+  if missing:
+    raise ValueError(f"the sweep mixes a natural and a robust expert; the models have no "
+                     f"{missing} (they have {', '.join(models.names)}). Sweep a generalist run.")
   betas = check_betas(betas)
   evaluate = functools.partial(evaluate_models,
-                               images=images,
-                               labels=labels,
-                               model=model,
+                               images=to_float(np.asarray(images)),
+                               labels=np.asarray(labels),
+                               model=models.module,
                                key=key,
                                eps=eps,
                                step_size=step_size,
@@ -268,6 +277,7 @@ def sweep_mix(teacher_nat: dict[str, Any],
     result = evaluate({"m": variables})["m"]
     return {"clean": result["clean_acc"], "robust": result["pgd_acc"]}
 
+  teacher_nat, teacher_rob = models.variables[NATURAL], models.variables[ROBUST]
   points = []
   for beta in betas:
     if progress:
@@ -278,12 +288,12 @@ def sweep_mix(teacher_nat: dict[str, Any],
     points.append({"beta": beta, **figures(variables)})
   if progress:
     progress("experts and global model")
-  experts = {"natural": figures(teacher_nat), "robust": figures(teacher_rob)}
-  global_figures = figures(global_variables) if global_variables is not None else None
+  experts = {NATURAL: figures(teacher_nat), ROBUST: figures(teacher_rob)}
+  global_figures = figures(models.variables[GLOBAL]) if GLOBAL in models.variables else None
   # The front is over everything plotted: the sweep, the two experts and the global model.
   named = [(p["beta"], p) for p in points] + [(role, f) for role, f in experts.items()]
   if global_figures is not None:
-    named.append(("global", global_figures))
+    named.append((GLOBAL, global_figures))
   front = pareto_front([(f["clean"], f["robust"]) for _, f in named])
   return {
       "betas": betas,
@@ -295,6 +305,91 @@ def sweep_mix(teacher_nat: dict[str, Any],
       "experts": experts,
       "global": global_figures,
       "pareto": [named[i][0] for i in front],
+  }
+
+
+def sweep_run(eval_run: runs.EvalRun,
+              *,
+              betas: Sequence[float] = DEFAULT_BETAS,
+              n: int | None = None,
+              eps: float | None = None,
+              steps: int = 20,
+              bn_recalibrate: str | None = None,
+              recalibration_n: int = 2000,
+              select: tuple[str, float] | None = None,
+              seed: int = 0,
+              batch_size: int = 250,
+              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+  """The sweep of a training run (`runs.restore_models`), optionally saving a choice.
+
+  Mixes the run's teachers on its first `n` test images, at the run's eps (or `eps`, the PGD step
+  scaled alike); with `bn_recalibrate` ("clean" or "matched") re-estimates each mixture's
+  BatchNorm statistics on the first `recalibration_n` training images (the run's own training
+  attack for "matched"). With `select` (from `parse_rule`), saves the chosen mixture as a model
+  checkpoint in a new directory `EVAL_DIR/mix-beta0.30[-bn-MODE]` and records it under
+  `result["selected"]`; a target that no mixture reaches is recorded under
+  `result["selection_error"]` (the sweep itself is still returned).
+  """
+  config = eval_run.config
+  if config.method != "generalist":
+    raise ValueError(
+        f"{eval_run.source} was trained with --method {config.method}, which trains one "
+        "expert only: there is nothing to mix. Sweep a generalist run.")
+  n = min(n or len(eval_run.test_y), len(eval_run.test_y))
+  eps = eps or config.eps
+  recalibrate = None
+  if bn_recalibrate:
+    train_x, train_y = eval_run.training_images(recalibration_n)
+    recalibrate = recalibrator(eval_run.model,
+                               train_x,
+                               mode=bn_recalibrate,
+                               labels=train_y,
+                               key=jax.random.key(seed + 1),
+                               eps=config.eps,
+                               step_size=config.step_size,
+                               steps=config.pgd_steps,
+                               batch_size=batch_size)
+  result = run(ModelSet(eval_run.model, eval_run.models),
+               eval_run.test_x[:n],
+               eval_run.test_y[:n],
+               key=jax.random.key(seed),
+               eps=eps,
+               step_size=config.eval_step_size * eps / config.eps,
+               betas=betas,
+               steps=steps,
+               recalibrate=recalibrate,
+               recalibration=bn_recalibrate,
+               batch_size=batch_size,
+               progress=progress)
+  if select is not None:
+    try:
+      choice = select_point(result["points"], select)
+    except ValueError as error:
+      result["selection_error"] = str(error)
+      return result
+    variables = mixing.mix(eval_run.models[NATURAL], eval_run.models[ROBUST], choice["beta"])
+    if recalibrate is not None:
+      variables = recalibrate(variables, choice["beta"])
+    name = f"mix-beta{choice['beta']:.2f}" + (f"-bn-{bn_recalibrate}" if recalibrate else "")
+    target = runs.save_model(outputs.unique_directory(eval_run.eval_dir / name),
+                             variables,
+                             config,
+                             source=str(eval_run.source.absolute()),
+                             beta=choice["beta"],
+                             bn_recalibrated=bn_recalibrate,
+                             rule=f"{select[0]}>={select[1]}",
+                             sweep_figures=choice)
+    result["selected"] = {**choice, "rule": list(select), "checkpoint": str(target)}
+  return result
+
+
+def write_sweep(result: dict[str, Any], directory: str | pathlib.Path) -> dict[str, pathlib.Path]:
+  """Writes `sweep.json`, `sweep.md` and `tradeoff.png`, keeping earlier files (`outputs`)."""
+  directory = pathlib.Path(directory)
+  return {
+      "json": outputs.write_json(directory / "sweep.json", result),
+      "md": outputs.write_text(directory / "sweep.md", to_markdown(result)),
+      "png": plot_tradeoff(result, directory / "tradeoff.png"),
   }
 
 
@@ -369,10 +464,11 @@ def plot_tradeoff(result: dict[str, Any], path) -> pathlib.Path:
 
 def to_markdown(result: dict[str, Any]) -> str:
   """The sweep as a markdown table (percent), Pareto-front rows marked."""
+  recalibrated = result["bn_recalibrated"]
   lines = [
       f"Mixing sweep: PGD-{result['steps']} at eps {result['eps']:.5f}, {result['n']} test images"
-      f"{', BatchNorm recalibrated: ' + result['bn_recalibrated'] if result['bn_recalibrated'] else ''}"
-      ".", "", "| model | clean | robust | Pareto |", "|---|---|---|---|"
+      f"{', BatchNorm recalibrated: ' + recalibrated if recalibrated else ''}.", "",
+      "| model | clean | robust | Pareto |", "|---|---|---|---|"
   ]
   for p in result["points"]:
     mark = "yes" if p["beta"] in result["pareto"] else ""

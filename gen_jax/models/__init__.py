@@ -25,11 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gen_jax.ops.conv import CONV_IMPLS, FastConv
 from gen_jax.models.resnet import PreActResNet18, ResNet18
 from gen_jax.models.smallcnn import SmallCNN
 from gen_jax.models.wide_resnet import WideResNet, blocks_per_stage, check_widen_factor
 
-CONV_IMPLS = ("xla", "fast", "auto")
+# Compute dtypes by name (parameters stay float32; logits are returned in float32).
+COMPUTE_DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def wide_resnet(depth: int, widen_factor: int) -> Callable[..., WideResNet]:
@@ -64,13 +66,13 @@ MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 
 def _conv_class(conv_impl: str) -> Any:
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f"conv_impl must be one of {CONV_IMPLS}; got {conv_impl!r}.")
   if conv_impl == "xla":
     return nn.Conv
-  if conv_impl in ("fast", "auto"):
-    # Imported here so the registry works without (and before) the custom-VJP convolution module.
-    from gen_jax.ops.conv import FastConv  # pylint: disable=g-import-not-at-top
+  if conv_impl == "auto":
     return FastConv
-  raise ValueError(f"conv_impl must be one of {CONV_IMPLS}; got {conv_impl!r}.")
+  return functools.partial(FastConv, impl=conv_impl)
 
 
 def _channel_stats(value: Any, field: str) -> tuple[float, ...] | None:
@@ -85,7 +87,11 @@ def _channel_stats(value: Any, field: str) -> tuple[float, ...] | None:
   return stats
 
 
-def create_model(name: str, num_classes: int, *, dtype: Any = jnp.float32, conv_impl: str = "xla",
+def create_model(name: str,
+                 num_classes: int,
+                 *,
+                 dtype: Any = jnp.float32,
+                 conv_impl: str = "xla",
                  mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None) -> nn.Module:
   """Builds a registered network.
@@ -127,8 +133,11 @@ def create_model(name: str, num_classes: int, *, dtype: Any = jnp.float32, conv_
   if mean is not None and std is not None and len(mean) != len(std):
     raise ValueError(f"mean has {len(mean)} entries and std {len(std)}; give one per channel.")
   conv = _conv_class(conv_impl)
-  return _REGISTRY[name](num_classes=int(num_classes), dtype=jnp.dtype(dtype), conv=conv,
-                         mean=mean, std=std)
+  return _REGISTRY[name](num_classes=int(num_classes),
+                         dtype=jnp.dtype(dtype),
+                         conv=conv,
+                         mean=mean,
+                         std=std)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
@@ -153,9 +162,8 @@ def init_variables(model: nn.Module, key: jax.Array,
   Raises:
     ValueError: `image_shape` is not three positive ints.
   """
-  if (not isinstance(image_shape, (tuple, list)) or len(image_shape) != 3 or
-      not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0
-              for d in image_shape)):
+  if (not isinstance(image_shape, (tuple, list)) or len(image_shape) != 3 or not all(
+      isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in image_shape)):
     raise ValueError(f"image_shape must be (height, width, channels) of positive ints; got "
                      f"{image_shape!r}.")
   image_shape = tuple(int(d) for d in image_shape)
@@ -166,8 +174,10 @@ def init_variables(model: nn.Module, key: jax.Array,
     variables = jax.jit(init_fn)(key)
   else:
     variables = _jit_init(model, key, image_shape)
-  return {"params": dict(variables.get("params", {})),
-          "batch_stats": dict(variables.get("batch_stats", {}))}
+  return {
+      "params": dict(variables.get("params", {})),
+      "batch_stats": dict(variables.get("batch_stats", {}))
+  }
 
 
 def count_params(tree: Any) -> int:
@@ -182,9 +192,11 @@ def count_params(tree: Any) -> int:
   Returns:
     The total element count.
   """
-  return sum(math.prod(getattr(leaf, "shape", np.shape(leaf)))
-             for leaf in jax.tree_util.tree_leaves(tree))
+  return sum(
+      math.prod(getattr(leaf, "shape", np.shape(leaf))) for leaf in jax.tree_util.tree_leaves(tree))
 
 
-__all__ = ["MODEL_NAMES", "CONV_IMPLS", "create_model", "init_variables", "count_params",
-           "wide_resnet", "SmallCNN", "ResNet18", "PreActResNet18", "WideResNet"]
+__all__ = [
+    "MODEL_NAMES", "COMPUTE_DTYPES", "CONV_IMPLS", "create_model", "init_variables", "count_params",
+    "wide_resnet", "SmallCNN", "ResNet18", "PreActResNet18", "WideResNet"
+]

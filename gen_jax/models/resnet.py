@@ -39,8 +39,14 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     conv = lambda f, k, s, pad, name: self.conv(  # noqa: E731
-        f, (k, k), strides=(s, s), padding=pad, use_bias=False, dtype=self.dtype,
-        param_dtype=jnp.float32, kernel_init=common.TORCH_DEFAULT_KERNEL_INIT, name=name)
+        f, (k, k),
+        strides=(s, s),
+        padding=pad,
+        use_bias=False,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=common.TORCH_DEFAULT_KERNEL_INIT,
+        name=name)
     out = conv(self.features, 3, self.strides, common.PAD_3X3, "conv1")(x)
     out = nn.relu(common.batch_norm(train, self.dtype, "bn1")(out))
     out = conv(self.features, 3, 1, common.PAD_3X3, "conv2")(out)
@@ -62,8 +68,14 @@ class PreActBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     conv = lambda f, k, s, pad, name: self.conv(  # noqa: E731
-        f, (k, k), strides=(s, s), padding=pad, use_bias=False, dtype=self.dtype,
-        param_dtype=jnp.float32, kernel_init=common.TORCH_DEFAULT_KERNEL_INIT, name=name)
+        f, (k, k),
+        strides=(s, s),
+        padding=pad,
+        use_bias=False,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=common.TORCH_DEFAULT_KERNEL_INIT,
+        name=name)
     out = nn.relu(common.batch_norm(train, self.dtype, "bn1")(x))
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.features:
@@ -114,15 +126,23 @@ class ResNet18(nn.Module):
     name = type(self).__name__
     common.check_num_classes(self.num_classes, name)
     x = common.prepare_input(x, mean=self.mean, std=self.std, dtype=self.dtype, module=name)
-    x = self.conv(self.width, (3, 3), strides=(1, 1), padding=common.PAD_3X3, use_bias=False,
-                  dtype=self.dtype, param_dtype=jnp.float32,
-                  kernel_init=common.TORCH_DEFAULT_KERNEL_INIT, name="conv1")(x)
+    x = self.conv(self.width, (3, 3),
+                  strides=(1, 1),
+                  padding=common.PAD_3X3,
+                  use_bias=False,
+                  dtype=self.dtype,
+                  param_dtype=jnp.float32,
+                  kernel_init=common.TORCH_DEFAULT_KERNEL_INIT,
+                  name="conv1")(x)
     if self.stem_norm:
       x = nn.relu(common.batch_norm(train, self.dtype, "bn1")(x))
     for strides, stage in _STAGES:
       features = self.width * 2**(stage - 1)
       for i in range(2):
-        x = self.block_cls(features, strides if i == 0 else 1, self.dtype, self.conv,
+        x = self.block_cls(features,
+                           strides if i == 0 else 1,
+                           self.dtype,
+                           self.conv,
                            name=f"layer{stage}_{i}")(x, train=train)
     x = common.global_avg_pool(x)
     logits = common.dense_head(self.num_classes, x.shape[-1], self.dtype, "linear")(x)

@@ -58,9 +58,14 @@ class SmallCNN(nn.Module):
     x = common.prepare_input(x, mean=self.mean, std=self.std, dtype=self.dtype, module="SmallCNN")
     for i, (features, strides) in enumerate(_LAYERS, start=1):
       # No conv bias: the BatchNorm right after it has its own.
-      x = self.conv(features, (3, 3), strides=(strides, strides), padding=common.PAD_3X3,
-                    use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                    kernel_init=common.TORCH_DEFAULT_KERNEL_INIT, name=f"conv{i}")(x)
+      x = self.conv(features, (3, 3),
+                    strides=(strides, strides),
+                    padding=common.PAD_3X3,
+                    use_bias=False,
+                    dtype=self.dtype,
+                    param_dtype=jnp.float32,
+                    kernel_init=common.TORCH_DEFAULT_KERNEL_INIT,
+                    name=f"conv{i}")(x)
       x = nn.relu(common.batch_norm(train, self.dtype, f"bn{i}")(x))
     x = common.global_avg_pool(x)
     logits = common.dense_head(self.num_classes, x.shape[-1], self.dtype, "linear")(x)

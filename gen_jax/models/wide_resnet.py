@@ -84,8 +84,14 @@ class WideBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     conv = lambda f, k, s, pad, name: self.conv(  # noqa: E731
-        f, (k, k), strides=(s, s), padding=pad, use_bias=False, dtype=self.dtype,
-        param_dtype=jnp.float32, kernel_init=WRN_CONV_INIT, name=name)
+        f, (k, k),
+        strides=(s, s),
+        padding=pad,
+        use_bias=False,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=WRN_CONV_INIT,
+        name=name)
     equal_in_out = x.shape[-1] == self.features
     act = nn.relu(common.batch_norm(train, self.dtype, "bn1")(x))
     # The reference adds the raw input when widths match, else a projection of the activation.
@@ -143,16 +149,28 @@ class WideResNet(nn.Module):
     if not 0.0 <= self.drop_rate < 1.0:
       raise ValueError(f"WideResNet.drop_rate must be in [0, 1); got {self.drop_rate!r}.")
     x = common.prepare_input(x, mean=self.mean, std=self.std, dtype=self.dtype, module="WideResNet")
-    x = self.conv(16, (3, 3), strides=(1, 1), padding=common.PAD_3X3, use_bias=False,
-                  dtype=self.dtype, param_dtype=jnp.float32, kernel_init=WRN_CONV_INIT,
+    x = self.conv(16, (3, 3),
+                  strides=(1, 1),
+                  padding=common.PAD_3X3,
+                  use_bias=False,
+                  dtype=self.dtype,
+                  param_dtype=jnp.float32,
+                  kernel_init=WRN_CONV_INIT,
                   name="conv1")(x)
     for stage, strides in ((1, 1), (2, 2), (3, 2)):
       features = 16 * 2**(stage - 1) * self.widen_factor
       for i in range(n):
-        x = WideBlock(features, strides if i == 0 else 1, self.drop_rate, self.dtype, self.conv,
+        x = WideBlock(features,
+                      strides if i == 0 else 1,
+                      self.drop_rate,
+                      self.dtype,
+                      self.conv,
                       name=f"block{stage}_{i}")(x, train=train)
     x = nn.relu(common.batch_norm(train, self.dtype, "bn1")(x))
     x = common.global_avg_pool(x)
-    logits = common.dense_head(self.num_classes, x.shape[-1], self.dtype, "fc",
+    logits = common.dense_head(self.num_classes,
+                               x.shape[-1],
+                               self.dtype,
+                               "fc",
                                bias_init=nn.initializers.zeros)(x)
     return logits.astype(jnp.float32)

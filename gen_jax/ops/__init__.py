@@ -8,6 +8,7 @@ Synopsis::
     from gen_jax.ops import FastConv, conv2d
     layer = FastConv(64, (3, 3), padding="SAME", use_bias=False)   # nn.Conv drop-in
 """
-from gen_jax.ops.conv import FastConv, conv2d, conv2d_xla, normalize_padding, use_custom_vjp
+from gen_jax.ops.conv import (CONV_IMPLS, FastConv, conv2d, conv2d_xla, normalize_padding,
+                              use_custom_vjp)
 
-__all__ = ["FastConv", "conv2d", "conv2d_xla", "normalize_padding", "use_custom_vjp"]
+__all__ = ["CONV_IMPLS", "FastConv", "conv2d", "conv2d_xla", "normalize_padding", "use_custom_vjp"]

@@ -1,4 +1,14 @@
-"""Generalist training: expert states, pure expert steps, the Generalist update and the loop.
+"""Generalist training: methods, expert states, pure expert steps, schedules and the loop.
+
+Submodules load on first use, so that `gen_jax.config` can import the method vocabulary
+(`training.methods`) without importing the loop, orbax or the models.
+
+Modules:
+  methods    the methods, the experts each trains and the role vocabulary (natural, robust, global)
+  schedules  per-step tables: learning rates, beta, the redistribution mask
+  losses     cross-entropy and the TRADES objective
+  steps      the state, the pure expert steps, the Generalist update, the jitted step builder
+  loop       `train_and_evaluate(config, workdir)`
 
 Synopsis::
 
@@ -7,16 +17,31 @@ Synopsis::
 
     # or step by step:
     state = training.create_train_state(config, model, key, image_shape=(32, 32, 3))
-    step_fn = training.make_train_step(config, model, steps_per_epoch=390)
-    state, metrics = step_fn(state, images_uint8, labels, key)
+    step_fn = training.make_train_step(config, model)
+    state, totals = step_fn(state, totals, images, labels, perm, index, key, tables)
 """
-from gen_jax.training.loop import train_and_evaluate
-from gen_jax.training.schedules import build_schedules
-from gen_jax.training.steps import (ExpertState, GeneralistState, create_train_state,
-                                    generalist_update, make_train_step, natural_train_step,
-                                    robust_train_step, train_step)
+import importlib
 
-__all__ = [
-    "ExpertState", "GeneralistState", "build_schedules", "create_train_state", "generalist_update",
-    "make_train_step", "natural_train_step", "robust_train_step", "train_and_evaluate", "train_step"
-]
+_SUBMODULES = ("methods", "schedules", "losses", "steps", "loop")
+_NAMES = {
+    "train_and_evaluate": "loop",
+    "build_schedules": "schedules",
+    "ExpertState": "steps",
+    "GeneralistState": "steps",
+    "create_train_state": "steps",
+    "generalist_update": "steps",
+    "make_train_step": "steps",
+    "natural_train_step": "steps",
+    "robust_train_step": "steps",
+    "train_step": "steps",
+}
+
+__all__ = list(_NAMES) + list(_SUBMODULES)
+
+
+def __getattr__(name):
+  if name in _SUBMODULES:
+    return importlib.import_module(f"{__name__}.{name}")
+  if name in _NAMES:
+    return getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

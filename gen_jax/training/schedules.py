@@ -14,9 +14,9 @@ Synopsis::
 Redistribution is defined in fractions of the run, so that short runs keep the reference's phase
 and duty cycle: with T steps, redistribution runs in periods of `period * T` steps starting at
 `start * T`, during the first `duty` of each period (at least one step). With the defaults
-(start 74/120, period 5/120, duty 1/5) and E = 120 epochs this is exactly every step of epochs 75, 80, ..., 120. The
-naive alternative, "every 5th epoch" rounded to a short run, makes every late epoch a
-redistribution epoch and pins both experts to the global model: a degenerate run.
+(start 74/120, period 5/120, duty 1/5) and E = 120 epochs this is exactly every step of epochs
+75, 80, ..., 120. The naive alternative, "every 5th epoch" rounded to a short run, makes every
+late epoch a redistribution epoch and pins both experts to the global model: a degenerate run.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from fractions import Fraction
 import numpy as np
 
 from gen_jax.config import Config
+from gen_jax.mixing import beta_schedule, schedule_knot
 
 
 def epoch_of_step(step: np.ndarray, steps_per_epoch: int) -> np.ndarray:
@@ -33,26 +34,24 @@ def epoch_of_step(step: np.ndarray, steps_per_epoch: int) -> np.ndarray:
   return np.asarray(step) // steps_per_epoch + 1
 
 
-def _knot_epochs(fractions, epochs: int) -> np.ndarray:
-  # floor(f * E) reproduces the reference's integer knots E // 3 and 2 * E // 3.
-  return np.array([math.floor(f * epochs + 1e-9) for f in fractions], dtype=np.float64)
-
-
 def learning_rate_table(base_lr: float, config: Config, steps_per_epoch: int) -> np.ndarray:
   """Piecewise-linear learning rate, constant within an epoch (reference `adjust_learning_rate`)."""
   total = config.epochs * steps_per_epoch
   epoch = epoch_of_step(np.arange(total), steps_per_epoch)
-  factors = np.interp(epoch, _knot_epochs(config.lr_knots, config.epochs),
-                      np.asarray(config.lr_factors, np.float64))
+  knots = [schedule_knot(f, config.epochs) for f in config.lr_knots]
+  factors = np.interp(epoch, knots, np.asarray(config.lr_factors, np.float64))
   return (base_lr * factors).astype(np.float32)
 
 
 def beta_table(config: Config, steps_per_epoch: int) -> np.ndarray:
-  """Robust weight β of the global model's target at each step (reference `adjust_beta`)."""
+  """Robust weight β of the global model's target at each step (`mixing.beta_schedule`)."""
   total = config.epochs * steps_per_epoch
   epoch = epoch_of_step(np.arange(total), steps_per_epoch)
-  knots = _knot_epochs((0.0, config.beta_start, 1.0), config.epochs)
-  return np.interp(epoch, knots, [1.0, 1.0, config.beta_final]).astype(np.float32)
+  return np.asarray(beta_schedule(epoch,
+                                  config.epochs,
+                                  final_beta=config.beta_final,
+                                  start_fraction=config.beta_start),
+                    dtype=np.float32)
 
 
 def _rational(value: float) -> Fraction:

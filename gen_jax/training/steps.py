@@ -3,20 +3,26 @@
 Each expert has its own state and its own pure step; the Generalist update mixes them:
 
     x = augment(key, uint8 batch)
-    nat, m_nat = natural_train_step(nat, x, y, lr_nat)                  # clean data, train mode
-    rob, m_rob = robust_train_step(rob, x, y, key, lr_rob, eps, ...)    # PGD (inference-mode BN)
-    state = generalist_update(state with nat, rob, beta_t, redistribute_t)
+    natural, m = natural_train_step(natural, x, y, lr_nat)                  # clean, train mode
+    robust, m = robust_train_step(robust, x, y, key, hparams)             # PGD (inference BN)
+    state = generalist_update(state with both experts, beta_t, redistribute_t)
 
-`train_step` composes them for one batch, and `make_train_step` jits it with the state donated.
-Every hyper-parameter that a schedule may change (learning rates, β, the redistribution flag,
-eps and step sizes) reaches the compiled function as a traced argument, so nothing recompiles.
+`train_step` composes them for one batch; `make_train_step` is the one jitted step of the
+project (the training loop and `experiments/bench.py` both run it): it gathers the batch from
+the device-resident training set, runs `train_step` with the state donated and adds the metrics
+to running totals. Every hyper-parameter that a schedule may change (learning rates, β, the
+redistribution flag, eps and step sizes) reaches it as a traced argument, so nothing recompiles.
+
+The state speaks the role vocabulary of `training.methods`: `experts` and `teachers` are keyed
+`natural` / `robust` (only the experts the method trains), and `models()` adds `global`.
 
 Synopsis::
 
-    state = create_train_state(config, model, key, image_shape=(32, 32, 3), num_classes=10,
-                               total_steps=T)
-    step_fn = make_train_step(config, model, steps_per_epoch=S)
-    state, metrics = step_fn(state, images_uint8, labels, key)
+    state = create_train_state(config, model, key, image_shape=(32, 32, 3))
+    tables = schedule_arrays(config, steps_per_epoch=S)
+    step_fn = make_train_step(config, model)
+    totals = zero_totals(config)
+    state, totals = step_fn(state, totals, train_x, train_y, perm, index, key, tables)
 
 References:
   Wang & Wang, "Generalist: Decoupling Natural and Robust Generalization", CVPR 2023.
@@ -32,14 +38,14 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from gen_jax import attacks, mixing
 from gen_jax.config import Config
-from gen_jax.data.augment import augment_batch
+from gen_jax.data.augment import augment_batch, flip_default
 from gen_jax.models import init_variables
 from gen_jax.training import losses
+from gen_jax.training.methods import GLOBAL, NATURAL, ROBUST
 from gen_jax.training.schedules import build_schedules
 
 Variables = dict[str, Any]  # {"params": ..., "batch_stats": ...}
@@ -54,17 +60,22 @@ class ExpertState:
 
 @flax.struct.dataclass
 class GeneralistState:
-  """Everything a run carries from step to step (and checkpoints)."""
-  step: jax.Array  # global optimiser step, int32
-  nat: ExpertState
-  rob: ExpertState
-  teacher_nat: Variables  # EMA of the natural expert
-  teacher_rob: Variables  # EMA of the robust expert
-  mix: Variables  # the global model
+  """Everything a run carries from step to step (and checkpoints).
+
+  Attributes:
+    step: global optimiser step, int32.
+    experts: role -> the expert that the method trains (`natural`, `robust` or both).
+    teachers: role -> EMA of that expert's variables.
+    global_model: the deployed model (for a single-expert method, its teacher).
+  """
+  step: jax.Array
+  experts: dict[str, ExpertState]
+  teachers: dict[str, Variables]
+  global_model: Variables
 
   def models(self) -> dict[str, Variables]:
-    """The three models that are evaluated, keyed as in `summary.json`."""
-    return {"natural": self.teacher_nat, "robust": self.teacher_rob, "global": self.mix}
+    """The evaluated models by role: the teachers, then `global`."""
+    return {**self.teachers, GLOBAL: self.global_model}
 
 
 def _sgd(learning_rate, momentum, weight_decay):
@@ -75,8 +86,8 @@ def _sgd(learning_rate, momentum, weight_decay):
 
 def make_optimizer(config: Config, role: str) -> optax.GradientTransformation:
   """SGD with momentum and weight decay, the learning rate injected so a schedule can set it."""
-  weight_decay = config.weight_decay_nat if role == "nat" else config.weight_decay_rob
-  lr = config.lr_nat if role == "nat" else config.lr_rob
+  weight_decay = config.weight_decay_nat if role == NATURAL else config.weight_decay_rob
+  lr = config.lr_nat if role == NATURAL else config.lr_rob
   return optax.inject_hyperparams(_sgd)(learning_rate=lr,
                                         momentum=config.momentum,
                                         weight_decay=weight_decay)
@@ -86,24 +97,16 @@ def _set_lr(opt_state, lr):
   return opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": lr})
 
 
-def create_train_state(config: Config,
-                       model: nn.Module,
-                       key: jax.Array,
-                       *,
-                       image_shape: tuple[int, int, int],
-                       num_classes: int | None = None,
-                       total_steps: int | None = None) -> GeneralistState:
-  """Initialises both experts from the SAME weights (as the reference), teachers and global too.
+def create_train_state(config: Config, model: nn.Module, key: jax.Array, *,
+                       image_shape: tuple[int, int, int]) -> GeneralistState:
+  """Initialises the experts from the SAME weights (as the reference), teachers and global too.
 
   Args:
-    config: the run's configuration (optimisers).
+    config: the run's configuration (method and optimisers).
     model: the linen module.
     key: PRNG key for the initial weights.
     image_shape: (H, W, C) of one image.
-    num_classes: unused (the model carries it); accepted for call-site clarity.
-    total_steps: unused (schedules are separate tables); accepted for call-site clarity.
   """
-  del num_classes, total_steps
   variables = init_variables(model, key, image_shape)
   # Distinct buffers for every copy: the state is donated to the jitted step.
   copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)
@@ -111,14 +114,12 @@ def create_train_state(config: Config,
       role:
           ExpertState(variables=copy(variables),
                       opt_state=make_optimizer(config, role).init(variables["params"]))
-      for role in ("nat", "rob")
+      for role in config.experts
   }
   return GeneralistState(step=jnp.zeros((), jnp.int32),
-                         nat=experts["nat"],
-                         rob=experts["rob"],
-                         teacher_nat=copy(variables),
-                         teacher_rob=copy(variables),
-                         mix=copy(variables))
+                         experts=experts,
+                         teachers={role: copy(variables) for role in config.experts},
+                         global_model=copy(variables))
 
 
 def _accuracy_metrics(logits, labels, loss):
@@ -161,7 +162,7 @@ def natural_train_step(state: ExpertState, x: jax.Array, y: jax.Array, lr: jax.A
 
   (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn,
                                                           has_aux=True)(state.variables["params"])
-  return (_apply_update(state, grads, lr, config, "nat",
+  return (_apply_update(state, grads, lr, config, NATURAL,
                         new_stats), _accuracy_metrics(logits, y, loss))
 
 
@@ -174,12 +175,13 @@ def adversarial_examples(variables: Variables, x: jax.Array, y: jax.Array, key: 
   """
   logits_fn = lambda z: model.apply(variables, z, train=False)
   if config.uses_trades:
-    x_adv = losses.trades_attack(logits_fn,
-                                 x,
-                                 key=key,
-                                 eps=hparams["eps"],
-                                 step_size=hparams["step_size"],
-                                 steps=config.pgd_steps)
+    x_adv = attacks.trades_attack(logits_fn,
+                                  x,
+                                  key=key,
+                                  eps=hparams["eps"],
+                                  step_size=hparams["step_size"],
+                                  steps=config.pgd_steps,
+                                  norm=config.norm)
   else:
     x_adv = attacks.pgd(logits_fn,
                         x,
@@ -228,43 +230,39 @@ def robust_train_step(state: ExpertState, x: jax.Array, y: jax.Array, key: jax.A
 
   (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn,
                                                           has_aux=True)(variables["params"])
-  return (_apply_update(state, grads, hparams["lr_rob"], config, "rob",
+  return (_apply_update(state, grads, hparams["lr_rob"], config, ROBUST,
                         new_stats), _accuracy_metrics(logits, y, loss))
 
 
 def generalist_update(state: GeneralistState, *, beta: jax.Array, redistribute: jax.Array,
                       config: Config) -> GeneralistState:
-  """EMA teachers, the global model and redistribution, after both experts have stepped.
+  """EMA teachers, the global model and redistribution, after the experts have stepped.
 
   With d_t = min(decay, (t + 1) / (t + 10)) (t = updates made so far):
-    teacher_nat <- EMA(natural expert), teacher_rob <- EMA(robust expert),
-    global <- d_t * global + (1 - d_t) * (β_t * teacher_rob + (1 - β_t) * teacher_nat),
+    teacher_r <- d_t * teacher_r + (1 - d_t) * expert_r for each expert r,
+    global <- d_t * global + (1 - d_t) * (β_t * teacher_robust + (1 - β_t) * teacher_natural),
   all over parameters AND BatchNorm statistics; then, when `redistribute`, both experts'
   variables are overwritten with the global model's (optimiser momentum is kept).
   For a single-expert method, its teacher is the global model.
   """
   decay = mixing.ema_decay(state.step, config.ema_decay)
-  teacher_nat, teacher_rob, mix = state.teacher_nat, state.teacher_rob, state.mix
-  if "nat" in config.experts:
-    teacher_nat = mixing.ema_update(teacher_nat, state.nat.variables, decay)
-  if "rob" in config.experts:
-    teacher_rob = mixing.ema_update(teacher_rob, state.rob.variables, decay)
+  teachers = {
+      role: mixing.ema_update(state.teachers[role], expert.variables, decay)
+      for role, expert in state.experts.items()
+  }
+  experts = state.experts
   if config.method == "generalist":
-    target = mixing.mix(teacher_nat, teacher_rob, beta)
-    mix = mixing.ema_update(mix, target, decay)
-    select = lambda glob, own: jax.tree_util.tree_map(lambda g, o: jnp.where(redistribute, g, o),
-                                                      glob, own)
-    nat = state.nat.replace(variables=select(mix, state.nat.variables))
-    rob = state.rob.replace(variables=select(mix, state.rob.variables))
+    target = mixing.mix(teachers[NATURAL], teachers[ROBUST], beta)
+    global_model = mixing.ema_update(state.global_model, target, decay)
+    select = lambda own: jax.tree_util.tree_map(lambda g, o: jnp.where(redistribute, g, o),
+                                                global_model, own)
+    experts = {role: e.replace(variables=select(e.variables)) for role, e in experts.items()}
   else:
-    nat, rob = state.nat, state.rob
-    mix = teacher_nat if config.method == "natural" else teacher_rob
+    (global_model,) = teachers.values()
   return state.replace(step=state.step + 1,
-                       nat=nat,
-                       rob=rob,
-                       teacher_nat=teacher_nat,
-                       teacher_rob=teacher_rob,
-                       mix=mix)
+                       experts=experts,
+                       teachers=teachers,
+                       global_model=global_model)
 
 
 def train_step(state: GeneralistState, images: jax.Array, labels: jax.Array, key: jax.Array,
@@ -283,45 +281,39 @@ def train_step(state: GeneralistState, images: jax.Array, labels: jax.Array, key
     config: static settings.
 
   Returns:
-    The state at t + 1 and per-expert metric sums (`loss_sum`, `correct`, `count`).
+    The state at t + 1 and, per expert role, metric sums (`loss_sum`, `correct`, `count`).
   """
   aug_key, attack_key = jax.random.split(key)
-  x = augment_batch(aug_key, images, pad=config.crop_padding, flip=_flip(config))
+  flip = config.flip if config.flip is not None else flip_default(config.dataset)
+  x = augment_batch(aug_key, images, pad=config.crop_padding, flip=flip)
   t = jnp.minimum(state.step, tables["beta"].shape[0] - 1)
-  metrics = {}
-  nat, rob = state.nat, state.rob
-  if "nat" in config.experts:
-    nat, metrics["nat"] = natural_train_step(nat,
-                                             x,
-                                             labels,
-                                             tables["lr_nat"][t],
-                                             model=model,
-                                             config=config)
-  if "rob" in config.experts:
+  experts, metrics = dict(state.experts), {}
+  if NATURAL in experts:
+    experts[NATURAL], metrics[NATURAL] = natural_train_step(experts[NATURAL],
+                                                            x,
+                                                            labels,
+                                                            tables["lr_nat"][t],
+                                                            model=model,
+                                                            config=config)
+  if ROBUST in experts:
     hparams = {
         "lr_rob": tables["lr_rob"][t],
         "eps": tables["eps"],
         "step_size": tables["step_size"],
         "trades_beta": tables["trades_beta"]
     }
-    rob, metrics["rob"] = robust_train_step(rob,
-                                            x,
-                                            labels,
-                                            attack_key,
-                                            hparams,
-                                            model=model,
-                                            config=config)
-  state = generalist_update(state.replace(nat=nat, rob=rob),
+    experts[ROBUST], metrics[ROBUST] = robust_train_step(experts[ROBUST],
+                                                         x,
+                                                         labels,
+                                                         attack_key,
+                                                         hparams,
+                                                         model=model,
+                                                         config=config)
+  state = generalist_update(state.replace(experts=experts),
                             beta=tables["beta"][t],
                             redistribute=tables["redistribute"][t],
                             config=config)
   return state, metrics
-
-
-def _flip(config: Config) -> bool:
-  if config.flip is not None:
-    return config.flip
-  return config.dataset not in ("digits", "svhn_cropped", "svhn")
 
 
 def schedule_arrays(config: Config, steps_per_epoch: int) -> dict[str, jax.Array]:
@@ -333,22 +325,43 @@ def schedule_arrays(config: Config, steps_per_epoch: int) -> dict[str, jax.Array
   return tables
 
 
-def make_train_step(config: Config,
-                    model: nn.Module,
-                    *,
-                    steps_per_epoch: int | None = None,
-                    total_steps: int | None = None):
-  """Jits `train_step` with the state donated; returns `step_fn(state, images, labels, key)`.
+def zero_totals(config: Config) -> dict[str, dict[str, jax.Array]]:
+  """Running metric sums of an epoch, per expert role (what `make_train_step` accumulates)."""
+  return {
+      role: {
+          "loss_sum": jnp.zeros((), jnp.float32),
+          "correct": jnp.zeros((), jnp.int32),
+          "count": jnp.zeros((), jnp.int32)
+      } for role in config.experts
+  }
 
-  The schedule tables are passed as arguments of the compiled function (not baked in as
-  constants), so one compiled program serves any schedule values.
+
+def _gathered_train_step(state, totals, train_x, train_y, perm, index, key, tables, *, model,
+                         config, batch_sharding):
+  """Gathers batch `index` of the permutation `perm`, runs `train_step`, adds up its metrics."""
+  idx = jax.lax.dynamic_slice_in_dim(perm, index * config.batch_size, config.batch_size)
+  images, labels = train_x[idx], train_y[idx]
+  if batch_sharding is not None:
+    images = jax.lax.with_sharding_constraint(images, batch_sharding)
+    labels = jax.lax.with_sharding_constraint(labels, batch_sharding)
+  step_key = jax.random.fold_in(key, state.step)
+  state, metrics = train_step(state, images, labels, step_key, tables, model=model, config=config)
+  totals = jax.tree_util.tree_map(lambda a, b: a + b.astype(a.dtype), totals, metrics)
+  return state, totals
+
+
+def make_train_step(config: Config, model: nn.Module, *, batch_sharding: Any = None):
+  """The jitted training step of the project, with the state and the totals donated.
+
+  Returns:
+    `step_fn(state, totals, train_x, train_y, perm, index, key, tables) -> (state, totals)`:
+    batch `index` of the permutation `perm` of the device-resident `train_x` / `train_y` (uint8
+    images, int32 labels), this step's key `fold_in(key, state.step)`, and the schedule `tables`
+    of `schedule_arrays` (arguments, not constants: one compiled program serves any values).
+    `batch_sharding` (optional) lays the gathered batch out over the data-parallel mesh.
   """
-  if steps_per_epoch is None:
-    steps_per_epoch = max(1, (total_steps or config.epochs) // config.epochs)
-  tables = schedule_arrays(config, steps_per_epoch)
-  jitted = jax.jit(functools.partial(train_step, model=model, config=config), donate_argnums=0)
-
-  def step_fn(state, images, labels, key):
-    return jitted(state, images, labels, key, tables)
-
-  return step_fn
+  return jax.jit(functools.partial(_gathered_train_step,
+                                   model=model,
+                                   config=config,
+                                   batch_sharding=batch_sharding),
+                 donate_argnums=(0, 1))

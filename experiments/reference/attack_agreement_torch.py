@@ -2,14 +2,19 @@
 
 Runs in a separate environment (not part of the project's dependencies): torch 2.13 CPU,
 torchattacks (installed with --no-deps) and the authors' AutoAttack (github.com/fra31/auto-attack)
-on PYTHONPATH. It loads `model.npz` written by `attack_agreement.py train`, rebuilds the tiny CNN as
-a torch module, checks that its logits equal the JAX logits, runs the reference attacks and writes
-`reference.json` for `attack_agreement.py table`.
+on PYTHONPATH; README.md beside this file says how to make it. It loads `model.npz` written by
+`experiments/attack_agreement.py train`, rebuilds the tiny CNN as a torch module, checks that its
+logits equal the JAX logits, runs the reference attacks and writes `reference.json` for
+`experiments/attack_agreement.py table`.
 
 Command::
 
     PYTHONPATH=/tmp/autoattack_ref /opt/torchenv/bin/python \
-        experiments/attack_agreement_torch.py --out /tmp/agree
+        experiments/reference/attack_agreement_torch.py --out /tmp/agree
+
+Flags are hyphenated and mean what they mean in `experiments/attack_agreement.py`
+(`--batch-size`, `--square-queries`, `--skip-full-aa`); the underscore spellings used before are
+still accepted.
 
 Reference attacks: AutoAttack's APGDAttack (CE, DLR), and its 'standard' ensemble run individually
 (APGD-CE, APGD-T, FAB-T, Square) and as a whole; torchattacks PGD and MIFGSM; CW-inf as PGD on the
@@ -65,14 +70,32 @@ def cw_inf(model, x, y, eps, alpha, steps):
   return x_adv
 
 
+def _add_flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+  """Adds `--name` (hyphenated) and, hidden from --help, its underscore spelling used before."""
+  dest = name.replace("-", "_")
+  parser.add_argument(f"--{name}", dest=dest, **kwargs)
+  parser.add_argument(f"--{dest}",
+                      dest=dest,
+                      default=argparse.SUPPRESS,
+                      help=argparse.SUPPRESS,
+                      **{
+                          k: v for k, v in kwargs.items() if k in ("type", "action")
+                      })
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", default="/tmp/agree")
-  parser.add_argument("--n", type=int, default=0)
-  parser.add_argument("--batch_size", type=int, default=500)
-  parser.add_argument("--threads", type=int, default=2)
-  parser.add_argument("--square_queries", type=int, default=5000)
-  parser.add_argument("--skip_full_aa", action="store_true")
+  parser.add_argument("--out",
+                      default="/tmp/agree",
+                      help="folder of model.npz; reference*.json are written there")
+  parser.add_argument("--n", type=int, default=0, help="attack only the first N test images")
+  _add_flag(parser, "batch-size", type=int, default=500)
+  parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+  _add_flag(parser, "square-queries", type=int, default=0, help="0: the 5,000 of AutoAttack")
+  _add_flag(parser,
+            "skip-full-aa",
+            action="store_true",
+            help="run AutoAttack's stages one by one only, not the whole ensemble")
   parser.add_argument("--l2", action="store_true", help="run only APGD-CE at L2 eps 0.5")
   args = parser.parse_args()
   torch.set_num_threads(args.threads)
@@ -99,18 +122,29 @@ def main() -> None:
     if d > EPS + 1e-5 or x_adv.min() < 0 or x_adv.max() > 1:
       raise SystemExit(f"reference attack left the ball or box (max dist {d}).")
     with torch.no_grad():
-      return float(np.mean(np.concatenate([
-          (model(x_adv[i:i + args.batch_size]).argmax(1) == y[i:i + args.batch_size]).numpy()
-          for i in range(0, n, args.batch_size)])))
+      return float(
+          np.mean(
+              np.concatenate([(model(
+                  x_adv[i:i + args.batch_size]).argmax(1) == y[i:i + args.batch_size]).numpy()
+                              for i in range(0, n, args.batch_size)])))
 
   def batched(attack):
-    return torch.cat([attack(x[i:i + args.batch_size], y[i:i + args.batch_size])
-                      for i in range(0, n, args.batch_size)])
+    return torch.cat([
+        attack(x[i:i + args.batch_size], y[i:i + args.batch_size])
+        for i in range(0, n, args.batch_size)
+    ])
 
   if args.l2:
     start = time.time()
-    attack = APGDAttack(model, n_restarts=1, n_iter=100, eps=0.5, norm="L2", loss="ce", rho=.75,
-                        seed=0, device="cpu")
+    attack = APGDAttack(model,
+                        n_restarts=1,
+                        n_iter=100,
+                        eps=0.5,
+                        norm="L2",
+                        loss="ce",
+                        rho=.75,
+                        seed=0,
+                        device="cpu")
     x_adv = batched(attack.perturb)
     d = ((x_adv - x)**2).reshape(n, -1).sum(1).sqrt().max().item()
     if d > 0.5 + 1e-4:
@@ -125,11 +159,22 @@ def main() -> None:
   print(f"clean: {results['clean']:.4f}", flush=True)
   torch.manual_seed(0)
   runs = {
-      "PGD-20 (CE)": torchattacks.PGD(model, eps=EPS, alpha=STEP, steps=20, random_start=True),
-      "MIM-20": torchattacks.MIFGSM(model, eps=EPS, alpha=STEP, steps=20, decay=1.0),
-      "CW-inf-20": lambda xb, yb: cw_inf(model, xb, yb, EPS, STEP, 20),
-      "APGD-DLR": APGDAttack(model, n_restarts=1, n_iter=100, eps=EPS, norm="Linf", loss="dlr",
-                             rho=.75, seed=0, device="cpu").perturb,
+      "PGD-20 (CE)":
+          torchattacks.PGD(model, eps=EPS, alpha=STEP, steps=20, random_start=True),
+      "MIM-20":
+          torchattacks.MIFGSM(model, eps=EPS, alpha=STEP, steps=20, decay=1.0),
+      "CW-inf-20":
+          lambda xb, yb: cw_inf(model, xb, yb, EPS, STEP, 20),
+      "APGD-DLR":
+          APGDAttack(model,
+                     n_restarts=1,
+                     n_iter=100,
+                     eps=EPS,
+                     norm="Linf",
+                     loss="dlr",
+                     rho=.75,
+                     seed=0,
+                     device="cpu").perturb,
   }
   for name, attack in runs.items():
     start = time.time()
@@ -137,9 +182,15 @@ def main() -> None:
     results[name + " seconds"] = time.time() - start
     print(f"{name}: {results[name]:.4f} ({time.time() - start:.0f} s)", flush=True)
 
-  adversary = AutoAttack(model, norm="Linf", eps=EPS, version="standard", seed=0, device="cpu",
+  adversary = AutoAttack(model,
+                         norm="Linf",
+                         eps=EPS,
+                         version="standard",
+                         seed=0,
+                         device="cpu",
                          verbose=False)
-  adversary.square.n_queries = args.square_queries
+  if args.square_queries:  # else AutoAttack's own 'standard' value (5,000)
+    adversary.square.n_queries = args.square_queries
   names = {"apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T", "square": "Square"}
   for attack in ("apgd-ce", "apgd-t", "fab-t", "square"):
     start = time.time()

@@ -1,14 +1,17 @@
 """gen_jax against the PyTorch baseline, measured in alternation on the same machine.
 
-    python experiments/side_by_side.py --torch-python /opt/torchenv/bin/python \
-        --what generalist_step,pgd20 --model resnet18 --batch 128 --rounds 3 --steps 2
+    python experiments/reference/side_by_side.py --torch-python /opt/torchenv/bin/python \
+        --what generalist_step,pgd20 --model resnet18 --batch-size 128 --rounds 3 --repeats 2
 
 For each `--what`, runs `--rounds` rounds; a round is one `experiments/bench.py` process followed at
-once by one `experiments/bench_torch.py` process (the same workload, in the PyTorch environment
-given by `--torch-python`), so each pair shares the minute and the machine's load. Reports per
-workload the median images/s of each side and the median of the per-round ratios (gen_jax over
-PyTorch: the paired ratio is less sensitive to load drifting between rounds than the ratio of
-medians). Prints a markdown table and writes every raw JSON line plus the summary to `--out`.
+once by one `experiments/reference/bench_torch.py` process (the same workload, in the PyTorch
+environment given by `--torch-python`: see README.md beside this file), so each pair shares the
+minute and the machine's load. `--batch-size`, `--repeats`, `--warmup`, `--pgd-steps` and
+`--image-size` are passed to both (`--batch` and the deprecated `--steps` are still accepted).
+Reports per workload the median images/s of each side and the median of the per-round ratios
+(gen_jax over PyTorch: the paired ratio is less sensitive to load drifting between rounds than the
+ratio of medians). Prints a markdown table and writes every raw JSON line plus the summary to
+`--out`.
 Timing lives here and in the two bench scripts only; tests never time anything.
 """
 from __future__ import annotations
@@ -21,7 +24,9 @@ import statistics
 import subprocess
 import sys
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+_HERE = os.path.dirname(os.path.abspath(__file__))  # experiments/reference
+BENCH = os.path.join(os.path.dirname(_HERE), "bench.py")  # experiments/bench.py
+BENCH_TORCH = os.path.join(_HERE, "bench_torch.py")
 
 
 def _run_bench(command: list[str]) -> dict:
@@ -36,43 +41,64 @@ def _run_bench(command: list[str]) -> dict:
 
 def _commands(args, what: str) -> tuple[list[str], list[str]]:
   common = [
-      "--what", what, "--model", args.model, "--batch",
-      str(args.batch), "--steps",
-      str(args.steps), "--warmup",
+      "--what", what, "--model", args.model, "--batch-size",
+      str(args.batch), "--repeats",
+      str(args.repeats), "--warmup",
       str(args.warmup)
   ]
   if args.pgd_steps is not None:
     common += ["--pgd-steps", str(args.pgd_steps)]
   if args.image_size is not None:
     common += ["--image-size", str(args.image_size)]
-  ours = [sys.executable, os.path.join(_HERE, "bench.py"), *common]
-  theirs = [
-      args.torch_python,
-      os.path.join(_HERE, "bench_torch.py"), *common, "--threads",
-      str(args.threads)
-  ]
+  ours = [sys.executable, BENCH, *common]
+  theirs = [args.torch_python, BENCH_TORCH, *common, "--threads", str(args.threads)]
   return ours, theirs
 
 
-def main(argv=None) -> None:
+def _parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--torch-python", required=True, help="python of an environment with torch")
   p.add_argument("--what", default="generalist_step,pgd20", help="comma-separated workloads")
   p.add_argument("--model", default="resnet18")
-  p.add_argument("--batch", type=int, default=128)
-  p.add_argument("--pgd-steps", type=int, default=None)
+  p.add_argument("--batch-size", dest="batch", type=int, default=128, metavar="N")
+  p.add_argument("--batch",
+                 dest="batch",
+                 type=int,
+                 default=argparse.SUPPRESS,
+                 help=argparse.SUPPRESS)  # the old spelling, still accepted
+  p.add_argument("--pgd-steps",
+                 type=int,
+                 default=None,
+                 help="PGD iterations (default: the bench scripts' 10 in training steps, 20 "
+                 "for pgd20)")
   p.add_argument("--image-size", type=int, default=None, help="default: the bench scripts' 32")
   p.add_argument("--rounds", type=int, default=3)
-  p.add_argument("--steps", type=int, default=2, help="timed steps per process (median)")
-  p.add_argument("--warmup", type=int, default=1)
+  p.add_argument("--repeats",
+                 type=int,
+                 default=2,
+                 metavar="N",
+                 help="timed repetitions per bench process (median)")
+  p.add_argument("--steps",
+                 dest="repeats",
+                 type=int,
+                 default=argparse.SUPPRESS,
+                 metavar="N",
+                 help="deprecated alias of --repeats (elsewhere --steps means PGD steps)")
+  p.add_argument("--warmup", type=int, default=1, help="untimed repetitions per bench process")
   p.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch threads")
   p.add_argument("--out", default=None, help="JSON file for the raw lines and the summary")
   args = p.parse_args(argv)
   if not os.path.exists(args.torch_python):
     p.error(f"--torch-python {args.torch_python} does not exist; create an environment with "
-            "`python -m venv ENV && ENV/bin/pip install torch==2.13.0` and pass ENV/bin/python.")
-  if args.rounds < 1 or args.steps < 1:
-    p.error("--rounds and --steps must be >= 1.")
+            "`python -m venv ENV && ENV/bin/pip install -r experiments/reference/requirements.txt`"
+            " (see experiments/reference/README.md) and pass ENV/bin/python.")
+  if args.rounds < 1 or args.repeats < 1 or args.batch < 1:
+    p.error("--rounds, --repeats and --batch-size must be >= 1.")
+  return args
+
+
+def main(argv=None) -> None:
+  args = _parse_args(argv)
   whats = [w for w in args.what.split(",") if w]
   raw, summary = [], []
   for what in whats:
@@ -99,8 +125,8 @@ def main(argv=None) -> None:
         "compile_seconds": [line.get("compile_seconds") for line in raw[-2 * args.rounds::2]],
     })
   lines = [
-      f"{args.model}, batch {args.batch}, {args.rounds} alternating rounds of {args.steps} timed "
-      f"steps, {datetime.datetime.now().isoformat(timespec='minutes')}", "",
+      f"{args.model}, batch {args.batch}, {args.rounds} alternating rounds of {args.repeats} timed "
+      f"repetitions, {datetime.datetime.now().isoformat(timespec='minutes')}", "",
       "| what | gen_jax img/s | PyTorch img/s | ratio (median of paired ratios) |",
       "| --- | --- | --- | --- |"
   ]

@@ -1,8 +1,9 @@
 """PyTorch baseline of experiments/bench.py: the same per-batch work, run the reference's way.
 
 Runs in a separate environment with PyTorch (not a dependency of gen_jax), e.g.
-`/opt/torchenv/bin/python` with torch 2.13.0 (CPU build). Prints the same JSON lines as
-experiments/bench.py (`framework` is "torch"; `compile_seconds` is null: eager mode).
+`/opt/torchenv/bin/python` with torch 2.13.0 (CPU build): see README.md beside this file. Prints
+the same JSON lines as experiments/bench.py (`framework` is "torch"; `compile_seconds` is null:
+eager mode), and takes the same flags for the same things (`--batch-size`, `--repeats`, ...).
 
 The workloads follow the Generalist reference code (github.com/PKU-ML/Generalist, main.py and
 attacks.py), written independently:
@@ -26,9 +27,12 @@ as it is inside gen_jax's jitted step.
 
 Synopsis::
 
-    /opt/torchenv/bin/python experiments/bench_torch.py --what generalist_step --model resnet18 \
-        --batch 128 --steps 5
-    /opt/torchenv/bin/python experiments/bench_torch.py --what pgd20 --batch 128
+    /opt/torchenv/bin/python experiments/reference/bench_torch.py --what generalist_step \
+        --model resnet18 --batch-size 128 --repeats 5
+    /opt/torchenv/bin/python experiments/reference/bench_torch.py --what pgd20 --batch-size 128
+
+As in bench.py, `--batch` and `--steps` (deprecated) are still accepted for `--batch-size` and
+`--repeats`.
 """
 from __future__ import annotations
 
@@ -48,7 +52,6 @@ import torch.nn.functional as F
 
 WHATS = ("natural_step", "robust_step", "generalist_step", "pgd20")
 EPS, STEP_SIZE = 8 / 255, 2 / 255
-
 
 # ----------------------------------------------------------------------------------------------
 # Networks (the same architectures as gen_jax.models, PyTorch layout NCHW).
@@ -147,8 +150,11 @@ class SmallCNN(nn.Module):
     return self.linear(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
 
 
-MODELS = {"resnet18": ResNet18, "wrn34_10": lambda num_classes: WideResNet(34, 10, num_classes),
-          "smallcnn": SmallCNN}
+MODELS = {
+    "resnet18": ResNet18,
+    "wrn34_10": lambda num_classes: WideResNet(34, 10, num_classes),
+    "smallcnn": SmallCNN
+}
 
 # ----------------------------------------------------------------------------------------------
 # The per-batch work.
@@ -242,9 +248,13 @@ class Workload:
       net = net.to(memory_format=torch.channels_last)
     self.model_at = net
     self.model_st = copy.deepcopy(net)
-    self.opt_at = torch.optim.SGD(self.model_at.parameters(), lr=0.01, momentum=0.9,
+    self.opt_at = torch.optim.SGD(self.model_at.parameters(),
+                                  lr=0.01,
+                                  momentum=0.9,
                                   weight_decay=3.5e-3)
-    self.opt_st = torch.optim.SGD(self.model_st.parameters(), lr=0.01, momentum=0.9,
+    self.opt_st = torch.optim.SGD(self.model_st.parameters(),
+                                  lr=0.01,
+                                  momentum=0.9,
                                   weight_decay=5e-4)
     if what == "generalist_step":
       self.teacher_at, self.teacher_st = EMA(self.model_at), EMA(self.model_st)
@@ -269,8 +279,8 @@ class Workload:
     args, y = self.args, self.labels
     if self.what == "pgd20":
       self.model_at.eval()
-      return float(pgd(self.model_at, self.x_eval, y, args.pgd_steps or 20, "input",
-                       self.generator).sum())
+      return float(
+          pgd(self.model_at, self.x_eval, y, args.pgd_steps or 20, "input", self.generator).sum())
     x = self._x()
     if self.what == "natural_step":
       return sgd_step(self.model_st, self.opt_st, x, y).item()
@@ -302,26 +312,38 @@ def bench(args: argparse.Namespace, what: str) -> dict:
   for _ in range(max(1, args.warmup)):
     work.run()
   wall, cpu = [], []
-  for _ in range(args.steps):
+  for _ in range(args.repeats):
     c0, t0 = time.process_time(), time.perf_counter()
     work.run()
     wall.append(time.perf_counter() - t0)
     cpu.append(time.process_time() - c0)
   median = statistics.median(wall)
-  pgd_steps = (args.pgd_steps or 20) if what == "pgd20" else (
-      (args.pgd_steps or 10) if what in ("robust_step", "generalist_step") else None)
+  pgd_steps = (args.pgd_steps or 20) if what == "pgd20" else ((args.pgd_steps or 10) if what in (
+      "robust_step", "generalist_step") else None)
   return {
-      "what": what, "framework": "torch", "model": args.model, "batch": args.batch,
-      "backend": "cpu", "devices": 1, "device_kind": "cpu", "dtype": "float32",
-      "conv_impl": "torch", "pgd_steps": pgd_steps, "steps": args.steps,
-      "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
+      "what": what,
+      "framework": "torch",
+      "model": args.model,
+      "batch": args.batch,
+      "backend": "cpu",
+      "devices": 1,
+      "device_kind": "cpu",
+      "dtype": "float32",
+      "conv_impl": "torch",
+      "pgd_steps": pgd_steps,
+      "repeats": args.repeats,
+      "torch_version": torch.__version__,
+      "torch_threads": torch.get_num_threads(),
       "pgd_grad": args.pgd_grad if what in ("robust_step", "generalist_step") else "input",
       "channels_last": args.channels_last,
       "load_average_1min": os.getloadavg()[0],
       "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "seconds_per_step": median, "seconds_all": [round(s, 4) for s in wall],
-      "cpu_seconds_per_step": statistics.median(cpu), "compile_seconds": None,
-      "images_per_second": args.batch / median, "peak_memory_bytes": None,
+      "seconds_per_step": median,
+      "seconds_all": [round(s, 4) for s in wall],
+      "cpu_seconds_per_step": statistics.median(cpu),
+      "compile_seconds": None,
+      "images_per_second": args.batch / median,
+      "peak_memory_bytes": None,
       "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
   }
 
@@ -330,10 +352,31 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--what", default="generalist_step", help=f"comma-separated subset of {WHATS}")
   p.add_argument("--model", default="resnet18", choices=tuple(MODELS))
-  p.add_argument("--batch", type=int, default=128)
-  p.add_argument("--pgd-steps", type=int, default=None)
-  p.add_argument("--steps", type=int, default=5)
-  p.add_argument("--warmup", type=int, default=1)
+  p.add_argument("--batch-size", dest="batch", type=int, default=128, metavar="N")
+  p.add_argument("--batch",
+                 dest="batch",
+                 type=int,
+                 default=argparse.SUPPRESS,
+                 help=argparse.SUPPRESS)  # the old spelling, still accepted
+  p.add_argument("--pgd-steps",
+                 type=int,
+                 default=None,
+                 help="PGD iterations (default: 10 inside training steps, 20 for pgd20)")
+  p.add_argument("--repeats",
+                 type=int,
+                 default=5,
+                 metavar="N",
+                 help="timed repetitions (median reported)")
+  p.add_argument("--steps",
+                 dest="repeats",
+                 type=int,
+                 default=argparse.SUPPRESS,
+                 metavar="N",
+                 help="deprecated alias of --repeats (elsewhere --steps means PGD steps)")
+  p.add_argument("--warmup",
+                 type=int,
+                 default=1,
+                 help="untimed repetitions before the timed ones (at least 1 is run)")
   p.add_argument("--num-classes", type=int, default=10)
   p.add_argument("--image-size", type=int, default=32)
   p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
@@ -341,12 +384,15 @@ def main(argv=None) -> int:
   p.add_argument("--channels-last", action="store_true")
   p.add_argument("--redistribute", action="store_true")
   p.add_argument("--reference-monitoring", action="store_true")
-  p.add_argument("--out", default=None)
+  p.add_argument("--out", default=None, help="also append the JSON lines to this file")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   whats = [w.strip() for w in args.what.split(",") if w.strip()]
   if not whats or any(w not in WHATS for w in whats):
     p.error(f"--what must be a comma-separated subset of {WHATS}; got {args.what!r}")
+  for name, flag in (("batch", "--batch-size"), ("repeats", "--repeats")):
+    if getattr(args, name) < 1:
+      p.error(f"{flag} must be >= 1; got {getattr(args, name)}")
   torch.set_num_threads(args.threads)
   for what in whats:
     line = json.dumps(bench(args, what))

@@ -1,0 +1,196 @@
+"""The attack catalogue: every named attack of the evaluation, its settings, one way to run it.
+
+The robustness report and the sanity checks both name their attacks from here, so an attack is
+added in one place: an entry of `ATTACKS` (its kind and settings). `run_attack` runs any entry
+on a set of images in batches and returns adversarial images verified to lie in the eps-ball and
+the [0, 1] box; `robust_accuracy` adds the exact accuracy on them.
+
+Kinds:
+  "clean"       no attack.
+  "pgd"         the PGD engine (`attacks.pgd`, `mim`, `cw`, `fgsm`): one jitted batch function per
+                (attack, steps); eps and the step size are traced, so every eps reuses it.
+  "square"      `attacks.square` alone, with a query budget (the sanity checks' black-box probe).
+  "autoattack"  stages of `attacks.autoattack` (APGD-CE/DLR/T, FAB-T, Square, or all of
+                AutoAttack 'standard'), which attack only the points still robust.
+
+Synopsis::
+
+    from gen_jax.evaluation import catalogue
+    acc = catalogue.robust_accuracy("pgd20", logits_fn, x, y, key=key, eps=8 / 255,
+                                    step_size=2 / 255)
+    report_names = catalogue.REPORT_ATTACKS   # clean, pgd20, ..., aa
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gen_jax import attacks
+from gen_jax.evaluation.accuracy import accuracy
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackSpec:
+  """One named attack.
+
+  Attributes:
+    kind: "clean", "pgd", "square" or "autoattack" (see the module docstring).
+    steps: iterations of a "pgd" attack; queries of a "square" attack.
+    variant: for "pgd": "pgd", "mim", "cw" or "fgsm".
+    stages: for "autoattack": the stages to run (None: all of AutoAttack 'standard').
+    white_box: whether it uses gradients (the sanity checks compare Square against these).
+  """
+  kind: str
+  steps: int = 0
+  variant: str = "pgd"
+  stages: tuple[str, ...] | None = None
+  white_box: bool = True
+
+
+ATTACKS: dict[str, AttackSpec] = {
+    "clean": AttackSpec("clean", white_box=False),
+    "fgsm": AttackSpec("pgd", steps=1, variant="fgsm"),
+    "pgd10": AttackSpec("pgd", steps=10),
+    "pgd20": AttackSpec("pgd", steps=20),
+    "pgd50": AttackSpec("pgd", steps=50),
+    "pgd100": AttackSpec("pgd", steps=100),
+    "mim": AttackSpec("pgd", steps=20, variant="mim"),
+    "cw": AttackSpec("pgd", steps=20, variant="cw"),
+    "apgd-ce": AttackSpec("autoattack", stages=("apgd-ce",)),
+    "apgd-dlr": AttackSpec("autoattack", stages=("apgd-dlr",)),
+    "apgd-t": AttackSpec("autoattack", stages=("apgd-t",)),
+    "fab-t": AttackSpec("autoattack", stages=("fab-t",)),
+    "square": AttackSpec("autoattack", stages=("square",), white_box=False),
+    "square1000": AttackSpec("square", steps=1000, white_box=False),
+    # AutoAttack ends with Square, so it counts as neither white- nor black-box.
+    "aa": AttackSpec("autoattack", stages=None, white_box=False),
+}
+
+# The paper's evaluation table, in its order: the default of the robustness report.
+REPORT_ATTACKS: tuple[str, ...] = ("clean", "pgd20", "pgd100", "mim", "cw", "apgd-ce", "apgd-dlr",
+                                   "apgd-t", "fab-t", "square", "aa")
+
+
+def check_names(names: Sequence[str], allowed: Sequence[str] = REPORT_ATTACKS) -> tuple[str, ...]:
+  """Validates attack names before any work; ValueError listing the allowed ones."""
+  unknown = [n for n in names if n not in allowed]
+  if unknown or not names:
+    raise ValueError(f"unknown attack(s) {unknown or list(names)}; choose from "
+                     f"{', '.join(allowed)}.")
+  return tuple(names)
+
+
+@functools.partial(jax.jit, static_argnames=("variant", "steps", "norm"))
+def _pgd_batch(logits_fn, x, y, key, eps, step_size, *, variant, steps, norm):
+  """One batch of a PGD-engine attack; eps and step_size traced (one compile per variant, steps)."""
+  if variant == "fgsm":
+    return attacks.fgsm(logits_fn, x, y, eps=eps, norm=norm)
+  fn = {"pgd": attacks.pgd, "mim": attacks.mim, "cw": attacks.cw}[variant]
+  return fn(logits_fn, x, y, key=key, eps=eps, step_size=step_size, steps=steps, norm=norm)
+
+
+@functools.partial(jax.jit, static_argnames=("queries", "norm"))
+def _square_batch(logits_fn, x, y, key, eps, *, queries, norm):
+  return attacks.square(logits_fn, x, y, key=key, eps=eps, n_queries=queries, norm=norm)
+
+
+def run_attack(name: str,
+               logits_fn: Any,
+               x: np.ndarray,
+               y: np.ndarray,
+               *,
+               key: jax.Array,
+               eps: float,
+               step_size: float,
+               batch_size: int = 250,
+               norm: str = "linf",
+               steps: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+  """Adversarial images of the named attack, verified to lie in the ball and the box.
+
+  Args:
+    name: a key of `ATTACKS`.
+    logits_fn: `x -> logits [B, C]` over float images in [0, 1] (a `jax.tree_util.Partial` over
+      the variables avoids recompiling for each model).
+    x: float32 images in [0, 1], NHWC; y: int32 labels.
+    key: PRNG key (batch i uses `fold_in(key, i)`).
+    eps: the radius; step_size: the step of "pgd" attacks.
+    batch_size: images per compiled call.
+    norm: "linf" or "l2".
+    steps: iterations of a "pgd" attack or queries of a "square" one, instead of the entry's.
+
+  Returns:
+    `(x_adv, extra)`: host images and, for "autoattack" attacks, `{"stages": ...}`.
+  """
+  spec = ATTACKS[name]
+  if steps is not None:
+    spec = dataclasses.replace(spec, steps=steps)
+  if spec.kind == "clean":
+    return x, {}
+  extra = {}
+  if spec.kind == "autoattack":
+    x_adv, report = attacks.autoattack(logits_fn,
+                                       x,
+                                       y,
+                                       key=key,
+                                       eps=eps,
+                                       norm=norm,
+                                       attacks=None if spec.stages is None else list(spec.stages),
+                                       batch_size=batch_size)
+    extra = {"stages": report["stages"]}
+  elif spec.kind == "square":
+    batch = functools.partial(_square_batch,
+                              logits_fn,
+                              eps=jnp.float32(eps),
+                              queries=spec.steps,
+                              norm=norm)
+    x_adv = attacks.attack_in_batches(lambda xb, yb, key: batch(xb, yb, key),
+                                      x,
+                                      y,
+                                      key=key,
+                                      batch_size=batch_size)
+  else:
+    batch = functools.partial(_pgd_batch,
+                              logits_fn,
+                              eps=jnp.float32(eps),
+                              step_size=jnp.float32(step_size),
+                              variant=spec.variant,
+                              steps=spec.steps,
+                              norm=norm)
+    x_adv = attacks.attack_in_batches(lambda xb, yb, key: batch(xb, yb, key),
+                                      x,
+                                      y,
+                                      key=key,
+                                      batch_size=batch_size)
+  attacks.verify_adversarial(x_adv, x, eps, norm)
+  return x_adv, extra
+
+
+def robust_accuracy(name: str,
+                    logits_fn: Any,
+                    x: np.ndarray,
+                    y: np.ndarray,
+                    *,
+                    key: jax.Array,
+                    eps: float,
+                    step_size: float,
+                    batch_size: int = 250,
+                    norm: str = "linf",
+                    steps: int | None = None) -> tuple[float, dict[str, Any]]:
+  """Exact accuracy under the named attack (see `run_attack`), and the attack's extra report."""
+  x_adv, extra = run_attack(name,
+                            logits_fn,
+                            x,
+                            y,
+                            key=key,
+                            eps=eps,
+                            step_size=step_size,
+                            batch_size=batch_size,
+                            norm=norm,
+                            steps=steps)
+  return accuracy(logits_fn, x_adv, y, batch_size), extra
