@@ -298,7 +298,7 @@ def cifar10_study() -> Config:
 
   Command (the CIFAR-10 image folder; `--dataset cifar10` reads TFDS instead):
   `python experiments/compare.py --preset cifar10-study --dataset folder --data-dir ROOT
-  --workdir runs/study --seeds 0,1,2 --ablations all`.
+  --workdir runs/study --seeds 0,1,2 --ablations all --sweep`.
   Expected on 2 CPU cores of a Xeon: natural about 63 % clean / 0 % PGD-20, PGD-AT about
   44 % / 27 %; results and times per run are in docs/results.md.
   """

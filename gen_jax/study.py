@@ -213,8 +213,129 @@ def aggregate(rows: Sequence[Mapping[str, Any]], confidence: float = 0.95) -> di
   return {"confidence": confidence, "variants": variants, "chord": chord, "ablations": ablations}
 
 
-def to_markdown(result: Mapping[str, Any], robust_name: str = "PGD-20") -> str:
-  """Tables of an `aggregate` result: accuracy per variant, chord per seed and per ablation."""
+def sweep_chords(rows: Sequence[Mapping[str, Any]],
+                 sweeps: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+  """Per swept run: the chord score of every mixture against the baselines of its seed.
+
+  Args:
+    rows: the finished runs (as for `aggregate`; `name`, `variant`, `seed`, `clean`, `robust`).
+    sweeps: run name -> a result of `gen_jax.evaluation.sweep.run` (points with beta, clean,
+      robust).
+
+  Returns:
+    run name -> {"variant", "seed", "chords": [score per point], "best_beta", "best_chord"}, for
+    the swept runs whose seed has both baselines.
+  """
+  base = {(r["variant"], int(r["seed"])): r for r in rows}
+  out = {}
+  for row in rows:
+    sweep = sweeps.get(row["name"])
+    nat, at = base.get(("natural", int(row["seed"]))), base.get(("pgd_at", int(row["seed"])))
+    if sweep is None or nat is None or at is None:
+      continue
+    chords = [
+        chord_score({
+            "generalist": p["clean"],
+            "natural": nat["clean"],
+            "pgd_at": at["clean"]
+        }, {
+            "generalist": p["robust"],
+            "natural": nat["robust"],
+            "pgd_at": at["robust"]
+        }) for p in sweep["points"]
+    ]
+    best = int(np.nanargmax(chords)) if not all(math.isnan(c) for c in chords) else 0
+    out[row["name"]] = {
+        "variant": row["variant"],
+        "seed": int(row["seed"]),
+        "chords": chords,
+        "best_beta": sweep["points"][best]["beta"],
+        "best_chord": chords[best],
+    }
+  return out
+
+
+def plot_study(rows: Sequence[Mapping[str, Any]],
+               sweeps: Mapping[str, Mapping[str, Any]],
+               path,
+               robust_name: str = "PGD-20"):
+  """One figure of a study: every run, each seed's chord, the sweep curves; saves a PNG.
+
+  Baselines and the Generalist global models are points per seed (natural, PGD-AT, Generalist);
+  each seed's chord joins its natural and PGD-AT models (dashed); ablations are labelled
+  crosses; each swept run adds its curve of `mix(natural, robust, beta)` (thin line).
+  """
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+
+  from gen_jax.evaluation import outputs  # pylint: disable=import-outside-toplevel
+
+  pct = lambda v: 100.0 * v
+  fig = Figure(figsize=(7.5, 5.5), layout="constrained")
+  ax = fig.subplots()
+  style = {
+      "natural": ("s", "tab:green", "natural training"),
+      "pgd_at": ("^", "tab:orange", "PGD-AT"),
+      "generalist": ("*", "tab:red", "Generalist (global model)"),
+  }
+  by_seed: dict[int, dict[str, Mapping[str, Any]]] = {}
+  for row in rows:
+    by_seed.setdefault(int(row["seed"]), {})[row["variant"]] = row
+  for seed, variants in sorted(by_seed.items()):
+    if "natural" in variants and "pgd_at" in variants:
+      a, b = variants["natural"], variants["pgd_at"]
+      ax.plot([pct(a["clean"]), pct(b["clean"])],
+              [pct(a["robust"]), pct(b["robust"])],
+              "--",
+              color="gray",
+              linewidth=0.8,
+              label="chord (natural to PGD-AT), per seed" if seed == min(by_seed) else None)
+  labelled = set()
+  ablation_colors = iter([
+      "tab:blue", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "black",
+      "tab:gray"
+  ])
+  colors = {}
+  for row in rows:
+    variant = row["variant"]
+    if variant in style:
+      marker, color, label = style[variant]
+    else:
+      colors.setdefault(variant, next(ablation_colors, "black"))
+      marker, color, label = "X", colors[variant], f"Generalist, {variant}"
+    ax.scatter([pct(row["clean"])], [pct(row["robust"])],
+               marker=marker,
+               s=140 if marker == "*" else 60,
+               color=color,
+               edgecolor="black" if marker == "*" else None,
+               label=None if label in labelled else label,
+               zorder=4)
+    labelled.add(label)
+    sweep = sweeps.get(row["name"])
+    if sweep is not None:
+      xs = [pct(p["clean"]) for p in sweep["points"]]
+      ys = [pct(p["robust"]) for p in sweep["points"]]
+      sweep_label = f"mix(teachers, beta) of {variant} runs"
+      ax.plot(xs,
+              ys,
+              "-",
+              color=color,
+              linewidth=0.9,
+              alpha=0.6,
+              label=None if sweep_label in labelled else sweep_label,
+              zorder=2)
+      labelled.add(sweep_label)
+  ax.set_xlabel("clean accuracy (%)")
+  ax.set_ylabel(f"{robust_name} accuracy (%)")
+  ax.set_title("Clean / robust trade-off: every run of the study")
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=7, loc="best")
+  return outputs.save_figure(fig, path)
+
+
+def to_markdown(result: Mapping[str, Any],
+                robust_name: str = "PGD-20",
+                sweep_chords: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+  """Tables of an `aggregate` result (accuracy and chord per variant), and of `sweep_chords`."""
 
   def pct(s):
     if s["n"] == 0:
@@ -241,4 +362,12 @@ def to_markdown(result: Mapping[str, Any], robust_name: str = "PGD-20") -> str:
     lines.append(f"Chord score of the global model over {c['n']} seeds: {c['mean']:.3f} "
                  f"(std {c['std']:.3f}; {100 * result['confidence']:.0f} % interval "
                  f"[{c['low']:.3f}, {c['high']:.3f}], which {verdict}).")
+  if sweep_chords:
+    lines += [
+        "", "| swept run | best beta | best mixture's chord | chord per beta |", "|---|---|---|---|"
+    ]
+    lines += [
+        f"| {name} | {c['best_beta']:.2f} | {c['best_chord']:.3f} | "
+        f"{', '.join(f'{v:.2f}' for v in c['chords'])} |" for name, c in sweep_chords.items()
+    ]
   return "\n".join(lines)

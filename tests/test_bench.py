@@ -96,9 +96,9 @@ def test_conv_and_sweep_smallest_config(tmp_path):
                                                             ("xla", "grad_input"),
                                                             ("xla", "grad_kernel"),
                                                             ("xla", "grad_both"),
-                                                            ("custom", "grad_input"),
-                                                            ("custom", "grad_kernel"),
-                                                            ("custom", "grad_both")}
+                                                            ("fast", "grad_input"),
+                                                            ("fast", "grad_kernel"),
+                                                            ("fast", "grad_both")}
   for r in records:
     _check(r, "conv", "conv:2,6,6,3,4,3,2", 2)
   assert len(out.read_text().splitlines()) == len(records)

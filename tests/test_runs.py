@@ -1,0 +1,102 @@
+"""Tests of gen_jax.runs: the run directory's records and the evaluation doors into it."""
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gen_jax import checkpoint, models, runs, training
+from gen_jax import config as cfg
+
+
+def test_config_record_round_trip_and_records_of_earlier_versions(tmp_path):
+  config = dataclasses.replace(cfg.get_config("tiny"), eps=0.1)
+  record = cfg.config_record(config)
+  assert cfg.config_from_record(record) == config
+  older = {k: v for k, v in record.items() if k != "eval_test_size"}  # written before the field
+  assert cfg.config_from_record(older) == config
+  (tmp_path / "config.json").write_text(json.dumps(older))
+  assert runs.check_config(config, tmp_path)  # same run: resumable
+  with pytest.raises(ValueError, match="another config.*eps"):
+    runs.check_config(dataclasses.replace(config, eps=0.2), tmp_path)
+  with pytest.raises(cfg.ConfigError, match="warmup_epochs"):
+    cfg.config_from_record({**record, "warmup_epochs": 5})
+  (tmp_path / "config.json").write_text("{not json")
+  with pytest.raises(ValueError, match="config.json is not valid JSON"):
+    runs.check_config(config, tmp_path)
+
+
+def test_a_data_error_leaves_no_config_behind(tmp_path):
+  # A run whose data fail to load records nothing, so the corrected command is not refused.
+  bad = dataclasses.replace(cfg.get_config("tiny"), dataset="folder", data_dir=str(tmp_path / "x"))
+  with pytest.raises(ValueError, match="does not exist"):
+    training.train_and_evaluate(bad, tmp_path / "run", progress=False)
+  assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_read_summary_turns_earlier_summaries_into_todays_form(tmp_path):
+  assert runs.read_summary(tmp_path) is None
+  (tmp_path / "summary.json").write_text(
+      json.dumps({
+          "global": {
+              "clean_acc": 0.5,
+              "pgd20_acc": 0.25
+          },
+          "natural": {
+              "clean_acc": 0.6,
+              "pgd20_acc": 0.0
+          },
+          "method": "natural",
+          "steps": 10
+      }))
+  summary = runs.read_summary(tmp_path)
+  assert summary["models"] == {
+      "natural": {
+          "clean_acc": 0.6,
+          "pgd_acc": 0.0
+      },
+      "global": {
+          "clean_acc": 0.5,
+          "pgd_acc": 0.25
+      }
+  }
+  assert summary["steps"] == 10 and "global" not in summary
+
+
+def _variables(value):
+  model = models.create_model("smallcnn", 10)
+  v = models.init_variables(model, jax.random.key(0), (16, 16, 1))
+  return jax.tree_util.tree_map(lambda a: jnp.full_like(a, value), v)
+
+
+def test_restore_models_reads_the_legacy_checkpoint_layout(tmp_path):
+  """Runs written before the role vocabulary (teacher_nat, teacher_rob, mix) still evaluate."""
+  config = cfg.get_config("tiny")
+  (tmp_path / "config.json").write_text(json.dumps(cfg.config_record(config)))
+  legacy = {
+      "step": jnp.int32(7),
+      "nat": {
+          "variables": _variables(9.0)
+      },
+      "rob": {
+          "variables": _variables(9.0)
+      },
+      "teacher_nat": _variables(1.0),
+      "teacher_rob": _variables(2.0),
+      "mix": _variables(3.0),
+  }
+  manager = checkpoint.open_manager(tmp_path / "checkpoints")
+  checkpoint.save(manager, 1, legacy, {"epoch": 1})
+  manager.close()
+  run = runs.restore_models(tmp_path)
+  assert list(run.models) == ["natural", "robust", "global"]
+  for role, value in (("natural", 1.0), ("robust", 2.0), ("global", 3.0)):
+    leaves = jax.tree_util.tree_leaves(run.models[role])
+    assert all(np.all(np.asarray(leaf) == value) for leaf in leaves)
+  assert run.eval_dir == tmp_path / "eval" and len(run.test_y) == len(run.test_x) > 0
+  only = runs.restore_models(tmp_path, ("global",))
+  assert list(only.models) == ["global"]
+  with pytest.raises(ValueError, match="has no"):
+    runs.restore_models(tmp_path, ("teacher",))
