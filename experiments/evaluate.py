@@ -18,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from tqdm.auto import tqdm  # noqa: E402
 
 from gen_jax import cli, runs  # noqa: E402
-from gen_jax.evaluation import catalogue, report  # noqa: E402
+from gen_jax.evaluation import catalogue, outputs, report  # noqa: E402
 from gen_jax.training.methods import ROLES  # noqa: E402
 
 
@@ -35,28 +35,15 @@ def _parse(argv=None):
                       type=cli.names_of(catalogue.check_names),
                       default=catalogue.REPORT_ATTACKS,
                       help=f"comma-separated subset of {','.join(catalogue.REPORT_ATTACKS)}")
-  parser.add_argument("--n",
-                      type=cli.positive_int,
-                      default=None,
-                      help="first N test images (default: all)")
   parser.add_argument("--analysis-n",
                       "--analysis_n",
                       type=cli.positive_int,
                       default=500,
                       help="test images of the sanity, boundary and corruption analyses")
-  parser.add_argument("--eps",
-                      type=cli.positive_float,
-                      default=None,
-                      help="L-inf radius (default: the run's)")
   parser.add_argument("--no-boundary", action="store_true", help="skip the boundary analysis")
   parser.add_argument("--no-corruptions", action="store_true", help="skip the corruption analysis")
-  parser.add_argument("--batch-size", "--batch_size", type=cli.positive_int, default=250)
-  parser.add_argument("--attack-seed",
-                      "--seed",
-                      type=int,
-                      default=0,
-                      help="seed of the attacks' random starts (--seed: old spelling)")
   parser.add_argument("--out", default=None, help="output directory (default WORKDIR/eval)")
+  cli.add_evaluation_arguments(parser)
   return parser.parse_args(argv)
 
 
@@ -66,6 +53,7 @@ def main():
     run = runs.load_model(args.checkpoint)
   else:
     run = runs.restore_models(args.workdir, None if args.model == "all" else (args.model,))
+  out = outputs.ensure_writable(args.out or run.eval_dir)
   analyses = [
       a for a in report.ANALYSES if not (a == "boundary" and args.no_boundary) and
       not (a == "corruptions" and args.no_corruptions)
@@ -86,7 +74,7 @@ def main():
                                seed=args.attack_seed,
                                progress=progress)
   bar.close()
-  paths = report.write_report(result, args.out or run.eval_dir)
+  paths = report.write_report(result, out)
   print(paths["md"].read_text())
   print("written: " + ", ".join(str(p) for p in paths.values()))
 

@@ -20,7 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from tqdm.auto import tqdm  # noqa: E402
 
 from gen_jax import cli, runs  # noqa: E402
-from gen_jax.evaluation import sweep  # noqa: E402
+from gen_jax.evaluation import outputs, sweep  # noqa: E402
 
 
 def _parse(argv=None):
@@ -47,31 +47,19 @@ def _parse(argv=None):
                       type=cli.parsed_by(sweep.parse_rule),
                       default=None,
                       help="e.g. 'clean>=0.88' or 'robust>=0.45': save the best mixture meeting it")
-  parser.add_argument("--n",
-                      type=cli.positive_int,
-                      default=None,
-                      help="first N test images (default: all)")
-  parser.add_argument("--eps",
-                      type=cli.positive_float,
-                      default=None,
-                      help="L-inf radius (default: the run's)")
   parser.add_argument("--pgd-steps",
                       "--steps",
                       type=cli.positive_int,
                       default=20,
                       help="PGD steps (default 20; --steps: old spelling)")
-  parser.add_argument("--batch-size", "--batch_size", type=cli.positive_int, default=250)
-  parser.add_argument("--attack-seed",
-                      "--seed",
-                      type=int,
-                      default=0,
-                      help="seed of the attacks' random starts (--seed: old spelling)")
+  cli.add_evaluation_arguments(parser)
   return parser.parse_args(argv)
 
 
 def main():
   args = _parse()
   run = runs.restore_models(args.workdir)
+  outputs.ensure_writable(run.eval_dir)
   bar = tqdm(total=len(args.betas) + 1, desc="sweep")
 
   def progress(what):

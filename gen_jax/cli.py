@@ -130,6 +130,28 @@ def flag_of(field: str) -> str:
   return "--" + field.replace("_", "-")
 
 
+def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
+  """The flags every evaluation program shares, with one name and meaning each."""
+  parser.add_argument("--n",
+                      type=positive_int,
+                      default=None,
+                      help="first N test images (default: all)")
+  parser.add_argument("--eps",
+                      type=positive_float,
+                      default=None,
+                      help="L-inf radius (default: the run's; the PGD step scales with it)")
+  parser.add_argument("--batch-size",
+                      "--batch_size",
+                      type=positive_int,
+                      default=250,
+                      help="images per compiled attack call (default 250)")
+  parser.add_argument("--attack-seed",
+                      "--seed",
+                      type=int,
+                      default=0,
+                      help="seed of the attacks' random starts (default 0; --seed: old spelling)")
+
+
 # ----------------------------------------------------------------- parsers of program flags
 def positive_int(text: str) -> int:
   """An argparse type: an int >= 1."""
@@ -188,7 +210,6 @@ def main_guard(fn: Callable[[], Any]) -> None:
   """Runs `fn`, turning the library's input errors into a one-line message and exit code 2."""
   try:
     fn()
-  except (ValueError, FileNotFoundError, FileExistsError, RuntimeError,
-          FloatingPointError) as error:
+  except (ValueError, OSError, RuntimeError, FloatingPointError) as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

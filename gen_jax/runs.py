@@ -232,10 +232,36 @@ class EvalRun:
   eval_dir: pathlib.Path
   source: pathlib.Path
 
+  def test_split(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The first `n` test images and labels (all when None or more than there are)."""
+    n = min(n or len(self.test_y), len(self.test_y))
+    return self.test_x[:n], self.test_y[:n]
+
+  def attack_settings(self, eps: float | None = None) -> tuple[float, float]:
+    """(eps, PGD step) of an evaluation: the run's, or `eps` with the step scaled alike."""
+    eps = eps or self.config.eps
+    return eps, self.config.eval_step_size * eps / self.config.eps
+
   def training_images(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The first `n` images and labels of the run's training split (loaded on demand)."""
     splits = load_splits(self.config)
     return splits.train_x[:n], splits.train_y[:n]
+
+
+def check_finite_models(models: dict[str, Any], source: PathLike) -> None:
+  """ValueError naming the model and the first leaf holding NaN or inf (a diverged run).
+
+  Evaluated before any attack: a NaN model would otherwise fail later with a message about
+  adversarial values, or be reported at chance accuracy as if it were a result.
+  """
+  for name, variables in models.items():
+    flat, _ = jax.tree_util.tree_flatten_with_path(variables)
+    for path, leaf in flat:
+      if not np.all(np.isfinite(np.asarray(leaf))):
+        where = "/".join(str(getattr(p, "key", p)) for p in path)
+        raise ValueError(f"the {name} model of {source} holds NaN or inf in {where}: its run "
+                         "diverged, so there is nothing to evaluate. Retrain with a lower "
+                         "learning rate (--lr-nat / --lr-rob).")
 
 
 def _evaluated_model_keys(keys: tuple[str, ...]) -> list[str]:
@@ -282,10 +308,12 @@ def restore_models(workdir: PathLike, roles: tuple[str, ...] | None = None) -> E
   if missing:
     raise ValueError(f"{workdir} (method {config.method}) has no {missing} model; it has "
                      f"{', '.join(available)}.")
+  chosen_models = {r: available[r] for r in chosen}
+  check_finite_models(chosen_models, workdir)
   test_x, test_y, num_classes = _test_data(config)
   return EvalRun(config=config,
                  model=build_model(config, num_classes, for_evaluation=True),
-                 models={r: available[r] for r in chosen},
+                 models=chosen_models,
                  test_x=test_x,
                  test_y=test_y,
                  num_classes=num_classes,
@@ -318,8 +346,20 @@ def load_model(path: PathLike) -> EvalRun:
   if not path.is_dir():
     raise FileNotFoundError(f"--checkpoint {path}: no such directory.")
   if (path / MODEL_RECORD).is_file():
-    config = config_from_record(checkpoint.read_model_record(path)["config"])
+    record = _read_json(path / MODEL_RECORD)
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+      raise ValueError(f"{path / MODEL_RECORD} holds no config record; it was not written by "
+                       "gen_jax.runs.save_model.")
+    config = config_from_record(record["config"])
     kind = "model"
+  elif (path / CONFIG_FILE).is_file():
+    raise FileNotFoundError(
+        f"{path} is a run directory, not a saved model: evaluate it with "
+        f"--workdir {path}, or its best model with --checkpoint {path / BEST_DIR}.")
+  elif path.name != BEST_DIR and (path.parent / CONFIG_FILE).is_file():
+    raise FileNotFoundError(
+        f"{path} is the {path.name}/ directory of a run, not a saved model: evaluate the run with "
+        f"--workdir {path.parent}, or its best model with --checkpoint {path.parent / BEST_DIR}.")
   elif (path.parent / CONFIG_FILE).is_file():
     config, kind = read_config(path.parent), "best"
   else:
@@ -340,6 +380,7 @@ def load_model(path: PathLike) -> EvalRun:
       raise FileNotFoundError(f"{path} holds no checkpoint yet.")
     variables, meta = restored
     name, out = f"global (best, epoch {meta.get('epoch')})", path.parent / EVAL_DIR / BEST_DIR
+  check_finite_models({name: variables}, path)
   return EvalRun(config=config,
                  model=model,
                  models={name: variables},

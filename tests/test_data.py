@@ -166,6 +166,53 @@ def test_folder_classes_order_labels(tmp_path):
                                 [_value(l, i, "test") for l in (0, 1) for i in range(3)])
 
 
+def test_folder_16_bit_and_palette_images_are_converted_not_clipped(tmp_path):
+  root = _make_folder(tmp_path / "ds", grey=True)
+  wide = tmp_path / "ds" / "train" / "a_dog" / "000.png"  # class a_dog, index 0, value 10
+  Image.fromarray(np.full((8, 8), 10 * 257, np.uint16)).save(wide)  # 16-bit, same brightness
+  ds = data.load_dataset("folder", data_dir=str(root))
+  assert ds.train_images.dtype == np.uint8 and ds.train_images.shape[-1] == 1
+  assert np.all(ds.train_images[0] == 10)  # rescaled, not clipped to 255
+  colour = _make_folder(tmp_path / "colour")
+  palette = Image.fromarray(np.full((8, 8, 3), (200, 30, 60),
+                                    np.uint8)).convert("P",
+                                                       palette=Image.Palette.ADAPTIVE,
+                                                       colors=4)
+  assert palette.mode == "P"
+  palette.save(tmp_path / "colour" / "test" / "b_cat" / "000.png")
+  ds = data.load_dataset("folder", data_dir=str(colour))
+  first_cat = int(np.flatnonzero(ds.test_labels == 1)[0])
+  np.testing.assert_array_equal(ds.test_images[first_cat][0, 0], [200, 30, 60])
+  Image.fromarray(np.full(
+      (8, 8), 0.5,
+      np.float32)).save(tmp_path / "colour" / "test" / "b_cat" / "001.tif".replace(".tif", ".png"),
+                        format="TIFF")
+  with pytest.raises(ValueError, match="001.png.*floating-point images"):
+    data.load_dataset("folder", data_dir=str(colour))
+
+
+def test_folder_skips_hidden_entries_and_reads_nested_class_folders(tmp_path, caplog):
+  root = _make_folder(tmp_path / "ds")
+  (root / "train" / ".ipynb_checkpoints" / "x").mkdir(parents=True)  # not a class
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "train" / "a_dog" / ".hidden.png")
+  nested = root / "train" / "a_dog" / "more" / "deeper"
+  nested.mkdir(parents=True)
+  Image.fromarray(np.full((8, 8, 3), 250, np.uint8)).save(nested / "zzz.png")
+  with caplog.at_level("WARNING"):
+    ds = data.load_dataset("folder", data_dir=str(root))
+  assert ds.class_names == ("a_dog", "b_cat")
+  assert np.sum(ds.train_labels == 0) == 4  # 3 images + the nested one, not the hidden one
+  assert np.any(np.all(ds.train_images == 250, axis=(1, 2, 3)))
+  # train/: .ipynb_checkpoints; each class: notes.txt; a_dog: .hidden.png.
+  assert any("skipped 4 hidden or non-image entries" in r.getMessage() for r in caplog.records)
+
+
+def test_folder_with_one_class_is_refused_with_a_message_about_the_data(tmp_path):
+  root = _make_folder(tmp_path / "ds", classes=("only",))
+  with pytest.raises(ValueError, match="one class folder.*at least two classes"):
+    data.load_dataset("folder", data_dir=str(root))
+
+
 def test_folder_greyscale_and_jpeg(tmp_path):
   root = _make_folder(tmp_path / "grey", grey=True)
   ds = data.load_dataset("folder", data_dir=str(root))
@@ -453,3 +500,10 @@ def test_eval_batches_cover_each_example_once():
   assert idx.shape == mask.shape == (3, 3)
   np.testing.assert_array_equal(idx[mask], np.arange(7))
   assert mask.sum() == 7 and not mask[-1, 1:].any()
+
+
+def test_tfds_not_prepared_and_unreachable_fails_at_once(tmp_path, monkeypatch):
+  # TFDS itself would retry the download for minutes; the loader checks the host first.
+  monkeypatch.setattr(data.sources, "_reachable", lambda host, timeout=5.0: False)
+  with pytest.raises(RuntimeError, match="not prepared there and its download host"):
+    data.load_dataset("cifar10", data_dir=str(tmp_path))

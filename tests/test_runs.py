@@ -100,3 +100,43 @@ def test_restore_models_reads_the_legacy_checkpoint_layout(tmp_path):
   assert list(only.models) == ["global"]
   with pytest.raises(ValueError, match="has no"):
     runs.restore_models(tmp_path, ("teacher",))
+
+
+def test_a_diverged_model_is_refused_before_any_attack(tmp_path):
+  config = cfg.get_config("tiny")
+  (tmp_path / "config.json").write_text(json.dumps(cfg.config_record(config)))
+  broken = _variables(1.0)
+  broken["params"]["linear"]["kernel"] = broken["params"]["linear"]["kernel"].at[0, 0].set(jnp.nan)
+  state = {"teacher_nat": _variables(1.0), "teacher_rob": _variables(1.0), "mix": broken}
+  manager = checkpoint.open_manager(tmp_path / "checkpoints")
+  checkpoint.save(manager, 1, state, {"epoch": 1})
+  manager.close()
+  with pytest.raises(ValueError, match="global model of .* NaN or inf in params/linear/kernel"):
+    runs.restore_models(tmp_path)
+
+
+def test_load_model_names_the_wrong_directory_kind(tmp_path):
+  config = cfg.get_config("tiny")
+  (tmp_path / "config.json").write_text(json.dumps(cfg.config_record(config)))
+  (tmp_path / "checkpoints").mkdir()
+  with pytest.raises(FileNotFoundError, match="checkpoints/ directory of a run.*--workdir"):
+    runs.load_model(tmp_path / "checkpoints")
+  with pytest.raises(FileNotFoundError, match="is a run directory.*--workdir"):
+    runs.load_model(tmp_path)
+  saved = tmp_path / "saved"
+  saved.mkdir()
+  (saved / "model.json").write_text("{garbage")
+  with pytest.raises(ValueError, match="saved/model.json is not valid JSON"):
+    runs.load_model(saved)
+  (saved / "model.json").write_text("[]")
+  with pytest.raises(ValueError, match="holds no config record"):
+    runs.load_model(saved)
+
+
+def test_an_unwritable_output_directory_fails_before_the_work(tmp_path):
+  from gen_jax.evaluation import outputs  # pylint: disable=import-outside-toplevel
+  (tmp_path / "file").write_text("")
+  with pytest.raises(PermissionError, match="cannot write results to .*file/eval.*--out"):
+    outputs.ensure_writable(tmp_path / "file" / "eval")
+  assert outputs.ensure_writable(tmp_path / "ok") == tmp_path / "ok"
+  assert list((tmp_path / "ok").iterdir()) == []  # the probe is removed

@@ -6,11 +6,14 @@ Layout::
     ROOT/test/<class>/...                     (the same class folders as train)
 
 Class names are the sorted sub-folder names of `train`; files are read in sorted path order, so the
-arrays are the same on every run. Images are decoded with Pillow in a thread pool (Pillow releases
-the GIL while decoding), to RGB, or to one grey channel when every image of both splits is
-greyscale.
-Files with other extensions (README, .DS_Store) are ignored; a file with an image extension that
-Pillow cannot decode stops the load with its path.
+arrays are the same on every run. Images in nested sub-folders of a class folder belong to that
+class (as torchvision's ImageFolder reads them). Hidden entries (names starting with ".", such as
+`.ipynb_checkpoints` or `.DS_Store`) and files with other extensions (README) are skipped, and a
+warning counts them. Images are decoded with Pillow in a thread pool (Pillow releases the GIL while
+decoding), to RGB, or to one grey channel when every image of both splits is greyscale; 16-bit
+images are rescaled to 8 bits (x / 257), palette images expanded to their colours. A file with an
+image extension that Pillow cannot decode stops the load with its path; a data set needs at least
+two classes.
 
 Synopsis::
 
@@ -19,6 +22,7 @@ Synopsis::
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 import pathlib
 
@@ -27,8 +31,35 @@ import numpy as np
 from gen_jax.data.dataset import Dataset, first_per_class
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-_GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F")
+_GREY_MODES = ("1", "L", "LA")
+# Pillow opens 16-bit greyscale PNG/TIFF files in these modes; "I" is 32-bit integer, which
+# Pillow uses for 16-bit data in some versions and formats. Both are rescaled from 0..65535.
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _CHUNK = 256
+
+_LOG = logging.getLogger(__name__)
+
+
+def _hidden(path: pathlib.Path) -> bool:
+  return path.name.startswith(".")
+
+
+def _class_files(folder: pathlib.Path) -> tuple[list[str], int]:
+  """Image files under a class folder, nested ones included, sorted; and how many were skipped.
+
+  Hidden files and folders (and what they contain) are skipped, as are non-image files.
+  """
+  files, skipped = [], 0
+  for dirpath, dirnames, filenames in os.walk(folder):
+    kept = sorted(d for d in dirnames if not d.startswith("."))
+    skipped += len(dirnames) - len(kept)
+    dirnames[:] = kept  # os.walk then never enters the hidden ones
+    for name in filenames:
+      if name.startswith(".") or pathlib.Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+        skipped += 1
+      else:
+        files.append(str(pathlib.Path(dirpath) / name))
+  return sorted(files), skipped
 
 
 def _list_split(
@@ -39,10 +70,16 @@ def _list_split(
   if not split_dir.is_dir():
     raise ValueError(f"image folder {str(root)!r} has no {split!r} folder; expected the layout "
                      f"ROOT/{{train,test}}/<class>/*.png|jpg|jpeg (missing: {str(split_dir)!r}).")
-  found = tuple(sorted(p.name for p in split_dir.iterdir() if p.is_dir()))
+  entries = list(split_dir.iterdir())
+  found = tuple(sorted(p.name for p in entries if p.is_dir() and not _hidden(p)))
+  skipped = sum(1 for p in entries if _hidden(p) or not p.is_dir())
   if not found:
     raise ValueError(f"{str(split_dir)!r} has no class sub-folders; expected "
                      f"{split}/<class>/*.png|jpg|jpeg.")
+  if class_names is None and len(found) < 2:
+    raise ValueError(f"{str(split_dir)!r} has one class folder ({found[0]!r}); a classifier needs "
+                     "at least two classes: add a folder per class, e.g. train/cats and "
+                     "train/dogs.")
   if class_names is not None and found != class_names:
     missing = sorted(set(class_names) - set(found))
     extra = sorted(set(found) - set(class_names))
@@ -50,15 +87,17 @@ def _list_split(
                      f"{missing}, extra {extra}; both splits need the same class folders.")
   paths, labels = [], []
   for label, name in enumerate(found):
-    files = sorted(
-        str(p)
-        for p in (split_dir / name).iterdir()
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files, skipped_here = _class_files(split_dir / name)
+    skipped += skipped_here
     if not files:
       raise ValueError(f"class folder {str(split_dir / name)!r} has no images "
                        f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder.")
     paths.extend(files)
     labels.extend([label] * len(files))
+  if skipped:
+    _LOG.warning(
+        "%s: skipped %d hidden or non-image entries (names starting with '.', or not "
+        "%s).", split_dir, skipped, "/".join(IMAGE_EXTENSIONS))
   return paths, labels, found
 
 
@@ -67,7 +106,14 @@ def _decode(path: str, image_size: int | None) -> np.ndarray:
   from PIL import Image  # pylint: disable=import-outside-toplevel
   try:
     with Image.open(path) as img:
-      img = img.convert("L" if img.mode in _GREY_MODES else "RGB")
+      if img.mode in _WIDE_GREY_MODES:
+        wide = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), "L")
+      elif img.mode == "F":
+        raise ValueError("32-bit floating-point images have no defined pixel range; save them "
+                         "as 8- or 16-bit PNG")
+      else:
+        img = img.convert("L" if img.mode in _GREY_MODES else "RGB")
       if image_size is not None and img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
       return np.asarray(img, dtype=np.uint8)

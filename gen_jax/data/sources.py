@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import socket
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,23 @@ _TFDS_NAMES = {
     "svhn_cropped": "svhn_cropped",
     "svhn": "svhn_cropped"
 }
+# Where TFDS downloads each data set from (checked before a download, which retries for minutes).
+_DOWNLOAD_HOSTS = {
+    "cifar10": "www.cs.toronto.edu",
+    "cifar100": "www.cs.toronto.edu",
+    "svhn_cropped": "ufldl.stanford.edu",
+}
+
+
+def _reachable(host: str, timeout: float = 5.0) -> bool:
+  """Whether a TCP connection to `host`:443 opens within `timeout` seconds."""
+  try:
+    with socket.create_connection((host, 443), timeout=timeout):
+      return True
+  except OSError:
+    return False
+
+
 DATASET_NAMES = ("digits", "cifar10", "cifar100", "svhn_cropped", "svhn", "folder")
 
 DIGITS_IMAGE_SIZE = 16
@@ -150,10 +168,21 @@ def load_tfds(name: str, *, data_dir: str | None = None, image_size: int | None 
   tfds_name = _TFDS_NAMES[name]
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel  # heavy, lazy
   try:
-    train_src, test_src = tfds.data_source(tfds_name,
-                                           split=["train", "test"],
-                                           data_dir=data_dir,
-                                           download=True)
+    try:  # A prepared copy needs no network: read it without TFDS's download machinery.
+      train_src, test_src = tfds.data_source(tfds_name,
+                                             split=["train", "test"],
+                                             data_dir=data_dir,
+                                             download=False)
+    except Exception:  # pylint: disable=broad-except  # not prepared there (TFDS's many kinds)
+      host = _DOWNLOAD_HOSTS[tfds_name]
+      if not _reachable(host):
+        # TFDS would retry the download for minutes before failing; say it now.
+        raise ConnectionError(f"{tfds_name} is not prepared there and its download host {host} "
+                              "cannot be reached") from None
+      train_src, test_src = tfds.data_source(tfds_name,
+                                             split=["train", "test"],
+                                             data_dir=data_dir,
+                                             download=True)
   except Exception as err:  # pylint: disable=broad-except  # TFDS raises many kinds; re-raised.
     where = data_dir or "TFDS's default data dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
     # TFDS 4.9.10's CIFAR and SVHN builders read the downloads through tf.io.gfile (SVHN also

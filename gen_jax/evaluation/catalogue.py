@@ -143,25 +143,21 @@ def run_attack(name: str,
                                        attacks=None if spec.stages is None else list(spec.stages),
                                        batch_size=batch_size)
     extra = {"stages": report["stages"]}
-  elif spec.kind == "square":
-    batch = functools.partial(_square_batch,
-                              logits_fn,
-                              eps=jnp.float32(eps),
-                              queries=spec.steps,
-                              norm=norm)
-    x_adv = attacks.attack_in_batches(lambda xb, yb, key: batch(xb, yb, key),
-                                      x,
-                                      y,
-                                      key=key,
-                                      batch_size=batch_size)
   else:
-    batch = functools.partial(_pgd_batch,
-                              logits_fn,
-                              eps=jnp.float32(eps),
-                              step_size=jnp.float32(step_size),
-                              variant=spec.variant,
-                              steps=spec.steps,
-                              norm=norm)
+    if spec.kind == "square":
+      batch = functools.partial(_square_batch,
+                                logits_fn,
+                                eps=jnp.float32(eps),
+                                queries=spec.steps,
+                                norm=norm)
+    else:
+      batch = functools.partial(_pgd_batch,
+                                logits_fn,
+                                eps=jnp.float32(eps),
+                                step_size=jnp.float32(step_size),
+                                variant=spec.variant,
+                                steps=spec.steps,
+                                norm=norm)
     x_adv = attacks.attack_in_batches(lambda xb, yb, key: batch(xb, yb, key),
                                       x,
                                       y,

@@ -12,6 +12,7 @@ Synopsis::
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 from typing import Any
 
@@ -49,6 +50,28 @@ def save_figure(figure: Any, path: str | pathlib.Path, dpi: int = 130) -> pathli
   keep_previous(path)
   figure.savefig(path, dpi=dpi)
   return path
+
+
+def ensure_writable(directory: str | pathlib.Path) -> pathlib.Path:
+  """Creates `directory` if needed and checks that files can be written there.
+
+  Called before the expensive work, so a read-only output directory fails in a second with its
+  path, not after an hour of attacks.
+
+  Raises:
+    PermissionError: the directory cannot be created or written (the message names it).
+  """
+  directory = pathlib.Path(directory)
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".write-test-{os.getpid()}"
+    probe.write_text("")
+    probe.unlink()
+  except OSError as error:
+    raise PermissionError(
+        f"cannot write results to {directory} ({error.strerror or error}); "
+        "choose a writable directory with --out or fix its permissions.") from error
+  return directory
 
 
 def unique_directory(path: str | pathlib.Path) -> pathlib.Path:

@@ -204,15 +204,13 @@ def evaluate_run(run: Any,
   Uses the first `n` test images (default all), the run's eps (or `eps`, with the PGD step scaled
   alike), and CIFAR-10-C from TFDS for runs on TFDS CIFAR-10 when it is prepared.
   """
+  eps, step_size = run.attack_settings(eps)
   config = run.config
-  n = min(n or len(run.test_y), len(run.test_y))
-  eps = eps or config.eps
   return evaluate(ModelSet(run.model, run.models),
-                  run.test_x[:n],
-                  run.test_y[:n],
+                  *run.test_split(n),
                   key=jax.random.key(seed),
                   eps=eps,
-                  step_size=config.eval_step_size * eps / config.eps,
+                  step_size=step_size,
                   attacks=attacks,
                   analyses=analyses,
                   analysis_n=analysis_n,

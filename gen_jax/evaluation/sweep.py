@@ -335,8 +335,7 @@ def sweep_run(eval_run: runs.EvalRun,
     raise ValueError(
         f"{eval_run.source} was trained with --method {config.method}, which trains one "
         "expert only: there is nothing to mix. Sweep a generalist run.")
-  n = min(n or len(eval_run.test_y), len(eval_run.test_y))
-  eps = eps or config.eps
+  eps, step_size = eval_run.attack_settings(eps)
   recalibrate = None
   if bn_recalibrate:
     train_x, train_y = eval_run.training_images(recalibration_n)
@@ -350,11 +349,10 @@ def sweep_run(eval_run: runs.EvalRun,
                                steps=config.pgd_steps,
                                batch_size=batch_size)
   result = run(ModelSet(eval_run.model, eval_run.models),
-               eval_run.test_x[:n],
-               eval_run.test_y[:n],
+               *eval_run.test_split(n),
                key=jax.random.key(seed),
                eps=eps,
-               step_size=config.eval_step_size * eps / config.eps,
+               step_size=step_size,
                betas=betas,
                steps=steps,
                recalibrate=recalibrate,
