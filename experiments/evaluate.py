@@ -5,10 +5,11 @@
     python experiments/evaluate.py --checkpoint runs/pilot/eval/mix-beta0.30   # a saved model
     python experiments/evaluate.py --checkpoint runs/pilot/best                # best global model
 
-Writes `report.json`, `report.md` and `boundary.png` to `WORKDIR/eval` (or `CHECKPOINT/eval`,
-`WORKDIR/eval/best` for `WORKDIR/best`, or `--out`); earlier files are kept as `report.1.json`,
-... . What the report holds: `gen_jax.evaluation.report` (attacks: `evaluation.catalogue`).
-Models: `global` (the Generalist global model), `natural` / `robust` (the experts' EMA teachers).
+Writes `report.json`, `report.md`, `boundary.png` and `examples.png` to `WORKDIR/eval` (or
+`CHECKPOINT/eval`, `WORKDIR/eval/best` for `WORKDIR/best`, or `--out`); earlier files are kept
+as `report.1.json`, ... . What the report holds: `gen_jax.evaluation.report` (attacks:
+`evaluation.catalogue`). Models: `global` (the Generalist global model), `natural` / `robust`
+(the experts' EMA teachers).
 """
 import argparse
 import os
@@ -39,9 +40,10 @@ def _parse(argv=None):
                       "--analysis_n",
                       type=cli.positive_int,
                       default=500,
-                      help="test images of the sanity, boundary and corruption analyses")
-  parser.add_argument("--no-boundary", action="store_true", help="skip the boundary analysis")
-  parser.add_argument("--no-corruptions", action="store_true", help="skip the corruption analysis")
+                      help="test images of the analyses (default 500)")
+  for name in report.ANALYSES:
+    if name != "sanity":  # the gradient-masking checks always run: they vouch for the table
+      parser.add_argument(f"--no-{name}", action="store_true", help=f"skip the {name} analysis")
   parser.add_argument("--out", default=None, help="output directory (default WORKDIR/eval)")
   cli.add_evaluation_arguments(parser)
   return parser.parse_args(argv)
@@ -54,10 +56,7 @@ def main():
   else:
     run = runs.restore_models(args.workdir, None if args.model == "all" else (args.model,))
   out = outputs.ensure_writable(args.out or run.eval_dir)
-  analyses = [
-      a for a in report.ANALYSES if not (a == "boundary" and args.no_boundary) and
-      not (a == "corruptions" and args.no_corruptions)
-  ]
+  analyses = [a for a in report.ANALYSES if not getattr(args, f"no_{a}", False)]
   bar = tqdm(total=len(run.models) * len(args.attacks) + len(analyses), desc="evaluating")
 
   def progress(what, new_unit):

@@ -109,7 +109,9 @@ def test_train_command_tiny_end_to_end(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   report = json.loads((workdir / "eval" / "report.json").read_text())
   roles = {"global", "natural", "robust"}
-  assert set(report) == {"eps", "n", "attacks", "models", "sanity", "boundary", "corruptions"}
+  assert set(report) == {
+      "eps", "n", "attacks", "models", "sanity", "boundary", "corruptions", "examples"
+  }
   assert set(report["models"]) == roles and report["n"] == 16
   for row in report["models"].values():
     assert row["pgd20"]["accuracy"] <= row["clean"]["accuracy"]
@@ -133,6 +135,8 @@ def test_train_command_tiny_end_to_end(tmp_path):
                   "## Distance to the decision boundary", "## Common corruptions", "| global |"):
     assert heading in md
   assert (workdir / "eval" / "boundary.png").read_bytes()[:4] == b"\x89PNG"
+  assert (workdir / "eval" / "examples.png").read_bytes()[:4] == b"\x89PNG"
+  assert set(report["examples"]["adversarial"]) == roles and "## Adversarial examples" in md
   # A second run with other settings on the same workdir is refused, nothing is touched.
   before = (workdir / "summary.json").read_text()
   out = _run(str(ROOT / "experiments" / "train.py"),

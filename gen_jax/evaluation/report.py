@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from gen_jax.data import to_float
-from gen_jax.evaluation import boundary, catalogue, corruptions, outputs, sanity
+from gen_jax.evaluation import boundary, catalogue, corruptions, outputs, plots, sanity
 from gen_jax.evaluation.modelset import ModelSet
 
 
@@ -56,6 +56,9 @@ ANALYSES: dict[str, Analysis] = {
                  boundary.plot_boundary, "boundary.png"),
     "corruptions":
         Analysis(corruptions.run, "Common corruptions", corruptions.to_markdown),
+    "examples":
+        Analysis(plots.run, "Adversarial examples", plots.to_markdown, plots.plot_examples,
+                 "examples.png"),
 }
 
 # Figures of the attack table that the sanity checks may reuse (same points, same settings).
@@ -173,6 +176,10 @@ def evaluate(models: ModelSet,
           "eps": eps
       },
       "corruptions": {},
+      "examples": {
+          "eps": eps,
+          "step_size": step_size
+      },
   }
   for name in names:
     if unit:
