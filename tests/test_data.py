@@ -507,3 +507,9 @@ def test_tfds_not_prepared_and_unreachable_fails_at_once(tmp_path, monkeypatch):
   monkeypatch.setattr(data.sources, "_reachable", lambda host, timeout=5.0: False)
   with pytest.raises(RuntimeError, match="not prepared there and its download host"):
     data.load_dataset("cifar10", data_dir=str(tmp_path))
+
+
+def test_tfds_data_set_without_tensorflow_datasets_says_how_to_install(monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # an image without TFDS
+  with pytest.raises(RuntimeError, match=r"not installed.*\.\[tfds\].*--dataset folder"):
+    data.load_dataset("cifar10")

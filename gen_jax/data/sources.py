@@ -143,6 +143,21 @@ def read_tfds_source(source: Any, n: int | None = None) -> tuple[np.ndarray, np.
   return np.stack(images), np.asarray(labels, dtype=np.int32)
 
 
+def import_tfds(what: str) -> Any:
+  """tensorflow_datasets, imported on first use; a clear message where it is not installed.
+
+  GPU/TPU images often lack it and the main job does not need it (digits and image folders).
+  """
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel  # heavy, lazy
+  except ImportError as error:
+    raise RuntimeError(f"{what} is read through tensorflow-datasets, which is not installed "
+                       f"({error}). Install it with `pip install -e \".[tfds]\"` (or "
+                       "`pip install tensorflow-datasets`), or use an image folder: "
+                       "--dataset folder --data-dir ROOT.") from None
+  return tfds
+
+
 def load_tfds(name: str, *, data_dir: str | None = None, image_size: int | None = None) -> Dataset:
   """Loads a TFDS image classification data set through `tfds.data_source` (no TensorFlow).
 
@@ -166,7 +181,7 @@ def load_tfds(name: str, *, data_dir: str | None = None, image_size: int | None 
     raise ValueError(f"unknown TFDS data set {name!r}; known: {sorted(_TFDS_NAMES)}.")
   _check_image_size(image_size)
   tfds_name = _TFDS_NAMES[name]
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel  # heavy, lazy
+  tfds = import_tfds(f"the {name!r} data set")
   try:
     try:  # A prepared copy needs no network: read it without TFDS's download machinery.
       train_src, test_src = tfds.data_source(tfds_name,

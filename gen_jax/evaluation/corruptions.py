@@ -46,7 +46,7 @@ import numpy as np
 from gen_jax.attacks.core import as_pytree_fn
 from gen_jax.data import to_float
 from gen_jax.data.batching import eval_batches
-from gen_jax.data.sources import read_tfds_source
+from gen_jax.data.sources import import_tfds, read_tfds_source
 from gen_jax.evaluation.modelset import ModelSet
 
 CORRUPTIONS: tuple[str, ...] = ("gaussian_noise", "shot_noise", "impulse_noise", "gaussian_blur",
@@ -634,7 +634,7 @@ def corruption_accuracy(logits_fns: dict[str, Callable],
 def _open_sources(data_dir: str | None, names: tuple[str, ...],
                   severities: tuple[int, ...]) -> dict[str, dict[int, Any]] | None:
   """TFDS data sources of the requested `cifar10_corrupted` configs, or None if any is missing."""
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel  # heavy, lazy
+  tfds = import_tfds("CIFAR-10-C")
   sources, missing = {}, []
   for name in names:
     for s in severities:
@@ -740,7 +740,7 @@ def cifar10_corrupted_accuracy(
     # No corruption is computed here: the key and the level are unused.
     return _count(fns, _device_batches(images, labels, size), jax.random.key(0), jnp.int32(0), None)
 
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel  # heavy, lazy
+  tfds = import_tfds("CIFAR-10-C")
   try:
     clean_source = tfds.data_source("cifar10", split="test", data_dir=data_dir, download=False)
   except Exception:  # pylint: disable=broad-except  # clean accuracy is optional here.
