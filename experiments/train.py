@@ -5,7 +5,11 @@
     python experiments/train.py --preset pilot --dataset folder --data-dir ROOT --image-size 32
     python experiments/train.py --help     # presets and every config field
 
-Running the same command again resumes from the workdir's latest checkpoint.
+Running the same command again resumes from the workdir's newest intact checkpoint (also in
+the middle of an epoch), with the same result as an uninterrupted run. SIGTERM (preemption) and
+Ctrl-C save a checkpoint at the next step boundary and exit with one line (codes 143 and 130);
+`--checkpoint-every STEPS` / `--checkpoint-minutes M` add checkpoints inside epochs. A run
+that diverges (NaN/inf or exploding weights) stops with exit code 2, naming the model.
 """
 import os
 

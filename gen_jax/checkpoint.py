@@ -10,6 +10,7 @@ Synopsis::
     manager = open_manager(workdir / "checkpoints", max_to_keep=2)
     save(manager, step, state, {"epoch": 3})
     state, meta = restore(manager, abstract_state)       # latest step; None if there is none
+    found = restore_newest_intact(manager, abstract_state)  # falls back past damaged steps
     manager.close()
 
     save_model("runs/pilot/eval/mix-beta0.30", variables, {"config": ..., "beta": 0.3})
@@ -20,30 +21,82 @@ config, where the model came from); `experiments/evaluate.py --checkpoint` reads
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 
-def open_manager(directory: str | os.PathLike, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
-  """A checkpoint manager over `directory` (created if missing), keeping the newest ones."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+def open_manager(directory: str | os.PathLike,
+                 *,
+                 max_to_keep: int | None = 2,
+                 cleanup: bool = False) -> ocp.CheckpointManager:
+  """A checkpoint manager over `directory` (created if missing).
+
+  Args:
+    directory: where the steps live.
+    max_to_keep: keep the newest this many steps; None: every step (the caller deletes them
+      with `delete_steps`).
+    cleanup: delete the temporary directories of saves that a killed process left unfinished.
+      Only for the directory's one writer (a training run under its lock): for anyone else such
+      a directory may be a save in progress.
+  """
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                         create=True,
+                                         cleanup_tmp_directories=cleanup)
   return ocp.CheckpointManager(os.path.abspath(directory),
                                options=options,
                                item_names=("state", "meta"))
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any]) -> None:
-  """Saves `state` and `meta` at `step` and waits until they are on disk."""
+  """Saves `state` and `meta` at `step` and waits until they are committed.
+
+  Orbax writes the step into a temporary directory and renames it when complete, so a step is
+  either wholly there or absent: this is the commit point of a training run. Saving is
+  idempotent: a step that already exists (left by a run that was cut short before it could
+  record the step as its own, e.g. an uncommitted best model) is replaced, so a rerun never
+  stops at "Checkpoint for step N already exists".
+  """
+  if step in manager.all_steps():
+    manager.delete(step)
   manager.save(step,
                args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                        meta=ocp.args.JsonSave(meta)),
                force=True)
   manager.wait_until_finished()
+
+
+def steps(manager: ocp.CheckpointManager) -> list[int]:
+  """The committed steps of `manager`, oldest first."""
+  return sorted(manager.all_steps())
+
+
+def delete_steps(manager: ocp.CheckpointManager, keep: Any = ()) -> list[int]:
+  """Deletes every committed step not in `keep`; returns the deleted steps."""
+  doomed = [s for s in steps(manager) if s not in set(keep)]
+  for step in doomed:
+    manager.delete(step)
+  return doomed
+
+
+def set_aside(manager: ocp.CheckpointManager, step: int) -> pathlib.Path:
+  """Renames a damaged step's directory to `<step>.damaged` (kept for inspection, invisible to
+  orbax) and returns its new path, so that the step can be written afresh."""
+  source = pathlib.Path(manager.directory) / str(step)
+  target = source.with_name(f"{step}.damaged")
+  n = 1
+  while target.exists():
+    n += 1
+    target = source.with_name(f"{step}.damaged-{n}")
+  os.rename(source, target)
+  manager.reload()
+  return target
 
 
 def _placed(abstract: Any) -> Any:
@@ -91,7 +144,76 @@ def restore(manager: ocp.CheckpointManager,
         f"cannot restore checkpoint step {step} from {manager.directory}: {error}. The "
         "checkpoint is corrupt or was written by a run with another model, method or data set; "
         "use a new --workdir (nothing was overwritten).") from error
-  return restored["state"], dict(restored["meta"])
+  meta = restored["meta"]
+  if not isinstance(meta, dict):
+    raise ValueError(f"cannot restore checkpoint step {step} from {manager.directory}: its meta "
+                     f"record is {type(meta).__name__}, not a JSON object. The checkpoint is "
+                     "corrupt.")
+  return restored["state"], dict(meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """What `restore_newest_intact` found.
+
+  Attributes:
+    state: the restored pytree.
+    meta: its JSON record.
+    step: the step it came from.
+    damaged: `(step, reason)` of every newer step that could not be used, newest first.
+  """
+  state: Any
+  meta: dict[str, Any]
+  step: int
+  damaged: tuple[tuple[int, str], ...]
+
+
+def _short(error: Exception, limit: int = 400) -> str:
+  text = " ".join(str(error).split())
+  return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def restore_newest_intact(
+    manager: ocp.CheckpointManager,
+    abstract_state: Any,
+    check: Callable[[Any, dict[str, Any]], None] | None = None) -> Restored | None:
+  """Restores the newest step that restores and passes `check`, trying older ones in turn.
+
+  A preemptible machine can be killed while a file system is flushing, or a disk can damage a
+  file; the previous checkpoint (`max_to_keep` >= 2) is then still intact, and falling back to
+  it costs one checkpoint interval instead of the run. The caller reports `damaged`.
+
+  Args:
+    manager: from `open_manager`.
+    abstract_state: as for `restore`.
+    check: called with `(state, meta)`; raises ValueError when the pair is unusable (e.g. a meta
+      record without the fields the caller needs).
+
+  Returns:
+    A `Restored`, or None when the directory holds no checkpoint.
+
+  Raises:
+    ValueError: no step can be used; the message names the directory and each step's reason.
+  """
+  tried = sorted(manager.all_steps(), reverse=True)
+  if not tried:
+    return None
+  damaged = []
+  for step in tried:
+    try:
+      state, meta = restore(manager, abstract_state, step)
+      if check is not None:
+        check(state, meta)
+    except ValueError as error:
+      damaged.append((step, _short(error.__cause__ or error)))
+      continue
+    return Restored(state, meta, step, tuple(damaged))
+  (newest, reason), older = damaged[0], damaged[1:]
+  also = "; nor can any older one (" + "; ".join(f"step {s}: {r}" for s, r in older) + ")"
+  raise ValueError(f"cannot restore checkpoint step {newest} from {manager.directory}: {reason}"
+                   f"{also if older else ''}. The checkpoint is corrupt or was written by a run "
+                   "with another model, method or data set; use a new --workdir (nothing was "
+                   "overwritten).")
 
 
 def _read_manager(directory: str | os.PathLike) -> ocp.CheckpointManager:
@@ -102,6 +224,25 @@ def _read_manager(directory: str | os.PathLike) -> ocp.CheckpointManager:
                                    "state": ocp.PyTreeCheckpointHandler(),
                                    "meta": ocp.JsonCheckpointHandler()
                                })
+
+
+def saved_keys(directory: str | os.PathLike, step: int | None = None) -> tuple[str, ...] | None:
+  """The top-level keys of the state saved at `step` (default: the latest); None if none.
+
+  Lets a caller pick the layout to restore into (e.g. a checkpoint of an earlier version) before
+  restoring; an unreadable checkpoint gives None too (the restore then reports it).
+  """
+  manager = _read_manager(directory)
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      return None
+    try:
+      return tuple(manager.item_metadata(step)["state"].keys())
+    except Exception:  # pylint: disable=broad-except  # unreadable: let the restore say why
+      return None
+  finally:
+    manager.close()
 
 
 def restore_items(directory: str | os.PathLike,

@@ -207,9 +207,18 @@ def floats_of(check: Callable[[list[float]], Any]) -> Callable[[str], Any]:
 
 
 def main_guard(fn: Callable[[], Any]) -> None:
-  """Runs `fn`, turning the library's input errors into a one-line message and exit code 2."""
+  """Runs a program's `fn`: the library's errors and interruptions become one line and a code.
+
+  Input errors, I/O errors and divergence exit 2 with "error: ..."; SIGINT/SIGTERM (after
+  training saved its state, `training.loop.TrainingInterrupted`) exit 130/143 with the message
+  saying how to resume; a Ctrl-C before anything was under way exits 130.
+  """
   try:
     fn()
   except (ValueError, OSError, RuntimeError, FloatingPointError) as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt as stopped:
+    code = getattr(stopped, "exit_code", 130)
+    print(str(stopped) or "stopped by SIGINT; rerun the same command to resume.", file=sys.stderr)
+    sys.exit(code)

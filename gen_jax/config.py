@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 from gen_jax.attacks.core import NORMS
 from gen_jax.data.sources import DATASET_NAMES
-from gen_jax.models import COMPUTE_DTYPES, CONV_IMPLS
+from gen_jax.models import COMPUTE_DTYPES, CONV_IMPLS, MODEL_NAMES
 from gen_jax.training import methods
 
 
@@ -102,8 +102,16 @@ class Config:
 
   # Bookkeeping.
   seed: int = 0
-  log_every: int = 10  # steps between progress-bar metric reads (the only host syncs)
+  log_every: int = 10  # steps between progress-bar metric reads and model health checks
   keep_checkpoints: int = 2
+
+  # Reliability. None of these changes what a run computes, so a run may be resumed with other
+  # values (`runs.check_config` lets them differ from the recorded ones).
+  checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: at epoch ends only
+  checkpoint_minutes: float = 0.0  # minutes between mid-epoch checkpoints; 0: off
+  divergence_factor: float = 1e4  # stop once any |weight| or BN statistic of a model exceeds
+  # this factor x max(1, its largest |value| at initialisation); 0: stop on NaN/inf only
+  debug_nans: bool = False  # jax_debug_nans while training: stop at the first op making a NaN
 
   def validate(self) -> "Config":
     """Checks every field; raises `ConfigError` naming the field and the accepted values."""
@@ -113,10 +121,19 @@ class Config:
     _choice("compute_dtype", self.compute_dtype, tuple(COMPUTE_DTYPES))
     _choice("conv_impl", self.conv_impl, CONV_IMPLS)
     _choice("dataset", self.dataset, DATASET_NAMES)
+    _choice("model", self.model, MODEL_NAMES)
     for name in ("epochs", "batch_size", "pgd_steps", "eval_pgd_steps", "eval_batch_size",
                  "eval_every", "log_every", "keep_checkpoints"):
       _at_least(name, getattr(self, name), 1)
     _at_least("seed", self.seed, 0)
+    for name in ("checkpoint_every", "checkpoint_minutes"):
+      _at_least(name, getattr(self, name), 0)
+    _at_least("divergence_factor", self.divergence_factor, 0)
+    if 0 < self.divergence_factor <= 1:
+      raise ConfigError(
+          "divergence_factor",
+          f"must be 0 (off) or > 1, got {self.divergence_factor}: at 1 or below the "
+          "initial weights themselves would count as diverged.")
     for name in ("eps", "step_size", "eval_step_size", "lr_nat", "lr_rob", "weight_decay_nat",
                  "weight_decay_rob", "trades_beta", "validation_size", "crop_padding"):
       _at_least(name, getattr(self, name), 0)

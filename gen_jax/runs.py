@@ -4,15 +4,37 @@ A training run owns one directory::
 
     WORKDIR/config.json      the config record (a rerun with another config is refused)
     WORKDIR/metrics.jsonl    one JSON line per epoch
-    WORKDIR/checkpoints/     orbax: the latest full training states (resume points)
+    WORKDIR/checkpoints/     orbax: the latest full training states (resume points), by step
     WORKDIR/best/            orbax: the best global model by validation clean + PGD accuracy
     WORKDIR/summary.json     final test accuracy of the evaluated models
     WORKDIR/eval/            evaluation results (reports, sweeps, selected mixtures)
+    WORKDIR/.lock            while a training process works in it: its PID and host
 
-The training loop (`gen_jax.training.loop`) writes it through this module; the evaluation
-programs read it through `restore_models` and `load_model`, which restore only the evaluated
-models (no optimiser state) and only the test split. A saved model (`save_model`) is a
-directory of its own with a `model.json` record holding the run's config.
+The training loop (`gen_jax.training.loop`) writes it through `TrainingRun` and `lock`; the
+evaluation programs read it through `restore_models` and `load_model`, which restore only the
+evaluated models (no optimiser state) and only the test split. A saved model (`save_model`) is
+a directory of its own with a `model.json` record holding the run's config.
+
+Crash consistency. A run can be killed at any instant (preemption, SIGKILL, power) and the same
+command must then resume it and end with the same files as an uninterrupted run. The design:
+the checkpoint is the one commit point. Each checkpoint's meta record holds everything the
+other files derive from: the best record and every metrics line so far. Per epoch the writes
+go, in this order:
+
+    1. best/<epoch>        a new best global model, if any (a candidate until step 2)
+    2. checkpoints/<step>  the state and its meta: THE commit (orbax renames a finished
+                           temporary directory, so a step is wholly there or absent)
+    3. best/ cleanup       older best models are deleted only now
+    4. metrics.jsonl       the epoch's line appended (a convenience copy for `tail -f`)
+    5. summary.json        after the last epoch, written to a temporary file and renamed
+
+A kill between any two writes leaves a prefix of this sequence. On resume (`TrainingRun.resume`)
+the newest intact checkpoint (damaged ones are set aside, older ones tried in turn) rules:
+best/ keeps only the model its best record names (an uncommitted candidate of step 1 is
+deleted, never left to collide: "Checkpoint for step N already exists" cannot recur) and
+metrics.jsonl is rewritten to its records (a line lost between steps 2 and 4 comes back, lines
+of retrained epochs go). Because keys and data order derive from the step, the retrained part
+reproduces what was lost, so any prefix resumes to the same final files.
 
 Synopsis::
 
@@ -20,14 +42,27 @@ Synopsis::
     run = load_model("runs/pilot/eval/mix-beta0.30")  # a saved model, same fields
     run = load_model("runs/pilot/best")        # the best global model of a run
     out = run.eval_dir                         # where its evaluation files go
+
+    with lock(workdir):                        # refuses a second training process
+      run = TrainingRun(workdir, config)
+      restored = run.resume(abstract_state)    # None, or (state, meta) of the newest intact
+      run.save_best(epoch, variables, record)  # before the commit of that epoch
+      run.commit(step, state, meta, record)    # checkpoint, best cleanup, metrics line
+      run.finish(summary)
+      run.close()
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import os
 import pathlib
 import re
+import socket
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -43,6 +78,7 @@ SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
 BEST_DIR = "best"
 EVAL_DIR = "eval"
+LOCK_FILE = ".lock"
 MODEL_RECORD = checkpoint.MODEL_RECORD
 
 PathLike = str | os.PathLike
@@ -61,17 +97,36 @@ def _read_json(path: pathlib.Path) -> Any:
                      "--workdir.") from error
 
 
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+  """Writes `text` to `path` through a temporary file and a rename: a reader (or a rerun after a
+  kill) sees the old file or the new one, never a torn one."""
+  temporary = path.with_name(f".{path.name}.tmp")
+  with open(temporary, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(temporary, path)
+
+
+# Fields that change how a run is operated, not what it computes: a run may resume with other
+# values (e.g. a denser --checkpoint-every on a machine that is preempted more often).
+RESUMABLE_CHANGES = frozenset(
+    {"checkpoint_every", "checkpoint_minutes", "divergence_factor", "debug_nans"})
+
+
 def check_config(config: Config, workdir: PathLike) -> bool:
   """Whether `workdir` already holds a run; ValueError if that run has another config.
 
-  Records written before a field existed compare as holding its default.
+  Records written before a field existed compare as holding its default; the fields of
+  `RESUMABLE_CHANGES` may differ.
   """
   path = pathlib.Path(workdir) / CONFIG_FILE
   if not path.exists():
     return False
   old = config_record(config_from_record(_read_json(path)))
   new = config_record(config)
-  changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  changed = sorted(
+      k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
   if changed:
     details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
     raise ValueError(f"{workdir} holds a run with another config ({details}). Resuming it with new "
@@ -86,7 +141,7 @@ def write_config(config: Config, workdir: PathLike) -> None:
   workdir.mkdir(parents=True, exist_ok=True)
   path = workdir / CONFIG_FILE
   if not path.exists():
-    path.write_text(json.dumps(config_record(config), indent=2) + "\n")
+    _write_atomic(path, json.dumps(config_record(config), indent=2) + "\n")
 
 
 def read_config(workdir: PathLike) -> Config:
@@ -141,50 +196,200 @@ def build_model(config: Config, num_classes: int, *, for_evaluation: bool = Fals
                              conv_impl=config.conv_impl)
 
 
+# ------------------------------------------------------------------------------- the layout
+def check_layout(workdir: PathLike) -> None:
+  """Refuses a workdir whose entries have the wrong kind (e.g. `checkpoints` a file) before
+  anything is read or written, so that no tool misreads it as empty and starts over."""
+  workdir = pathlib.Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise ValueError(f"--workdir {workdir} is a file, not a directory; choose another path.")
+  for name, want_dir in ((CHECKPOINT_DIR, True), (BEST_DIR, True), (CONFIG_FILE, False),
+                         (METRICS_FILE, False), (SUMMARY_FILE, False)):
+    path = workdir / name
+    if path.exists() and path.is_dir() != want_dir:
+      kind = "directory" if want_dir else "file"
+      raise ValueError(f"{path} should be a {kind} of the run directory but is not; move it "
+                       "away (or use a new --workdir). Nothing was changed.")
+
+
+# ------------------------------------------------------------------------------ the lock
+def _process_start(pid: int) -> str | None:
+  """The start time of process `pid` (Linux /proc, in clock ticks since boot), which tells a
+  live lock holder from a later process that reuses its PID; None where unavailable."""
+  try:
+    return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+  except (OSError, IndexError):
+    return None
+
+
+def _process_alive(pid: int, start: str | None) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # it exists, under another user
+  try:
+    if pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+      return False  # killed, not yet reaped by its parent
+  except (OSError, IndexError):
+    pass
+  now = _process_start(pid)
+  return start is None or now is None or now == start
+
+
+def _lock_holder(path: pathlib.Path) -> dict[str, Any] | None:
+  try:
+    holder = json.loads(path.read_text())
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError):
+    return {}
+  return holder if isinstance(holder, dict) else {}
+
+
+def _create_exclusive(path: pathlib.Path, text: str) -> None:
+  """Creates `path` holding `text`, or raises FileExistsError; never a half-written lock.
+
+  The text goes to a private temporary file that is then hard-linked to `path` (link fails if
+  `path` exists), so a process killed at any instant leaves either no lock or a complete one.
+  """
+  temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+  with open(temporary, "w") as f:
+    f.write(text)
+  try:
+    os.link(temporary, path)
+  except FileExistsError:
+    raise
+  except OSError:  # a file system without hard links: exclusive create, then write
+    descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    with os.fdopen(descriptor, "w") as f:
+      f.write(text)
+  finally:
+    temporary.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def lock(workdir: PathLike) -> Iterator[None]:
+  """Holds `WORKDIR/.lock` (this process's PID, host and start time) while the block runs.
+
+  Two trainings on one workdir would interleave checkpoints and duplicate metric lines; the
+  second one is refused with the holder's PID. A lock whose process is gone (killed, machine
+  rebooted; same host) is stale: it is replaced, with a message. A lock of another host cannot
+  be checked from here, so the message says how to remove it. Creates `workdir` if needed; a
+  directory this call created and left empty (e.g. the data failed to load) is removed again.
+
+  Raises:
+    RuntimeError: another live process holds the lock, or the workdir is not writable.
+  """
+  workdir = pathlib.Path(workdir)
+  path = workdir / LOCK_FILE
+  created = not workdir.exists()
+  me = {
+      "pid": os.getpid(),
+      "host": socket.gethostname(),
+      "start": _process_start(os.getpid()),
+      "since": time.strftime("%Y-%m-%d %H:%M:%S")
+  }
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    while True:
+      try:
+        _create_exclusive(path, json.dumps(me) + "\n")
+        break
+      except FileExistsError:
+        holder = _lock_holder(path)
+        if holder is None:
+          continue  # released meanwhile
+        pid, host = holder.get("pid"), holder.get("host")
+        if (isinstance(pid, int) and host == me["host"] and
+            not _process_alive(pid, holder.get("start"))):
+          if _lock_holder(path) == holder:  # still the same stale record: replace it
+            print(f"Removing the stale lock {path} of process {pid} (no longer running).")
+            path.unlink(missing_ok=True)
+          continue
+        who = (f"process {pid} on host {host} (since {holder.get('since')})"
+               if pid is not None else "an unknown process (unreadable lock file)")
+        raise RuntimeError(
+            f"{workdir} is in use by {who}: {path} exists. Two trainings on one workdir would "
+            "corrupt it; wait for that one to end. If no such process runs any more (e.g. its "
+            f"machine was rebooted), delete {path} and rerun.") from None
+  except OSError as error:
+    raise RuntimeError(f"cannot write in {workdir} ({error.strerror or error}); training needs "
+                       "a writable --workdir (a finished run is read without writing).") from error
+  try:
+    yield
+  finally:
+    if _lock_holder(path) == me:
+      path.unlink(missing_ok=True)
+    if created:
+      with contextlib.suppress(OSError):
+        workdir.rmdir()  # only succeeds if nothing was written
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def checkpoint_manager(workdir: PathLike, config: Config):
-  """The orbax manager of the run's resume points."""
+  """The orbax manager of the run's resume points (steps: the global step of each state), for
+  its one writer (it deletes what killed saves left behind: call it under `lock`).
+
+  Runs of earlier versions numbered their checkpoints by epoch; an epoch-end step is at least
+  its epoch number, so the newest checkpoint stays the newest when such a run resumes.
+  """
   return checkpoint.open_manager(pathlib.Path(workdir) / CHECKPOINT_DIR,
-                                 max_to_keep=config.keep_checkpoints)
+                                 max_to_keep=config.keep_checkpoints,
+                                 cleanup=True)
 
 
 def best_manager(workdir: PathLike):
-  """The orbax manager of the run's best global model."""
-  return checkpoint.open_manager(pathlib.Path(workdir) / BEST_DIR, max_to_keep=1)
+  """The orbax manager of the run's best global model (steps: epochs), for its one writer.
+
+  It keeps every step it is given: the best model of the last commit is deleted only after the
+  next checkpoint names a newer one (`TrainingRun.commit`), never when a candidate is written.
+  """
+  return checkpoint.open_manager(pathlib.Path(workdir) / BEST_DIR, max_to_keep=None, cleanup=True)
 
 
 # --------------------------------------------------------------------------- metrics, summary
+def _metrics_text(records: list[dict[str, Any]]) -> str:
+  return "".join(json.dumps(r) + "\n" for r in records)
+
+
 def append_metrics(workdir: PathLike, record: dict[str, Any]) -> None:
   with open(pathlib.Path(workdir) / METRICS_FILE, "a") as f:
     f.write(json.dumps(record) + "\n")
 
 
-def read_metrics(workdir: PathLike) -> list[dict[str, Any]]:
-  """The run's per-epoch records (empty before the first epoch ends)."""
+def read_metrics(workdir: PathLike, *, torn_tail: bool = False) -> list[dict[str, Any]]:
+  """The run's per-epoch records (empty before the first epoch ends).
+
+  Args:
+    workdir: the run directory.
+    torn_tail: drop an unterminated, unreadable last line (a kill while it was appended)
+      instead of raising.
+
+  Raises:
+    ValueError: a line is not JSON (naming the file and the line).
+  """
   path = pathlib.Path(workdir) / METRICS_FILE
   if not path.exists():
     return []
+  text = path.read_text()
+  lines = text.splitlines()
   records = []
-  for number, line in enumerate(path.read_text().splitlines(), start=1):
+  for number, line in enumerate(lines, start=1):
     if line.strip():
       try:
         records.append(json.loads(line))
       except json.JSONDecodeError as error:
-        raise ValueError(f"{path} line {number} is not valid JSON ({error}).") from error
+        if torn_tail and number == len(lines) and not text.endswith("\n"):
+          break
+        raise ValueError(f"{path} line {number} is not valid JSON ({error}); restore it from a "
+                         "copy or delete the line.") from error
   return records
 
 
-def truncate_metrics(workdir: PathLike, epoch: int) -> None:
-  """Drops metric lines of epochs after `epoch` (the restored checkpoint's; they are re-run)."""
-  path = pathlib.Path(workdir) / METRICS_FILE
-  records = read_metrics(workdir)
-  kept = [r for r in records if r["epoch"] <= epoch]
-  if len(kept) != len(records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-
 def write_summary(workdir: PathLike, summary: dict[str, Any]) -> None:
-  (pathlib.Path(workdir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+  _write_atomic(pathlib.Path(workdir) / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
 
 
 def read_summary(workdir: PathLike) -> dict[str, Any] | None:
@@ -196,7 +401,14 @@ def read_summary(workdir: PathLike) -> dict[str, Any] | None:
   path = pathlib.Path(workdir) / SUMMARY_FILE
   if not path.exists():
     return None
-  summary = _read_json(path)
+  try:
+    summary = json.loads(path.read_text())
+  except json.JSONDecodeError as error:
+    raise ValueError(f"{path} is not valid JSON ({error}); delete it and rerun the same training "
+                     "command to recompute it from the final checkpoint.") from error
+  if not isinstance(summary, dict):
+    raise ValueError(f"{path} holds no JSON object; delete it and rerun the same training "
+                     "command to recompute it from the final checkpoint.")
   if "models" not in summary:
     moved = {}
     for role in (NATURAL, ROBUST, GLOBAL):
@@ -207,6 +419,178 @@ def read_summary(workdir: PathLike) -> dict[str, Any] | None:
         }
     summary["models"] = moved
   return summary
+
+
+# ------------------------------------------------------------------ writing a training run
+# The training state of the first landings: both experts always saved, even the one a
+# single-expert method does not train; today's state keys experts and teachers by role.
+_LEGACY_STATE_KEYS = {"step", "nat", "rob", "teacher_nat", "teacher_rob", "mix"}
+
+
+def _legacy_state_template(like: Any) -> dict[str, Any]:
+  """The earlier layout's tree for today's abstract state `like` (a `GeneralistState`)."""
+  expert = lambda role: like.experts.get(role, next(iter(like.experts.values())))
+  teacher = lambda role: like.teachers.get(role, next(iter(like.teachers.values())))
+  return {
+      "step": like.step,
+      "nat": expert(NATURAL),
+      "rob": expert(ROBUST),
+      "teacher_nat": teacher(NATURAL),
+      "teacher_rob": teacher(ROBUST),
+      "mix": like.global_model,
+  }
+
+
+def _from_legacy_state(tree: dict[str, Any], *, like: Any) -> Any:
+  """Today's state from a restored earlier-layout tree (the untrained expert is dropped)."""
+  legacy = {NATURAL: "nat", ROBUST: "rob"}
+  return like.replace(step=tree["step"],
+                      experts={r: tree[legacy[r]] for r in like.experts},
+                      teachers={r: tree[f"teacher_{legacy[r]}"] for r in like.teachers},
+                      global_model=tree["mix"])
+
+
+def _check_meta(meta: dict[str, Any]) -> None:
+  """ValueError unless `meta` is a checkpoint record of a training run (any version)."""
+  epoch, best = meta.get("epoch"), meta.get("best")
+  if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+    raise ValueError(f"its meta record has no epoch count (meta: {str(meta)[:100]})")
+  if not isinstance(best, dict) or not isinstance(best.get("score"), (int, float)):
+    raise ValueError(f"its meta record has no best-model record (meta: {str(meta)[:100]})")
+  best_epoch = best.get("epoch")
+  if best_epoch is not None and (not isinstance(best_epoch, int) or not 0 < best_epoch <= epoch):
+    raise ValueError(f"its best-model record names epoch {best_epoch!r} (of {epoch} trained)")
+  if "metrics" in meta:
+    records = meta["metrics"]
+    if (not isinstance(records, list) or
+        [r.get("epoch") if isinstance(r, dict) else None for r in records] != list(
+            range(1, epoch + 1))):
+      raise ValueError(f"its metric records do not cover epochs 1 to {epoch}")
+
+
+class TrainingRun:
+  """The training loop's writer of a run directory: the commit protocol of the module doc.
+
+  One per `train_and_evaluate` call, used under `lock` (it deletes what killed processes left
+  behind). It holds the two orbax managers; `close` releases them.
+  """
+
+  def __init__(self, workdir: PathLike, config: Config):
+    self.workdir = pathlib.Path(workdir)
+    check_layout(self.workdir)
+    self.checkpoints = checkpoint_manager(self.workdir, config)
+    self.best = best_manager(self.workdir)
+
+  def resume(
+      self,
+      abstract_state: Any,
+      check: Callable[[Any, dict[str, Any]], None] | None = None
+  ) -> tuple[Any, dict[str, Any]] | None:
+    """Restores the newest intact checkpoint and brings best/ and metrics.jsonl in line with it.
+
+    Damaged newer checkpoints are renamed `<step>.damaged` (orbax no longer sees them) and
+    reported; best/ keeps only the model that the checkpoint's best record names; metrics.jsonl
+    is rewritten to the checkpoint's records when it differs (a lost last line comes back).
+
+    Args:
+      abstract_state: the shape of the saved state (see `checkpoint.restore`).
+      check: `(state, meta) ->` None, raising ValueError for a checkpoint the caller cannot use.
+
+    Returns:
+      `(state, meta)`, where `meta["metrics"]` holds the run's metric records up to the
+      checkpoint (for a checkpoint of an earlier version, read from metrics.jsonl); None for a
+      new run.
+
+    Raises:
+      ValueError: no checkpoint can be used, or metrics.jsonl holds epochs that no checkpoint
+        backs (the checkpoints were deleted): both name the path and what to do.
+    """
+
+    template, convert = abstract_state, lambda state: state
+    keys = checkpoint.saved_keys(self.workdir / CHECKPOINT_DIR)
+    if keys is not None and _LEGACY_STATE_KEYS <= set(keys):
+      template, convert = _legacy_state_template(abstract_state), functools.partial(
+          _from_legacy_state, like=abstract_state)
+      print(f"{self.workdir / CHECKPOINT_DIR} holds checkpoints of the earlier state layout "
+            "(nat, rob, teacher_nat, teacher_rob, mix): resuming them in today's layout.")
+
+    def check_all(state, meta):
+      _check_meta(meta)
+      if check is not None:
+        check(convert(state), meta)
+
+    restored = checkpoint.restore_newest_intact(self.checkpoints, template, check_all)
+    if restored is None:
+      records = read_metrics(self.workdir, torn_tail=True)
+      if records:
+        raise ValueError(
+            f"{self.workdir / METRICS_FILE} holds {len(records)} epochs but "
+            f"{self.workdir / CHECKPOINT_DIR} holds no checkpoint: they were deleted or lost. To "
+            f"train the run again from the start, delete {METRICS_FILE} (or use a new --workdir).")
+      self._keep_best(None)
+      return None
+    for step, reason in restored.damaged:
+      moved = checkpoint.set_aside(self.checkpoints, step)
+      print(f"Checkpoint step {step} is damaged ({reason}); moved it to {moved} and resumed from "
+            f"step {restored.step}, the newest intact checkpoint.")
+    meta = dict(restored.meta)
+    self._keep_best(meta["best"].get("epoch"))
+    if "metrics" in meta:
+      records = list(meta["metrics"])
+    else:  # a checkpoint of an earlier version: the file is the only copy
+      records = [
+          r for r in read_metrics(self.workdir, torn_tail=True) if r["epoch"] <= meta["epoch"]
+      ]
+      if len(records) < meta["epoch"]:
+        print(f"Warning: {self.workdir / METRICS_FILE} lacks the lines of "
+              f"{meta['epoch'] - len(records)} epochs (lost before checkpoints kept a copy).")
+    path = self.workdir / METRICS_FILE
+    current = path.read_text() if path.exists() else ""
+    text = _metrics_text(records)
+    if current != text:
+      if not text.startswith(current) and not current.startswith(text):
+        print(f"Rewrote {path} from checkpoint step {restored.step}: it differed from the "
+              "checkpoint's copy.")
+      elif len(text) > len(current):
+        print(f"Restored the last line(s) of {path} from checkpoint step {restored.step}.")
+      _write_atomic(path, text)
+    meta["metrics"] = records
+    return convert(restored.state), meta
+
+  def _keep_best(self, epoch: int | None) -> None:
+    """Deletes the best/ models other than that of `epoch` (the committed best record)."""
+    deleted = checkpoint.delete_steps(self.best, keep=() if epoch is None else (epoch,))
+    if deleted:
+      print(f"Deleted best model(s) of epoch(s) {deleted} in {self.workdir / BEST_DIR}: no "
+            "checkpoint committed them (they are recomputed).")
+    if epoch is not None and epoch not in checkpoint.steps(self.best):
+      print(f"Warning: {self.workdir / BEST_DIR} lacks the best model of epoch {epoch} that the "
+            "checkpoint records (deleted, or lost by an earlier version).")
+
+  def save_best(self, epoch: int, variables: Any, record: dict[str, Any]) -> None:
+    """Writes a best-model candidate; it counts once `commit` names its epoch as the best."""
+    checkpoint.save(self.best, epoch, variables, record)
+
+  def commit(self,
+             step: int,
+             state: Any,
+             meta: dict[str, Any],
+             record: dict[str, Any] | None = None) -> None:
+    """The commit point: the checkpoint of `step` (meta with `best` and every metric record),
+    then the cleanup of best/ and, at an epoch end, the epoch's metrics line (`record`)."""
+    checkpoint.save(self.checkpoints, step, state, meta)
+    keep = meta["best"].get("epoch")
+    checkpoint.delete_steps(self.best, keep=() if keep is None else (keep,))
+    if record is not None:
+      append_metrics(self.workdir, record)
+
+  def finish(self, summary: dict[str, Any]) -> None:
+    """Writes summary.json (atomically): the run is finished."""
+    write_summary(self.workdir, summary)
+
+  def close(self) -> None:
+    self.checkpoints.close()
+    self.best.close()
 
 
 # ---------------------------------------------------------------------- evaluation: models

@@ -2,12 +2,27 @@
 
 Loads the data once into device memory, runs one jitted dispatch per batch (gather, augment,
 both experts, Generalist update: `steps.make_train_step`), evaluates the models after each
-`eval_every` epochs, checkpoints after every epoch, and writes the run directory through
-`gen_jax.runs` (layout: see there).
+`eval_every` epochs, checkpoints after every epoch (and every `checkpoint_every` steps or
+`checkpoint_minutes` minutes), and writes the run directory through `gen_jax.runs` (layout and
+the commit protocol that makes any kill resumable: see there).
 
-Running the same command again on the same workdir resumes from the latest checkpoint; a run
-that already wrote `summary.json` is not retrained. The host reads device values only at
-logging steps and epoch ends.
+Running the same command again on the same workdir resumes from the newest intact checkpoint,
+also in the middle of an epoch: the data order derives from (data key, epoch) and each step's
+key from the state's step, and the epoch's running metric sums are in the checkpoint, so a
+resumed run ends bit for bit where an uninterrupted one does. A run that already wrote
+`summary.json` is not retrained. The host reads device values only at logging steps,
+checkpoints and epoch ends.
+
+Reliability:
+  * one process per workdir (`runs.lock`);
+  * SIGTERM / SIGINT (preemption, Ctrl-C) save a checkpoint at the next step boundary and raise
+    `TrainingInterrupted` (one line; `experiments/train.py` exits 143 / 130);
+  * numerics: at every logging step and before anything is saved, every model (both experts,
+    the teachers, the global model: parameters and BatchNorm statistics) must be finite and
+    within `divergence_factor` of its initial magnitude, and the training losses finite;
+    otherwise `FloatingPointError` names the step, the model and the quantity, and nothing of
+    that state is written (no checkpoint, no best model, no summary). `debug_nans` turns on
+    JAX's own NaN checking (`jax.debug_nans`) for the call.
 
 Synopsis::
 
@@ -16,9 +31,12 @@ Synopsis::
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import pathlib
+import signal
+import threading
 import time
 from typing import Any
 
@@ -27,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from gen_jax import checkpoint, parallel, runs
+from gen_jax import parallel, runs
 from gen_jax.config import Config, config_record
 from gen_jax.evaluation.accuracy import evaluate_models
 from gen_jax.training import methods
@@ -35,6 +53,60 @@ from gen_jax.training import steps as steps_lib
 
 _STREAMS = ("init", "data", "train", "eval")
 _LR_TABLE = {methods.NATURAL: "lr_nat", methods.ROBUST: "lr_rob"}
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+  """SIGINT or SIGTERM stopped `train_and_evaluate`; `str(error)` is a one-line message.
+
+  A KeyboardInterrupt, so that code which already handles Ctrl-C (notebooks, scripts) handles
+  it. `exit_code` is the shell's convention, 128 + the signal number (130 SIGINT, 143 SIGTERM).
+  """
+
+  def __init__(self, signum: int, message: str):
+    super().__init__(message)
+    self.signum = signum
+
+  @property
+  def exit_code(self) -> int:
+    return 128 + int(self.signum)
+
+
+class _StopSignals:
+  """SIGINT and SIGTERM handlers for one call (the previous handlers come back afterwards).
+
+  While `deferred` (the epoch loop) a first signal only records itself in `signum`; the loop
+  checkpoints at the next step boundary and raises `TrainingInterrupted`. Elsewhere (loading,
+  compiling, the final evaluation) nothing is unsaved, so the handler raises at once, as it
+  does for a second signal (the user insists). `note` says where a rerun resumes. Stateful by
+  nature: a signal handler reaches the loop only through shared state. Handlers can only be
+  installed in the main thread; elsewhere signals keep their previous behaviour.
+  """
+
+  def __init__(self):
+    self.signum: int | None = None
+    self.deferred = False
+    self.note = "rerun the same command to resume from the last checkpoint."
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self) -> "_StopSignals":
+    if threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGINT, signal.SIGTERM):
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc_info) -> bool:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    return False
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    if self.deferred and self.signum is None:
+      self.signum = signum
+      return
+    again = " (second signal)" if self.signum is not None else ""
+    raise TrainingInterrupted(signum, f"stopped by {signal.Signals(signum).name}{again}; "
+                              f"{self.note}")
 
 
 def _keys(seed: int) -> dict[str, jax.Array]:
@@ -53,14 +125,112 @@ def _read_totals(totals) -> dict[str, dict[str, float]]:
   }
 
 
-def _check_finite(values: dict[str, dict[str, float]], step: int) -> None:
-  bad = {
-      f"{role}_{k}": v for role, m in values.items() for k, v in m.items() if not math.isfinite(v)
+def _totals_record(totals) -> dict[str, dict[str, Any]]:
+  """The running sums as JSON (exact: a float32 is exactly a double, and JSON keeps doubles)."""
+  return {
+      role: {
+          k: np.asarray(v).item() for k, v in t.items()
+      } for role, t in jax.device_get(totals).items()
   }
+
+
+def _totals_from_record(record: dict[str, dict[str, Any]], config: Config):
+  zero = steps_lib.zero_totals(config)
+  return {
+      role: {
+          k: jnp.asarray(record[role][k], v.dtype) for k, v in fields.items()
+      } for role, fields in zero.items()
+  }
+
+
+def _check_position(state, meta: dict[str, Any], *, config: Config, steps_per_epoch: int) -> None:
+  """ValueError unless a checkpoint's record places its state in this run (see `runs.resume`)."""
+  epoch, index = meta["epoch"], meta.get("index", 0)
+  if not isinstance(index, int) or not 0 <= index < steps_per_epoch:
+    raise ValueError(f"its record holds batch index {index!r} (of {steps_per_epoch} per epoch)")
+  if epoch > config.epochs or (index and epoch >= config.epochs):
+    raise ValueError(f"its record places it in epoch {epoch + 1} of a {config.epochs}-epoch run")
+  if index:
+    totals = meta.get("totals")
+    zero = steps_lib.zero_totals(config)
+    if not isinstance(totals, dict) or any(not isinstance(totals.get(role), dict) or any(
+        not isinstance(totals[role].get(k), (int, float))
+        for k in fields)
+                                           for role, fields in zero.items()):
+      raise ValueError("its record lacks the epoch's running metric sums")
+  step = int(jax.device_get(state.step))
+  if step != epoch * steps_per_epoch + index:
+    raise ValueError(f"its state is at step {step}, but its record places it at epoch {epoch}, "
+                     f"batch {index} of {steps_per_epoch} per epoch (did the training data "
+                     "change?)")
+
+
+def _lr_flags(name: str) -> str:
+  if methods.NATURAL in name:
+    return "--lr-nat"
+  if methods.ROBUST in name:
+    return "--lr-rob"
+  return "--lr-nat / --lr-rob"
+
+
+def _path_name(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _diagnose(variables, bounds, factor: float) -> str:
+  """The first leaf of a model that is not finite or exceeds its bound, in words (host side:
+  only called once a model has failed the cheap device check)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(variables))
+  limits = jax.tree_util.tree_leaves(jax.device_get(bounds))
+  for (path, leaf), limit in zip(flat, limits):
+    x = np.asarray(leaf, np.float32)
+    if np.isnan(x).any():
+      return f"{_path_name(path)} holds NaN ({np.isnan(x).mean():.0%} of its values)"
+    if np.isinf(x).any():
+      return f"{_path_name(path)} holds inf"
+    peak = float(np.abs(x).max()) if x.size else 0.0
+    if peak > float(limit):
+      return (f"{_path_name(path)} reached max |x| = {peak:.3g}, above its divergence bound "
+              f"{float(limit):.3g} (--divergence-factor {factor:g} x max(1, its largest |x| at "
+              "initialisation); if that is healthy growth, not a divergence, rerun the same "
+              "command with a larger --divergence-factor, or 0, to resume)")
+  return "a value is not finite or exceeds its bound"
+
+
+def _check_health(health_fn, state, bounds, *, config: Config, where: str, saved: str) -> None:
+  """FloatingPointError naming the model and the quantity unless every model is healthy."""
+  values = jax.device_get(health_fn(state, bounds))
+  named = steps_lib.named_models(state)  # experts first: where a divergence starts
+  bad = [n for n in named if not (bool(values[n]["finite"]) and float(values[n]["excess"]) <= 1.0)]
+  if not bad:
+    return
+  detail = _diagnose(named[bad[0]], bounds, config.divergence_factor)
+  others = f" (also failing: {', '.join(bad[1:])})" if len(bad) > 1 else ""
+  raise FloatingPointError(
+      f"the run diverged at {where}: the {bad[0]}'s {detail}{others}. Nothing of this state was "
+      f"saved; {saved}. Train again in a new --workdir with a lower {_lr_flags(bad[0])} (or "
+      "check the data).")
+
+
+def _check_finite(values: dict[str, dict[str, float]], *, where: str, saved: str) -> None:
+  bad = [(role, k, v) for role, m in values.items() for k, v in m.items() if not math.isfinite(v)]
   if bad:
+    role, k, v = bad[0]
     raise FloatingPointError(
-        f"non-finite training metrics {bad} at step {step}. The run diverged: lower --lr-nat / "
-        "--lr-rob or check the data; the last good checkpoint is kept in the workdir.")
+        f"the run diverged at {where}: the {role} expert's training {k} is {v}. Nothing of "
+        f"this state was saved; {saved}. Train again in a new --workdir with a lower "
+        f"{_lr_flags(role)} (or check the data).")
+
+
+@contextlib.contextmanager
+def _debug_nans(enabled: bool):
+  """JAX's own NaN checking for the block when `enabled` (it re-runs a failing jitted function
+  op by op and raises at the first operation that made a NaN; slow, for diagnosis)."""
+  if not enabled:
+    yield
+    return
+  with jax.debug_nans(True):
+    yield
 
 
 def _evaluate(state, xs, ys, *, model, config, key, sharding, roles):
@@ -76,6 +246,15 @@ def _evaluate(state, xs, ys, *, model, config, key, sharding, roles):
                          batch_size=config.eval_batch_size,
                          norm=config.norm,
                          sharding=sharding)
+
+
+def _finished(config: Config, workdir: pathlib.Path) -> dict[str, Any] | None:
+  if runs.check_config(config, workdir):
+    summary = runs.read_summary(workdir)
+    if summary is not None:
+      print(f"{workdir} already holds a finished run; its summary:")
+      return summary
+  return None
 
 
 def train_and_evaluate(config: Config,
@@ -98,15 +277,31 @@ def train_and_evaluate(config: Config,
     `pgd` (the attack's settings), `method`, `best`, `steps`, `test_images`, `train_seconds`
     (time in training steps over all epochs, resumed ones included), `seconds` (this call's
     wall time) and `config`.
+
+  Raises:
+    TrainingInterrupted: SIGINT or SIGTERM (a checkpoint was saved first where training had
+      progressed; the message says so).
+    FloatingPointError: the run diverged (see the module doc); nothing of it was saved.
+    RuntimeError: another process trains in `workdir`, or it is not writable.
+    ValueError: a bad config, another run's workdir, damaged files (each names the path).
   """
   config.validate()
   workdir = pathlib.Path(workdir)
-  if runs.check_config(config, workdir):
-    summary = runs.read_summary(workdir)
-    if summary is not None:
-      print(f"{workdir} already holds a finished run; its summary:")
-      return summary
+  runs.check_layout(workdir)
+  finished = _finished(config, workdir)
+  if finished is not None:
+    return finished
+  # Every process of a multi-host job shares the workdir; the first one holds the lock.
+  lock = runs.lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock, _StopSignals() as stop, _debug_nans(config.debug_nans):
+    finished = _finished(config, workdir)  # another process may have finished it meanwhile
+    if finished is not None:
+      return finished
+    return _train(config, workdir, progress=progress, max_epochs=max_epochs, stop=stop)
 
+
+def _train(config: Config, workdir: pathlib.Path, *, progress: bool, max_epochs: int | None,
+           stop: _StopSignals) -> dict[str, Any]:
   started = time.time()
   splits = runs.load_splits(config)
   mesh = parallel.make_mesh()
@@ -130,108 +325,211 @@ def train_and_evaluate(config: Config,
                              image_shape=image_shape)
   abstract = jax.tree_util.tree_map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), jax.eval_shape(create))
+  # Bounds of the divergence check: from the initial weights, which every model starts from.
+  bounds = jax.jit(
+      lambda: steps_lib.divergence_bounds(create().global_model, config.divergence_factor),
+      out_shardings=replicated)()
+  health_fn = jax.jit(steps_lib.model_health)
 
-  manager = runs.checkpoint_manager(workdir, config)
-  best_manager = runs.best_manager(workdir)
-  restored = checkpoint.restore(manager, abstract)
-  if restored is None:
-    state = jax.jit(create, out_shardings=replicated)()
-    start_epoch, best = 0, {"score": -1.0, "epoch": None}
-  else:
-    state, meta = restored
-    start_epoch, best = int(meta["epoch"]), meta["best"]
-    print(f"Resuming {workdir} from epoch {start_epoch} (step {int(state.step)}).")
-  runs.truncate_metrics(workdir, start_epoch)
+  run = runs.TrainingRun(workdir, config)
+  try:
+    restored = run.resume(
+        abstract, functools.partial(_check_position, config=config,
+                                    steps_per_epoch=steps_per_epoch))
+    if restored is None:
+      state = jax.jit(create, out_shardings=replicated)()
+      meta = {"epoch": 0, "index": 0, "best": {"score": -1.0, "epoch": None}, "metrics": []}
+    else:
+      state, meta = restored
+    start_epoch, start_index = meta["epoch"], meta.get("index", 0)
+    best, records = meta["best"], meta["metrics"]
+    saved_step = start_epoch * steps_per_epoch + start_index
+    if restored is not None:
+      place = (f"the end of epoch {start_epoch}" if not start_index else
+               f"epoch {start_epoch + 1}, batch {start_index} of {steps_per_epoch}")
+      print(f"Resuming {workdir} from step {saved_step} ({place}).", flush=True)
 
-  tables = parallel.replicate(steps_lib.schedule_arrays(config, steps_per_epoch), mesh)
-  train_x = parallel.replicate(splits.train_x, mesh)
-  train_y = parallel.replicate(splits.train_y, mesh)
-  step_fn = steps_lib.make_train_step(config, model, batch_sharding=batch_sharding)
-  evaluate = functools.partial(_evaluate,
-                               model=eval_model,
-                               config=config,
-                               key=keys["eval"],
-                               sharding=batch_sharding)
-  test_n = config.eval_test_size or len(splits.test_y)
-  roles = methods.evaluated_roles(config.method)
+    tables = parallel.replicate(steps_lib.schedule_arrays(config, steps_per_epoch), mesh)
+    train_x = parallel.replicate(splits.train_x, mesh)
+    train_y = parallel.replicate(splits.train_y, mesh)
+    step_fn = steps_lib.make_train_step(config, model, batch_sharding=batch_sharding)
+    evaluate = functools.partial(_evaluate,
+                                 model=eval_model,
+                                 config=config,
+                                 key=keys["eval"],
+                                 sharding=batch_sharding)
+    test_n = config.eval_test_size or len(splits.test_y)
+    roles = methods.evaluated_roles(config.method)
+    checkpoint_dir = workdir / runs.CHECKPOINT_DIR
 
-  end_epoch = config.epochs if max_epochs is None else min(config.epochs, start_epoch + max_epochs)
-  for epoch in range(start_epoch, end_epoch):
-    epoch_started = time.time()
-    perm = jax.random.permutation(jax.random.fold_in(keys["data"], epoch), len(splits.train_y))
-    totals = parallel.replicate(steps_lib.zero_totals(config), mesh)
-    bar = tqdm(range(steps_per_epoch),
-               desc=f"epoch {epoch + 1}/{config.epochs}",
-               disable=not progress,
-               leave=False,
-               dynamic_ncols=True)
-    for index in bar:
-      state, totals = step_fn(state, totals, train_x, train_y, perm, jnp.int32(index),
-                              keys["train"], tables)
-      if (index + 1) % config.log_every == 0 or index + 1 == steps_per_epoch:
-        values = _read_totals(totals)
-        _check_finite(values, epoch * steps_per_epoch + index)
-        bar.set_postfix({f"{r}_{k}": f"{v:.3f}" for r, m in values.items() for k, v in m.items()})
-    bar.close()
-    train_metrics = _read_totals(totals)
-    _check_finite(train_metrics, (epoch + 1) * steps_per_epoch)
-    last = (epoch + 1) * steps_per_epoch - 1
-    record = {
-        "epoch":
-            epoch + 1,
-        "step":
-            int(state.step),
-        "train":
-            train_metrics,
-        "lr": {
-            role: float(tables[_LR_TABLE[role]][last]) for role in config.experts
+    def saved_note() -> str:
+      if saved_step == 0 and restored is None and not records:
+        return "no checkpoint had been written yet"
+      return f"the last checkpoint (step {saved_step}) and best/ are intact"
+
+    def where(step: int) -> str:
+      epoch, index = divmod(step - 1, steps_per_epoch)
+      return f"step {step} (epoch {epoch + 1}, batch {index + 1} of {steps_per_epoch})"
+
+    def interrupted(step: int) -> TrainingInterrupted:
+      return TrainingInterrupted(
+          stop.signum, f"stopped by {signal.Signals(stop.signum).name} at {where(step)}; saved "
+          f"checkpoint step {step} in {checkpoint_dir}: rerun the same command to resume.")
+
+    end_epoch = config.epochs if max_epochs is None else min(config.epochs, start_epoch +
+                                                             max_epochs)
+    last_commit = time.monotonic()
+    stop.note = (f"nothing new to save (last checkpoint: step {saved_step}); rerun the same "
+                 "command to resume.")
+    stop.deferred = True
+    for epoch in range(start_epoch, end_epoch):
+      first = start_index if epoch == start_epoch else 0
+      carried = meta.get("epoch_seconds", 0.0) if first else 0.0
+      epoch_started = time.time() - carried
+      perm = jax.random.permutation(jax.random.fold_in(keys["data"], epoch), len(splits.train_y))
+      totals = (_totals_from_record(meta["totals"], config)
+                if first else steps_lib.zero_totals(config))
+      totals = parallel.replicate(totals, mesh)
+      bar = tqdm(range(first, steps_per_epoch),
+                 desc=f"epoch {epoch + 1}/{config.epochs}",
+                 disable=not progress,
+                 leave=False,
+                 dynamic_ncols=True)
+      for index in bar:
+        step = epoch * steps_per_epoch + index + 1
+        try:
+          state, totals = step_fn(state, totals, train_x, train_y, perm, jnp.int32(index),
+                                  keys["train"], tables)
+        except FloatingPointError as error:  # only under --debug-nans
+          raise FloatingPointError(
+              f"--debug-nans: {error}, in the training step to {where(step)}. Nothing of this "
+              f"state was saved; {saved_note()}.") from error
+        if (index + 1) % config.log_every == 0 or index + 1 == steps_per_epoch:
+          _check_health(health_fn,
+                        state,
+                        bounds,
+                        config=config,
+                        where=where(step),
+                        saved=saved_note())
+          values = _read_totals(totals)
+          _check_finite(values, where=where(step), saved=saved_note())
+          bar.set_postfix({f"{r}_{k}": f"{v:.3f}" for r, m in values.items() for k, v in m.items()})
+        if index + 1 == steps_per_epoch:
+          break  # the epoch end commits (and honours a stop request after it)
+        due = ((config.checkpoint_every and step % config.checkpoint_every == 0) or
+               (config.checkpoint_minutes and
+                time.monotonic() - last_commit >= 60 * config.checkpoint_minutes))
+        if stop.signum is not None or due:
+          _check_health(health_fn,
+                        state,
+                        bounds,
+                        config=config,
+                        where=where(step),
+                        saved=saved_note())
+          _check_finite(_read_totals(totals), where=where(step), saved=saved_note())
+          run.commit(
+              step, state, {
+                  "epoch": epoch,
+                  "index": index + 1,
+                  "step": step,
+                  "best": best,
+                  "metrics": records,
+                  "totals": _totals_record(totals),
+                  "epoch_seconds": round(time.time() - epoch_started, 2)
+              })
+          saved_step, last_commit = step, time.monotonic()
+          stop.note = (f"saved nothing since checkpoint step {saved_step}; rerun the same "
+                       "command to resume.")
+          if stop.signum is not None:
+            bar.close()
+            raise interrupted(step)
+      bar.close()
+      step = (epoch + 1) * steps_per_epoch
+      train_metrics = _read_totals(totals)
+      _check_finite(train_metrics, where=where(step), saved=saved_note())
+      last = step - 1
+      record = {
+          "epoch":
+              epoch + 1,
+          "step":
+              step,
+          "train":
+              train_metrics,
+          "lr": {
+              role: float(tables[_LR_TABLE[role]][last]) for role in config.experts
+          },
+          "beta":
+              float(tables["beta"][last]),
+          "redistributed_steps":
+              int(np.asarray(tables["redistribute"][epoch * steps_per_epoch:last + 1]).sum()),
+          "train_seconds":
+              round(time.time() - epoch_started, 2)
+      }
+      # Checked before anything of this state is evaluated, reported or saved.
+      _check_health(health_fn, state, bounds, config=config, where=where(step), saved=saved_note())
+      if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
+        record["test"] = evaluate(state,
+                                  splits.test_x[:test_n],
+                                  splits.test_y[:test_n],
+                                  roles=roles)
+        if len(splits.val_y):
+          val = evaluate(state, splits.val_x, splits.val_y, roles=(methods.GLOBAL,))[methods.GLOBAL]
+          record["validation"] = {methods.GLOBAL: val}
+          score = val["clean_acc"] + val["pgd_acc"]
+          if val["clean_acc"] >= config.select_min_clean and score > best["score"]:
+            best = {"score": score, "epoch": epoch + 1, **val}
+            run.save_best(epoch + 1, state.global_model, {"epoch": epoch + 1, **val})
+      records = records + [record]
+      run.commit(step, state, {
+          "epoch": epoch + 1,
+          "index": 0,
+          "step": step,
+          "best": best,
+          "metrics": records
+      }, record)
+      saved_step, last_commit = step, time.monotonic()
+      stop.note = (f"saved nothing since checkpoint step {saved_step}; rerun the same command "
+                   "to resume.")
+      print(_epoch_line(record), flush=True)
+      if stop.signum is not None:
+        raise interrupted(step)
+    stop.deferred = False
+    if stop.signum is not None:  # arrived after the last check: the last commit holds all
+      raise interrupted(saved_step)
+
+    if end_epoch < config.epochs:
+      return {"stopped_at_epoch": end_epoch}
+
+    stop.note = (f"training is complete (checkpoint step {saved_step}): rerun the same command "
+                 "to evaluate the models and write summary.json.")
+    _check_health(health_fn,
+                  state,
+                  bounds,
+                  config=config,
+                  where="the end of training",
+                  saved=saved_note())
+    final = evaluate(state, splits.test_x, splits.test_y, roles=roles)
+    summary = {
+        "models": final,
+        "pgd": {
+            "norm": config.norm,
+            "eps": config.eps,
+            "step_size": config.eval_step_size,
+            "steps": config.eval_pgd_steps
         },
-        "beta":
-            float(tables["beta"][last]),
-        "redistributed_steps":
-            int(np.asarray(tables["redistribute"][epoch * steps_per_epoch:last + 1]).sum()),
-        "train_seconds":
-            round(time.time() - epoch_started, 2)
+        "method": config.method,
+        "best": best,
+        "steps": int(state.step),
+        "test_images": int(len(splits.test_y)),
+        "train_seconds": round(sum(r["train_seconds"] for r in records), 1),
+        "seconds": round(time.time() - started, 1),
+        "config": config_record(config)
     }
-    if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
-      record["test"] = evaluate(state, splits.test_x[:test_n], splits.test_y[:test_n], roles=roles)
-      if len(splits.val_y):
-        val = evaluate(state, splits.val_x, splits.val_y, roles=(methods.GLOBAL,))[methods.GLOBAL]
-        record["validation"] = {methods.GLOBAL: val}
-        score = val["clean_acc"] + val["pgd_acc"]
-        if val["clean_acc"] >= config.select_min_clean and score > best["score"]:
-          best = {"score": score, "epoch": epoch + 1, **val}
-          checkpoint.save(best_manager, epoch + 1, state.global_model, {"epoch": epoch + 1, **val})
-    checkpoint.save(manager, epoch + 1, state, {"epoch": epoch + 1, "best": best})
-    runs.append_metrics(workdir, record)
-    print(_epoch_line(record), flush=True)
-
-  if end_epoch < config.epochs:
-    manager.close()
-    best_manager.close()
-    return {"stopped_at_epoch": end_epoch}
-
-  final = evaluate(state, splits.test_x, splits.test_y, roles=roles)
-  summary = {
-      "models": final,
-      "pgd": {
-          "norm": config.norm,
-          "eps": config.eps,
-          "step_size": config.eval_step_size,
-          "steps": config.eval_pgd_steps
-      },
-      "method": config.method,
-      "best": best,
-      "steps": int(state.step),
-      "test_images": int(len(splits.test_y)),
-      "train_seconds": round(sum(r["train_seconds"] for r in runs.read_metrics(workdir)), 1),
-      "seconds": round(time.time() - started, 1),
-      "config": config_record(config)
-  }
-  runs.write_summary(workdir, summary)
-  manager.close()
-  best_manager.close()
-  return summary
+    run.finish(summary)
+    return summary
+  finally:
+    stop.deferred = False
+    run.close()
 
 
 def _epoch_line(record: dict[str, Any]) -> str:

@@ -16,6 +16,9 @@ redistribution flag, eps and step sizes) reaches it as a traced argument, so not
 The state speaks the role vocabulary of `training.methods`: `experts` and `teachers` are keyed
 `natural` / `robust` (only the experts the method trains), and `models()` adds `global`.
 
+`model_health(state, divergence_bounds(initial, factor))` is the loop's cheap on-device check of
+every model (finite, and within `factor` of its initial magnitude): a few scalars to read.
+
 Synopsis::
 
     state = create_train_state(config, model, key, image_shape=(32, 32, 3))
@@ -365,3 +368,47 @@ def make_train_step(config: Config, model: nn.Module, *, batch_sharding: Any = N
                                    config=config,
                                    batch_sharding=batch_sharding),
                  donate_argnums=(0, 1))
+
+
+# ------------------------------------------------------------------------- model health
+def named_models(state: GeneralistState) -> dict[str, Variables]:
+  """Every set of variables of the state, by a name for messages: the experts, the teachers
+  and the global model (e.g. "robust expert", "natural teacher", "global model")."""
+  named = {f"{role} expert": expert.variables for role, expert in state.experts.items()}
+  named.update({f"{role} teacher": variables for role, variables in state.teachers.items()})
+  named["global model"] = state.global_model
+  return named
+
+
+def divergence_bounds(variables: Variables, factor: float) -> Variables:
+  """Per leaf, `factor * max(1, max |x|)` of the initial `variables`: the largest magnitude a
+  healthy model's leaf may reach (infinite when `factor` is 0: no bound).
+
+  Relative to the start because magnitudes differ by layer (a kernel of 0.05, a BatchNorm
+  variance of 1); the floor of 1 keeps leaves that start at zero (biases, BatchNorm means)
+  from a bound of zero.
+  """
+  if not factor:
+    return jax.tree_util.tree_map(lambda x: jnp.float32(jnp.inf), variables)
+  return jax.tree_util.tree_map(
+      lambda x: jnp.float32(factor) * jnp.maximum(1.0,
+                                                  jnp.max(jnp.abs(x)).astype(jnp.float32)),
+      variables)
+
+
+def model_health(state: GeneralistState, bounds: Variables) -> dict[str, dict[str, jax.Array]]:
+  """Per model of `named_models`: `finite` (every parameter and BatchNorm statistic is finite)
+  and `excess` (the largest `max |x| / bound` over its leaves; above 1 it exploded).
+
+  A handful of device scalars: cheap enough to read at every logging step, unlike the models.
+  """
+
+  def one(variables):
+    leaves = jax.tree_util.tree_leaves(variables)
+    limits = jax.tree_util.tree_leaves(bounds)
+    finite = jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).all()
+    excess = jnp.stack(
+        [jnp.max(jnp.abs(x)).astype(jnp.float32) / b for x, b in zip(leaves, limits)]).max()
+    return {"finite": finite, "excess": excess}
+
+  return {name: one(variables) for name, variables in named_models(state).items()}
