@@ -23,8 +23,8 @@ from gen_jax.mixing import beta_schedule, ema_decay, ema_update, mix, mix_many
 
 __version__ = "0.1.0"
 
-_LAZY_SUBMODULES = ("attacks", "checkpoint", "cli", "config", "data", "evaluation", "models",
-                    "parallel", "runs", "study", "training")
+_LAZY_SUBMODULES = ("attacks", "checkpoint", "cli", "config", "data", "evaluation", "export",
+                    "models", "parallel", "runs", "study", "training")
 
 __all__ = ["mix", "mix_many", "ema_update", "ema_decay", "beta_schedule", *_LAZY_SUBMODULES]
 
