@@ -23,11 +23,24 @@ Synopsis::
     python experiments/bench.py --what natural_step --model smallcnn --sweep batch-size
     python experiments/bench.py --what robust_step --model smallcnn --sweep pgd-steps
     python experiments/bench.py --what conv --conv-shape 128,32,32,64,64,3,1
+    python experiments/bench.py --what generalist_step --model smallcnn --per-device-batch 32 \
+        --sweep cpu-devices                     # 1, 2, 4, 8 virtual CPU devices: the scaling table
+    python experiments/bench.py --what generalist_step --model smallcnn --feed device
 
 Flags are hyphenated. Kept for old command lines: `--batch` (= `--batch-size`), `--steps`
 (deprecated = `--repeats`: elsewhere `--steps` means PGD steps), and the sweep names `batch` and
 `pgd_steps`. The PyTorch baseline of this script is `experiments/reference/bench_torch.py`.
 A sweep runs every point in a fresh subprocess (so peak RSS and failures stay per point).
+
+Training steps run data parallel over every device (`gen_jax.parallel`: state replicated, the
+batch split): `--per-device-batch N` makes the global batch N x the device count, so each device
+does the same work at any count; `--cpu-devices N` gives the CPU backend N virtual devices. Each
+timed step is fed like the training loop feeds it (`--feed host`: the next global batch of a
+host-resident synthetic training set, placed by `parallel.global_batch`); `--feed device` times
+the former way instead, a jitted gather from a copy of the training set on every device.
+Many virtual CPU devices on few cores can deadlock XLA's CPU collectives (Eigen's thread pool
+runs out: "Expected 8 threads to join the rendezvous", seen for natural_step on 8 devices and 2
+cores); `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` (one thread per device) avoids it.
 Model FLOPs follow the usual MFU convention: F = XLA's count for one inference forward pass,
 a training forward+backward = 3F, a PGD iteration (forward + input gradient) = 2F.
 """
@@ -62,6 +75,7 @@ SWEEPS = {
     "batch-size": ("batch", ("--batch-size", "--batch"), [16, 32, 64, 128, 256, 512]),
     "pgd-steps": ("pgd_steps", ("--pgd-steps",), [1, 3, 5, 10, 20]),
     "model": ("model", ("--model",), ["smallcnn", "resnet18", "wrn34_10"]),
+    "cpu-devices": ("cpu_devices", ("--cpu-devices",), [1, 2, 4, 8]),
 }
 SWEEP_ALIASES = {"batch": "batch-size", "pgd_steps": "pgd-steps"}  # the names used before
 
@@ -129,6 +143,22 @@ def _parse_args(argv=None) -> argparse.Namespace:
                  help="trace one more step with jax.profiler and report the K most costly XLA "
                  "operations (summed self time, ms) under `top_ops`")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument(
+      "--per-device-batch",
+      type=int,
+      default=None,
+      metavar="N",
+      help="training steps: global batch = N x the device count (overrides --batch-size)")
+  p.add_argument("--cpu-devices",
+                 type=int,
+                 default=None,
+                 metavar="N",
+                 help="give the CPU backend N virtual devices (jax_num_cpu_devices)")
+  p.add_argument("--feed",
+                 choices=("host", "device"),
+                 default="host",
+                 help="training steps: the batch from the host, as the training loop does "
+                 "(default), or gathered on the device from a device-resident training set")
   args = p.parse_args(argv)
   whats = [w.strip() for w in args.what.split(",") if w.strip()]
   bad = [w for w in whats if w not in WHATS]
@@ -143,6 +173,9 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.error(f"--pgd-steps must be >= 1; got {args.pgd_steps}")
   if args.warmup < 0:
     p.error(f"--warmup must be >= 0; got {args.warmup}")
+  for name, flag in (("per_device_batch", "--per-device-batch"), ("cpu_devices", "--cpu-devices")):
+    if getattr(args, name) is not None and getattr(args, name) < 1:
+      p.error(f"{flag} must be >= 1; got {getattr(args, name)}")
   return args
 
 
@@ -281,6 +314,7 @@ def _context(args: argparse.Namespace, what: str) -> dict[str, Any]:
       "batch": args.batch,
       "backend": jax.default_backend(),
       "devices": jax.device_count(),
+      "processes": jax.process_count(),
       "device_kind": dev.device_kind,
       "dtype": args.dtype if what in METHOD_OF else "float32",
       "conv_impl": args.conv_impl,
@@ -345,15 +379,46 @@ def _synthetic_batch(args: argparse.Namespace):
   return images, labels
 
 
+_FEED_BATCHES = 4  # the synthetic training set: this many global batches, fed in turn
+
+
+def _training_set(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+  """A host-resident synthetic training set of `_FEED_BATCHES` global batches (uint8, int32)."""
+  rng = np.random.default_rng(args.seed + 1)
+  n = _FEED_BATCHES * args.batch
+  images = rng.integers(0, 256, (n, args.image_size, args.image_size, 3), dtype=np.uint8)
+  return images, rng.integers(0, args.num_classes, (n,), dtype=np.int32)
+
+
+def _batch_feed(args: argparse.Namespace, mesh: Any) -> Callable[[int], tuple[Any, Any]]:
+  """`feed(i)`: global batch i (mod `_FEED_BATCHES`) laid out over the mesh, fed as `--feed`
+  says: from the host (`parallel.global_batch`, what the training loop does) or gathered on the
+  devices from a device-resident copy of the training set (the former way)."""
+  from gen_jax import parallel  # pylint: disable=g-import-not-at-top
+  train_x, train_y = _training_set(args)
+  sharding, b = parallel.data_sharding(mesh), args.batch
+  if args.feed == "host":
+    return lambda i: parallel.global_batch((train_x, train_y),
+                                           np.arange(b) + (i % _FEED_BATCHES) * b, sharding)
+  resident = parallel.replicate((train_x, train_y), mesh)
+
+  @functools.partial(jax.jit, out_shardings=(sharding, sharding))
+  def gather(x, y, i):
+    rows = jnp.arange(b) + i * b
+    return x[rows], y[rows]
+
+  return lambda i: gather(*resident, np.int32(i % _FEED_BATCHES))
+
+
 def bench_train_step(args: argparse.Namespace, what: str) -> dict[str, Any]:
   """natural_step / robust_step / generalist_step: the training loop's own jitted step.
 
-  `steps.make_train_step` is the program `train_and_evaluate` runs (gather from the
-  device-resident data, augment, the experts, the Generalist update, running totals), compiled
-  here ahead of time so that the compile time, XLA's memory plan and FLOP count are exact. The
-  synthetic training set is one batch, gathered through the identity permutation.
+  `steps.make_train_step` is the program `train_and_evaluate` runs (augment, the experts, the
+  Generalist update, running totals), compiled here ahead of time so that the compile time,
+  XLA's memory plan and FLOP count are exact; it runs data parallel over every device, and each
+  timed call includes feeding its batch (`--feed`) and waits for the step to finish.
   """
-  from gen_jax import config as cfg, models  # pylint: disable=g-import-not-at-top
+  from gen_jax import config as cfg, models, parallel  # pylint: disable=g-import-not-at-top
   from gen_jax.training import steps as steps_lib  # pylint: disable=g-import-not-at-top
   pgd_steps = _pgd_steps(args, what) or 10
   config = dataclasses.replace(cfg.get_config("cifar10"),
@@ -367,34 +432,39 @@ def bench_train_step(args: argparse.Namespace, what: str) -> dict[str, Any]:
                               args.num_classes,
                               dtype=COMPUTE_DTYPES[args.dtype],
                               conv_impl=config.conv_impl)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(args.batch, mesh)
   image_shape = (args.image_size, args.image_size, 3)
-  state = steps_lib.create_train_state(config,
-                                       model,
-                                       jax.random.key(args.seed),
-                                       image_shape=image_shape)
-  images, labels = _synthetic_batch(args)
-  perm = jnp.arange(args.batch, dtype=jnp.int32)
-  tables = steps_lib.schedule_arrays(config, max(1, 1000 // config.epochs))
+  state = parallel.replicate(
+      steps_lib.create_train_state(config,
+                                   model,
+                                   jax.random.key(args.seed),
+                                   image_shape=image_shape), mesh)
+  tables = parallel.replicate(steps_lib.schedule_arrays(config, max(1, 1000 // config.epochs)),
+                              mesh)
+  zero_totals = lambda: parallel.replicate(steps_lib.zero_totals(config), mesh)
+  feed = _batch_feed(args, mesh)
   record = _context(args, what)
+  record.update(feed=args.feed, per_device_batch=args.batch // mesh.size)
   jitted = steps_lib.make_train_step(config, model)
   key = jax.random.key(2)
   with _clock():
     t0 = time.perf_counter()
-    compiled = jitted.lower(state, steps_lib.zero_totals(config), images, labels, perm,
-                            jnp.int32(0), key, tables).compile()
+    compiled = jitted.lower(state, zero_totals(), *feed(0), key, tables).compile()
     compile_seconds = time.perf_counter() - t0
-  holder = {"state": state, "totals": steps_lib.zero_totals(config)}
+  holder = {"state": state, "totals": zero_totals(), "i": 0}
 
   def run():
-    holder["state"], holder["totals"] = compiled(holder["state"], holder["totals"], images, labels,
-                                                 perm, jnp.int32(0), key, tables)
+    holder["i"] += 1
+    holder["state"], holder["totals"] = compiled(holder["state"], holder["totals"],
+                                                 *feed(holder["i"]), key, tables)
     return holder["state"].step, holder["totals"]
 
   timing = _time_calls(run, args.repeats, args.warmup, args.profile)
   timing["compile_seconds"] = compile_seconds
   timing["program_memory_bytes"] = _program_memory(compiled)
   # Model FLOPs (MFU convention) from XLA's count of one float32 inference forward pass.
-  fwd_model, fwd_vars = model, holder["state"].global_model
+  fwd_model, fwd_vars = model, jax.device_get(holder["state"].global_model)
   f = _forward_flops(fwd_model, fwd_vars, args.batch, args.image_size)
   model_flops = None
   if f:
@@ -568,6 +638,10 @@ def main(argv: list[str] | None = None) -> int:
   args = _parse_args(argv)
   if args.sweep:
     return _run_sweep(args, argv)
+  if args.cpu_devices:
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before any device is touched
+  if args.per_device_batch:
+    args.batch = args.per_device_batch * jax.device_count()
   for what in args.whats:
     if what in METHOD_OF:
       records = [bench_train_step(args, what)]

@@ -3,6 +3,7 @@
     python experiments/compare.py --preset pilot --workdir runs/compare
     python experiments/compare.py --preset cifar10-study --dataset folder --data-dir ROOT \\
         --workdir runs/study --seeds 0,1,2 --ablations all
+    python experiments/compare.py --preset pilot-multinorm --workdir runs/cmp-multinorm
 
 Trains `natural`, `pgd_at` and `generalist` for every seed of `--seeds` (each run in
 `WORKDIR/<method>-s<seed>`), then each Generalist ablation of `--ablations` (see
@@ -20,6 +21,17 @@ chord score is
 
 with C clean and R PGD accuracy: 1 is the straight line between standard and adversarial
 training; above 1 the global model beats that trade-off.
+
+A config that lists its experts (`--experts-spec`, e.g. `--preset pilot-multinorm`: natural, L-inf
+and L2 experts) gets the multi-norm comparison instead: the Generalist global model and, on the
+same budget, the natural model and one single-norm adversarial model per adversarial expert
+(`pgd_at_linf`, `pgd_at_l2`: `gen_jax.study.multinorm_baselines`), each evaluated on the test split
+(or its first `--eval-n` images) under clean, L-inf PGD-20 (the config's eps), L2 PGD-20 (the L2
+expert's eps) and their union (`RUN/eval/norms.json`, reused when present). `compare.md` gives the
+four figures per model and where the global model sits against each pair of baselines (natural
+vs L-inf-AT on clean / L-inf, natural vs L2-AT on clean / L2, L-inf-AT vs L2-AT on L-inf / L2);
+`compare.png` draws each of those planes. `--sweep` adds the simplex sweep of each Generalist run
+(`RUN/eval/simplex.json`, grid `--grid-step`).
 """
 import dataclasses
 import json
@@ -27,8 +39,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import jax  # noqa: E402
+
 from gen_jax import cli, runs, study, training  # noqa: E402
-from gen_jax.evaluation import sweep  # noqa: E402
+from gen_jax.evaluation import ModelSet, report, sweep  # noqa: E402
+from gen_jax.training.methods import GLOBAL  # noqa: E402
 
 
 def _ints(text):
@@ -62,6 +77,14 @@ def _add_arguments(parser):
                       type=cli.positive_int,
                       default=1000,
                       help="test images of --sweep (default 1000)")
+  parser.add_argument("--grid-step",
+                      type=cli.positive_float,
+                      default=0.25,
+                      help="weight-grid spacing of --sweep for runs of more than two experts")
+  parser.add_argument("--eval-n",
+                      type=cli.positive_int,
+                      default=None,
+                      help="test images of the multi-norm evaluation (default: all)")
   parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
@@ -69,6 +92,9 @@ def main():
   parser = cli.build_parser(__doc__.splitlines()[0], add_arguments=_add_arguments)
   args, config = cli.parse_config(parser)
   workdir = args.workdir or os.path.join("runs", f"compare-{args.preset}")
+  if config.experts_spec:
+    _multinorm(args, config, workdir)
+    return
   ablations = list(study.ABLATIONS) if args.ablations == "all" else [
       a for a in args.ablations.split(",") if a.strip()
   ]
@@ -110,13 +136,17 @@ def main():
   print(f"figure: {png}")
 
 
-def _sweep(run_dir, args):
-  """The sweep of one Generalist run: read back if it exists, else computed and written."""
-  path = os.path.join(run_dir, runs.EVAL_DIR, "sweep.json")
+def _sweep(run_dir, args, name="sweep.json"):
+  """The sweep of one Generalist run: read back if it exists, else computed and written
+  (`simplex.json` for a run of more than two experts)."""
+  path = os.path.join(run_dir, runs.EVAL_DIR, name)
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
-  result = sweep.sweep_run(runs.restore_models(run_dir), betas=args.sweep_betas, n=args.sweep_n)
+  result = sweep.sweep_run(runs.restore_models(run_dir),
+                           betas=args.sweep_betas,
+                           n=args.sweep_n,
+                           grid_step=args.grid_step)
   sweep.write_sweep(result, os.path.join(run_dir, runs.EVAL_DIR))
   return result
 
@@ -136,6 +166,106 @@ def _write(workdir, preset, config, rows, sweeps):
   with open(os.path.join(workdir, "compare.json"), "w") as f:
     json.dump(result, f, indent=2, allow_nan=True)
   text = study.to_markdown(result["aggregate"], robust_name, result["sweep_chords"])
+  with open(os.path.join(workdir, "compare.md"), "w") as f:
+    f.write(text + "\n")
+
+
+# ------------------------------------------------------------------------- multi-norm study
+def _threat_models(config):
+  """The comparison's attacks: L-inf PGD-20 at the config's eps, L2 PGD-20 at its L2 expert's."""
+  if config.norm != "linf":
+    raise ValueError(f"the multi-norm comparison evaluates L-inf PGD-20 at --eps; the config has "
+                     f"--norm {config.norm}. Describe the experts with --experts-spec and keep "
+                     "--norm linf.")
+  l2_eps = report.l2_radius(config)
+  return {
+      "eps": config.eps,
+      "step_size": config.eval_step_size,
+      "l2_eps": l2_eps,
+      "l2_step_size": config.eval_step_size * l2_eps / config.eps if l2_eps else None,
+  }
+
+
+def _norm_figures(run_dir, threat, args):
+  """Clean, L-inf, L2 and union accuracy of a run's global model: read back from
+  RUN/eval/norms.json when it holds these settings, else computed and written."""
+  path = os.path.join(run_dir, runs.EVAL_DIR, "norms.json")
+  settings = {**threat, "n": args.eval_n, "seed": 0}
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved.get("settings") == settings:
+      return saved["figures"]
+  run = runs.restore_models(run_dir, roles=(GLOBAL,))
+  attacks = ("clean", "pgd20") + (("pgd20-l2",) if threat["l2_eps"] else ())
+  table = report.attack_table(ModelSet(run.model, run.models),
+                              *run.test_split(args.eval_n),
+                              key=jax.random.key(settings["seed"]),
+                              eps=threat["eps"],
+                              step_size=threat["step_size"],
+                              attacks=attacks,
+                              l2_eps=threat["l2_eps"],
+                              l2_step_size=threat["l2_step_size"])
+  row = table["models"][GLOBAL]
+  figures = {"clean": row["clean"]["accuracy"], "linf": row["pgd20"]["accuracy"]}
+  if "union" in table:
+    figures.update(l2=row["pgd20-l2"]["accuracy"],
+                   union=table["union"]["models"][GLOBAL]["accuracy"])
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump({"settings": settings, "figures": figures, "table": table}, f, indent=2)
+  return figures
+
+
+def _multinorm(args, config, workdir):
+  """The multi-norm comparison (module docstring): baselines, then the global model, per seed."""
+  if args.ablations:
+    raise ValueError("--ablations vary the two-expert Generalist; a config with --experts-spec "
+                     "is compared with its single-expert baselines only (drop --ablations).")
+  baselines = study.multinorm_baselines(config)
+  pairs = study.multinorm_pairs(config, baselines)
+  threat = _threat_models(config)
+  rows, sweeps = [], {}
+  for run in study.plan_multinorm_runs(args.seeds or [config.seed], baselines):
+    run_config = dataclasses.replace(config, seed=run.seed, **baselines.get(run.variant,
+                                                                            {})).validate()
+    run_dir = os.path.join(workdir, run.name)
+    print(f"== {run.name} ==", flush=True)
+    summary = training.train_and_evaluate(run_config, run_dir, progress=not args.no_progress)
+    rows.append({
+        **dataclasses.asdict(run),
+        **_norm_figures(run_dir, threat, args), "train_seconds": summary["train_seconds"],
+        "workdir": run_dir
+    })
+    _write_multinorm(workdir, args.preset, config, threat, rows, pairs, sweeps)
+  if args.sweep:
+    for row in rows:
+      if row["method"] == "generalist":
+        print(f"== sweep {row['name']} ==", flush=True)
+        sweeps[row["name"]] = _sweep(row["workdir"], args, "simplex.json")
+    _write_multinorm(workdir, args.preset, config, threat, rows, pairs, sweeps)
+  png = study.plot_multinorm(rows, pairs, os.path.join(workdir, "compare.png"))
+  print(open(os.path.join(workdir, "compare.md")).read())
+  print(f"figure: {png}")
+
+
+def _write_multinorm(workdir, preset, config, threat, rows, pairs, sweeps):
+  """compare.json (every run, the aggregate, the sweeps) and compare.md, rewritten in full."""
+  result = {
+      "preset": preset,
+      "kind": "multinorm",
+      "threat_models": threat,
+      "runs": rows,
+      "aggregate": study.aggregate_multinorm(rows, pairs),
+      "sweeps": sweeps,
+      "config": dataclasses.asdict(config)
+  }
+  with open(os.path.join(workdir, "compare.json"), "w") as f:
+    json.dump(result, f, indent=2, allow_nan=True)
+  l2 = f", L2 PGD-20 at eps {threat['l2_eps']:g}" if threat["l2_eps"] else ""
+  text = (f"Multi-norm comparison ({preset}): L-inf PGD-20 at eps {threat['eps']:.4g}{l2}; union: "
+          "an image counts only if it survives every attack.\n\n" +
+          study.multinorm_markdown(result["aggregate"]))
   with open(os.path.join(workdir, "compare.md"), "w") as f:
     f.write(text + "\n")
 

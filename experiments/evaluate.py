@@ -10,6 +10,9 @@ Writes `report.json`, `report.md`, `boundary.png` and `examples.png` to `WORKDIR
 as `report.1.json`, ... . What the report holds: `gen_jax.evaluation.report` (attacks:
 `evaluation.catalogue`). Models: `global` (the Generalist global model), `natural` / `robust`
 (the experts' EMA teachers).
+
+Several hosts (`--coordinator HOST:PORT --num-processes N --process-id I`, as for train.py):
+every process computes the same report on its own devices and process 0 alone prints and writes.
 """
 import argparse
 import os
@@ -18,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from tqdm.auto import tqdm  # noqa: E402
 
-from gen_jax import cli, runs  # noqa: E402
+from gen_jax import cli, parallel, runs  # noqa: E402
 from gen_jax.evaluation import catalogue, outputs, report  # noqa: E402
 from gen_jax.training.methods import ROLES  # noqa: E402
 
@@ -46,18 +49,23 @@ def _parse(argv=None):
       parser.add_argument(f"--no-{name}", action="store_true", help=f"skip the {name} analysis")
   parser.add_argument("--out", default=None, help="output directory (default WORKDIR/eval)")
   cli.add_evaluation_arguments(parser)
+  cli.add_distributed_arguments(parser)
   return parser.parse_args(argv)
 
 
 def main():
   args = _parse()
+  cli.initialize_distributed(args)
+  primary = parallel.is_primary()
   if args.checkpoint:
     run = runs.load_model(args.checkpoint)
   else:
     run = runs.restore_models(args.workdir, None if args.model == "all" else (args.model,))
-  out = outputs.ensure_writable(args.out or run.eval_dir)
+  out = outputs.ensure_writable(args.out or run.eval_dir) if primary else None
   analyses = [a for a in report.ANALYSES if not getattr(args, f"no_{a}", False)]
-  bar = tqdm(total=len(run.models) * len(args.attacks) + len(analyses), desc="evaluating")
+  bar = tqdm(total=len(run.models) * len(args.attacks) + len(analyses),
+             desc="evaluating",
+             disable=not primary)
 
   def progress(what, new_unit):
     bar.set_postfix_str(what)
@@ -73,9 +81,10 @@ def main():
                                seed=args.attack_seed,
                                progress=progress)
   bar.close()
-  paths = report.write_report(result, out)
-  print(paths["md"].read_text())
-  print("written: " + ", ".join(str(p) for p in paths.values()))
+  if primary:
+    paths = report.write_report(result, out)
+    print(paths["md"].read_text())
+    print("written: " + ", ".join(str(p) for p in paths.values()))
 
 
 if __name__ == "__main__":

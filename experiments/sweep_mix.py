@@ -4,13 +4,21 @@
     python experiments/sweep_mix.py --workdir runs/pilot --betas 0,0.25,0.5,0.75,1 --bn-recalibrate
     python experiments/sweep_mix.py --workdir runs/pilot --bn-recalibrate matched
     python experiments/sweep_mix.py --workdir runs/pilot --select "clean>=0.88"
+    python experiments/sweep_mix.py --workdir runs/pilot-multinorm --grid-step 0.25
 
 For each beta, `gen_jax.mix(teacher_nat, teacher_rob, beta)` (beta weights the robust expert) is
 evaluated for clean and PGD-20 accuracy on the test split (or its first --n images), with the
 experts and the global model on the same images. Writes `WORKDIR/eval/sweep.json`, `sweep.md` and
 `tradeoff.png` (earlier files are kept as `sweep.1.json`, ...). `--select` saves the mixture that
 maximises the other figure under the constraint (`WORKDIR/eval/mix-beta0.30[-bn-MODE]`), which
-`experiments/evaluate.py --checkpoint` evaluates. The library: `gen_jax.evaluation.sweep`.
+`experiments/evaluate.py --checkpoint` evaluates. A run of more than two experts (e.g.
+`--preset pilot-multinorm`: natural, L-inf and L2) is swept over a grid of the weight simplex
+(`--grid-step`, 0.25: 15 mixtures of three experts) for clean, L-inf and L2 PGD-20 and union
+accuracy, written to `simplex.json`, `simplex.md` and `simplex.png` (one trade-off panel per pair
+of figures). The library: `gen_jax.evaluation.sweep`.
+
+Several hosts (`--coordinator HOST:PORT --num-processes N --process-id I`, as for train.py):
+every process computes the same sweep on its own devices and process 0 alone prints and writes.
 """
 import argparse
 import os
@@ -19,7 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from tqdm.auto import tqdm  # noqa: E402
 
-from gen_jax import cli, runs  # noqa: E402
+from gen_jax import cli, parallel, runs  # noqa: E402
 from gen_jax.evaluation import outputs, sweep  # noqa: E402
 
 
@@ -47,20 +55,32 @@ def _parse(argv=None):
                       type=cli.parsed_by(sweep.parse_rule),
                       default=None,
                       help="e.g. 'clean>=0.88' or 'robust>=0.45': save the best mixture meeting it")
+  parser.add_argument("--grid-step",
+                      type=cli.positive_float,
+                      default=0.25,
+                      help="spacing of the weight grid for runs of more than two experts "
+                      "(1/k; default 0.25)")
   parser.add_argument("--pgd-steps",
                       "--steps",
                       type=cli.positive_int,
                       default=20,
                       help="PGD steps (default 20; --steps: old spelling)")
   cli.add_evaluation_arguments(parser)
+  cli.add_distributed_arguments(parser)
   return parser.parse_args(argv)
 
 
 def main():
   args = _parse()
+  cli.initialize_distributed(args)
+  primary = parallel.is_primary()
   run = runs.restore_models(args.workdir)
-  outputs.ensure_writable(run.eval_dir)
-  bar = tqdm(total=len(args.betas) + 1, desc="sweep")
+  if primary:
+    outputs.ensure_writable(run.eval_dir)
+  experts = run.config.experts
+  points = (len(args.betas) if len(experts) <= 2 else len(
+      sweep.simplex_grid(len(experts), args.grid_step)))
+  bar = tqdm(total=points + 1, desc="sweep", disable=not primary)
 
   def progress(what):
     bar.set_postfix_str(what)
@@ -76,12 +96,14 @@ def main():
                            select=args.select,
                            seed=args.attack_seed,
                            batch_size=args.batch_size,
-                           progress=progress)
+                           progress=progress,
+                           grid_step=args.grid_step)
   bar.close()
-  paths = sweep.write_sweep(result, run.eval_dir)
-  print(paths["md"].read_text())
-  print(f"plot: {paths['png']}")
-  if "selected" in result:
+  if primary:  # the other processes computed the same figures
+    paths = sweep.write_sweep(result, run.eval_dir)
+    print(paths["md"].read_text())
+    print(f"plot: {paths['png']}")
+  if "selected" in result and primary:
     s = result["selected"]
     print(f"selected beta {s['beta']:.2f} (clean {100 * s['clean']:.2f} %, robust "
           f"{100 * s['robust']:.2f} %) saved to {s['checkpoint']}; evaluate it with\n"

@@ -10,6 +10,10 @@ the middle of an epoch), with the same result as an uninterrupted run. SIGTERM (
 Ctrl-C save a checkpoint at the next step boundary and exit with one line (codes 143 and 130);
 `--checkpoint-every STEPS` / `--checkpoint-minutes M` add checkpoints inside epochs. A run
 that diverges (NaN/inf or exploding weights) stops with exit code 2, naming the model.
+
+Several hosts: start one process per host with the same flags plus `--coordinator HOST:PORT
+--num-processes N --process-id I` (or under `srun` / a TPU pod: see README "Scale out"); the
+workdir must be on a file system that every host sees. Process 0 prints and writes the files.
 """
 import os
 
@@ -23,16 +27,18 @@ def _add_arguments(parser):
                       default=None,
                       help="directory of the run's files (default: runs/<preset>-<method>)")
   parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+  cli.add_distributed_arguments(parser)
 
 
 def main():
   parser = cli.build_parser(__doc__.splitlines()[0], add_arguments=_add_arguments)
   args, config = cli.parse_config(parser)
   workdir = args.workdir or os.path.join("runs", f"{args.preset}-{config.method}")
-  parallel.initialize_multihost()
+  cli.initialize_distributed(args)
   summary = training.train_and_evaluate(config, workdir, progress=not args.no_progress)
-  print(format_summary(summary))
-  print(f"files in {workdir}: config.json metrics.jsonl summary.json checkpoints/ best/")
+  if parallel.is_primary():
+    print(format_summary(summary))
+    print(f"files in {workdir}: config.json metrics.jsonl summary.json checkpoints/ best/")
 
 
 def format_summary(summary):

@@ -18,6 +18,11 @@ Synopsis::
 
 A model checkpoint (`save_model`) is one model's linen variables plus a JSON record (the run's
 config, where the model came from); `experiments/evaluate.py --checkpoint` reads it.
+
+Several processes: every process of a multi-process job calls the same functions in the same
+order (orbax synchronises them; a replicated array is written once, the JSON record by process
+0). A checkpoint holds whole arrays, not a device layout: restoring places them by the abstract
+state's shardings, so a checkpoint written by 2 processes on 8 devices restores in 1 process on 1.
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from gen_jax import parallel
 
 
 def open_manager(directory: str | os.PathLike,
@@ -87,14 +94,20 @@ def delete_steps(manager: ocp.CheckpointManager, keep: Any = ()) -> list[int]:
 
 def set_aside(manager: ocp.CheckpointManager, step: int) -> pathlib.Path:
   """Renames a damaged step's directory to `<step>.damaged` (kept for inspection, invisible to
-  orbax) and returns its new path, so that the step can be written afresh."""
+  orbax) and returns its new path, so that the step can be written afresh.
+
+  Every process of a multi-process job calls it; process 0 renames, the others wait for it.
+  """
   source = pathlib.Path(manager.directory) / str(step)
   target = source.with_name(f"{step}.damaged")
   n = 1
   while target.exists():
     n += 1
     target = source.with_name(f"{step}.damaged-{n}")
-  os.rename(source, target)
+  parallel.barrier(f"gen_jax.checkpoint.set_aside.{step}.checked")
+  if parallel.is_primary():
+    os.rename(source, target)
+  parallel.barrier(f"gen_jax.checkpoint.set_aside.{step}.renamed")
   manager.reload()
   return target
 
@@ -315,15 +328,21 @@ def save_model(directory: str | os.PathLike, variables: Any, record: dict[str,
     TypeError: `record` is not JSON-serialisable (checked before anything is written).
   """
   directory = pathlib.Path(directory).absolute()
-  if directory.exists():
+  exists = directory.exists()
+  parallel.barrier("gen_jax.checkpoint.save_model.checked")  # every process looked before writing
+  if exists:
     raise FileExistsError(f"{directory} already exists; a saved model is never overwritten. "
                           "Choose another path or delete it yourself.")
   text = json.dumps(record, indent=2) + "\n"  # TypeError before anything is written.
+  # Host copies: orbax writes numpy leaves from process 0 alone (all processes call this).
+  variables = jax.device_get(variables)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(directory / _MODEL_ITEM, variables)
   checkpointer.wait_until_finished()
   checkpointer.close()
-  (directory / MODEL_RECORD).write_text(text)
+  if parallel.is_primary():
+    (directory / MODEL_RECORD).write_text(text)
+  parallel.barrier("gen_jax.checkpoint.save_model.recorded")
   return directory
 
 

@@ -11,6 +11,8 @@ Synopsis::
 
     parser = build_parser("Train Generalist.", extra=lambda p: p.add_argument("--workdir"))
     args, config = parse_config(parser, ["--preset", "pilot", "--epochs", "2"])
+    add_distributed_arguments(parser)   # --coordinator, --num-processes, --process-id, ...
+    initialize_distributed(args)         # first thing, before JAX touches a device
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from gen_jax import config as cfg
+from gen_jax import parallel
 
 _FIELD_TYPES = typing.get_type_hints(cfg.Config)
 
@@ -152,6 +155,48 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
                       help="seed of the attacks' random starts (default 0; --seed: old spelling)")
 
 
+def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+  """The flags that join a multi-process job (several hosts), shared by every program.
+
+  Without them a program runs as one process, unless it runs under a launcher that JAX
+  detects (`srun`, `mpirun`, a Cloud TPU pod listing several workers, or
+  `JAX_COORDINATOR_ADDRESS`): see `parallel.initialize_distributed`.
+  """
+  group = parser.add_argument_group("several processes (hosts)",
+                                    "one process per host; process 0 prints and writes the files")
+  group.add_argument("--coordinator",
+                     default=None,
+                     metavar="HOST:PORT",
+                     help="process 0's address, the same for every process ('auto': let JAX "
+                     "detect a TPU pod, SLURM or Open MPI job; default: $JAX_COORDINATOR_ADDRESS "
+                     "or the launcher's, else a single process)")
+  group.add_argument("--num-processes",
+                     type=positive_int,
+                     default=None,
+                     help="processes in the job")
+  group.add_argument("--process-id",
+                     type=non_negative_int,
+                     default=None,
+                     help="this process's index, 0 to --num-processes - 1")
+  group.add_argument("--distributed-timeout",
+                     type=positive_float,
+                     default=parallel.DEFAULT_TIMEOUT_SECONDS,
+                     metavar="SECONDS",
+                     help="how long to wait for the coordinator and the other processes "
+                     f"(default {parallel.DEFAULT_TIMEOUT_SECONDS})")
+
+
+def initialize_distributed(args: argparse.Namespace) -> int:
+  """Joins the job that `add_distributed_arguments` describes (a no-op for one process).
+
+  Call it before anything touches JAX devices. Returns the number of processes.
+  """
+  return parallel.initialize_distributed(args.coordinator,
+                                         args.num_processes,
+                                         args.process_id,
+                                         timeout_seconds=args.distributed_timeout)
+
+
 # ----------------------------------------------------------------- parsers of program flags
 def positive_int(text: str) -> int:
   """An argparse type: an int >= 1."""
@@ -161,6 +206,17 @@ def positive_int(text: str) -> int:
     raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
   if value < 1:
     raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
+  return value
+
+
+def non_negative_int(text: str) -> int:
+  """An argparse type: an int >= 0."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"must be >= 0; got {value}")
   return value
 
 

@@ -1,15 +1,17 @@
 """Weight mixing: the pytree arithmetic at the heart of Generalist.
 
 Owns `mix` (two experts), `mix_many` (N experts), the EMA update with the reference code's warm-up,
-and the reference β schedule. Everything works on any pytree of floating arrays: parameters,
-BatchNorm statistics or whole linen variable dicts `{"params": ..., "batch_stats": ...}` (the
-PyTorch reference averages buffers exactly like weights).
+the reference β schedule and its N-expert form, `weight_schedule`. Everything works on any pytree
+of floating arrays: parameters, BatchNorm statistics or whole linen variable dicts
+`{"params": ..., "batch_stats": ...}` (the PyTorch reference averages buffers exactly like
+weights).
 
 Synopsis::
 
     global_vars = mix(vars_nat, vars_rob, beta=0.6)          # 0.6 * rob + 0.4 * nat
     avg = mix_many([v1, v2, v3], [0.2, 0.3, 0.5])
     teacher = ema_update(teacher, student, ema_decay(step))  # decay warms up from 0.1 to 0.999
+    w = weight_schedule(epoch, 120, start=[0, .5, .5], final=[.6, .2, .2])  # [..., 3], rows sum 1
 
 Weights may be traced scalars (a schedule inside `jit` never recompiles); concrete weights are
 checked eagerly, before any arithmetic, and so are the tree structures, shapes and dtypes.
@@ -248,3 +250,53 @@ def beta_schedule(epoch: int | jax.Array,
   epoch = jnp.asarray(epoch, jnp.float32)
   return jnp.interp(epoch, jnp.array([0.0, start, float(epochs)]), jnp.array([1.0, 1.0,
                                                                               final_beta]))
+
+
+def weight_schedule(epoch: int | jax.Array,
+                    epochs: int,
+                    *,
+                    start: Sequence[float],
+                    final: Sequence[float],
+                    start_fraction: float = 2 / 3) -> jax.Array:
+  """The N-expert form of `beta_schedule`: each expert's weight in the global model's target.
+
+  The weights hold at `start` until `start_fraction` of training, then move linearly to `final`
+  (evaluated like `beta_schedule`, once per 1-indexed epoch). Expert 0 takes the complement of
+  the others, so every row sums to 1 up to one rounding; with two experts, start (0, 1) and final
+  (1 - b, b), column 1 equals `beta_schedule(epoch, epochs, final_beta=b)` bit for bit and
+  column 0 is `1 - β`, the natural weight of `mix`.
+
+  >>> w = weight_schedule(100, 120, start=[0.0, 0.5, 0.5], final=[0.6, 0.2, 0.2])
+  >>> [round(float(v), 4) for v in w]
+  [0.3, 0.35, 0.35]
+
+  Args:
+    epoch: 1-indexed epoch (scalar or array; may be traced).
+    epochs: total number of epochs E.
+    start: the N weights until the knot (each in [0, 1], summing to 1).
+    final: the N weights at the end of training (each in [0, 1], summing to 1).
+    start_fraction: fraction of training after which the weights move (`schedule_knot`).
+
+  Returns:
+    float32 weights of shape `epoch.shape + (N,)`.
+
+  Raises:
+    ValueError: `start` and `final` differ in length, are empty, or do not each sum to 1.
+  """
+  if len(start) != len(final) or not len(final):
+    raise ValueError(f"weight_schedule needs start and final weights of one length >= 1, got "
+                     f"{len(start)} and {len(final)}.")
+  for name, weights in (("start", start), ("final", final)):
+    w = np.asarray(weights, dtype=np.float64)
+    if np.any(w < -_WEIGHT_TOLERANCE) or np.any(w > 1 + _WEIGHT_TOLERANCE) or abs(w.sum() -
+                                                                                  1) > 1e-5:
+      raise ValueError(f"{name} weights must lie in [0, 1] and sum to 1, got {list(weights)}.")
+  knot = schedule_knot(start_fraction, epochs)
+  epoch = jnp.asarray(epoch, jnp.float32)
+  # The same interpolation as beta_schedule, column by column (bit-identical for two experts).
+  others = [
+      jnp.interp(epoch, jnp.array([0.0, knot, float(epochs)]), jnp.array([a, a, b]))
+      for a, b in zip(start[1:], final[1:])
+  ]
+  first = jnp.float32(1.0) - sum(others, jnp.zeros_like(epoch))
+  return jnp.stack([jnp.clip(first, 0.0, 1.0)] + others, axis=-1)

@@ -68,7 +68,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from gen_jax import checkpoint, data, models
+from gen_jax import checkpoint, data, models, parallel
 from gen_jax.config import Config, config_from_record, config_record
 from gen_jax.training.methods import GLOBAL, NATURAL, ROBUST
 
@@ -136,7 +136,12 @@ def check_config(config: Config, workdir: PathLike) -> bool:
 
 
 def write_config(config: Config, workdir: PathLike) -> None:
-  """Creates `workdir` and records `config` there (call once the data have loaded)."""
+  """Creates `workdir` and records `config` there (call once the data have loaded).
+
+  In a multi-process job only process 0 writes (the others share its file system).
+  """
+  if not parallel.is_primary():
+    return
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   path = workdir / CONFIG_FILE
@@ -468,6 +473,12 @@ def _check_meta(meta: dict[str, Any]) -> None:
       raise ValueError(f"its metric records do not cover epochs 1 to {epoch}")
 
 
+def _note(text: str) -> None:
+  """A message about the run directory, printed by process 0 only (one copy per job)."""
+  if parallel.is_primary():
+    print(text)
+
+
 class TrainingRun:
   """The training loop's writer of a run directory: the commit protocol of the module doc.
 
@@ -511,7 +522,7 @@ class TrainingRun:
     if keys is not None and _LEGACY_STATE_KEYS <= set(keys):
       template, convert = _legacy_state_template(abstract_state), functools.partial(
           _from_legacy_state, like=abstract_state)
-      print(f"{self.workdir / CHECKPOINT_DIR} holds checkpoints of the earlier state layout "
+      _note(f"{self.workdir / CHECKPOINT_DIR} holds checkpoints of the earlier state layout "
             "(nat, rob, teacher_nat, teacher_rob, mix): resuming them in today's layout.")
 
     def check_all(state, meta):
@@ -531,7 +542,7 @@ class TrainingRun:
       return None
     for step, reason in restored.damaged:
       moved = checkpoint.set_aside(self.checkpoints, step)
-      print(f"Checkpoint step {step} is damaged ({reason}); moved it to {moved} and resumed from "
+      _note(f"Checkpoint step {step} is damaged ({reason}); moved it to {moved} and resumed from "
             f"step {restored.step}, the newest intact checkpoint.")
     meta = dict(restored.meta)
     self._keep_best(meta["best"].get("epoch"))
@@ -542,17 +553,17 @@ class TrainingRun:
           r for r in read_metrics(self.workdir, torn_tail=True) if r["epoch"] <= meta["epoch"]
       ]
       if len(records) < meta["epoch"]:
-        print(f"Warning: {self.workdir / METRICS_FILE} lacks the lines of "
+        _note(f"Warning: {self.workdir / METRICS_FILE} lacks the lines of "
               f"{meta['epoch'] - len(records)} epochs (lost before checkpoints kept a copy).")
     path = self.workdir / METRICS_FILE
     current = path.read_text() if path.exists() else ""
     text = _metrics_text(records)
-    if current != text:
+    if current != text and parallel.is_primary():  # only process 0 writes the JSON files
       if not text.startswith(current) and not current.startswith(text):
-        print(f"Rewrote {path} from checkpoint step {restored.step}: it differed from the "
+        _note(f"Rewrote {path} from checkpoint step {restored.step}: it differed from the "
               "checkpoint's copy.")
       elif len(text) > len(current):
-        print(f"Restored the last line(s) of {path} from checkpoint step {restored.step}.")
+        _note(f"Restored the last line(s) of {path} from checkpoint step {restored.step}.")
       _write_atomic(path, text)
     meta["metrics"] = records
     return convert(restored.state), meta
@@ -561,10 +572,10 @@ class TrainingRun:
     """Deletes the best/ models other than that of `epoch` (the committed best record)."""
     deleted = checkpoint.delete_steps(self.best, keep=() if epoch is None else (epoch,))
     if deleted:
-      print(f"Deleted best model(s) of epoch(s) {deleted} in {self.workdir / BEST_DIR}: no "
+      _note(f"Deleted best model(s) of epoch(s) {deleted} in {self.workdir / BEST_DIR}: no "
             "checkpoint committed them (they are recomputed).")
     if epoch is not None and epoch not in checkpoint.steps(self.best):
-      print(f"Warning: {self.workdir / BEST_DIR} lacks the best model of epoch {epoch} that the "
+      _note(f"Warning: {self.workdir / BEST_DIR} lacks the best model of epoch {epoch} that the "
             "checkpoint records (deleted, or lost by an earlier version).")
 
   def save_best(self, epoch: int, variables: Any, record: dict[str, Any]) -> None:
@@ -577,16 +588,21 @@ class TrainingRun:
              meta: dict[str, Any],
              record: dict[str, Any] | None = None) -> None:
     """The commit point: the checkpoint of `step` (meta with `best` and every metric record),
-    then the cleanup of best/ and, at an epoch end, the epoch's metrics line (`record`)."""
+    then the cleanup of best/ and, at an epoch end, the epoch's metrics line (`record`).
+
+    Every process of a multi-process job calls it (orbax writes and deletes the checkpoints
+    together); only process 0 appends the metrics line.
+    """
     checkpoint.save(self.checkpoints, step, state, meta)
     keep = meta["best"].get("epoch")
     checkpoint.delete_steps(self.best, keep=() if keep is None else (keep,))
-    if record is not None:
+    if record is not None and parallel.is_primary():
       append_metrics(self.workdir, record)
 
   def finish(self, summary: dict[str, Any]) -> None:
-    """Writes summary.json (atomically): the run is finished."""
-    write_summary(self.workdir, summary)
+    """Writes summary.json (atomically): the run is finished (process 0 only)."""
+    if parallel.is_primary():
+      write_summary(self.workdir, summary)
 
   def close(self) -> None:
     self.checkpoints.close()
@@ -681,7 +697,9 @@ def restore_models(workdir: PathLike, roles: tuple[str, ...] | None = None) -> E
                             "finish at least one epoch.")
   items = restored[0]
   if "teachers" in items:
-    available = {**items["teachers"], GLOBAL: items["global_model"]}
+    teachers = items["teachers"]  # restored key-sorted: report them in the run's expert order
+    available = {**{r: teachers[r] for r in config.experts if r in teachers}, **teachers}
+    available[GLOBAL] = items["global_model"]
   else:
     available = {_LEGACY_MODEL_KEYS[k]: v for k, v in items.items()}
     available = {r: available[r] for r in (NATURAL, ROBUST, GLOBAL) if r in available}

@@ -10,12 +10,25 @@ with C clean and R robust accuracy of the Generalist global model (g), the natur
 the PGD-AT model (at): 1 on the line, above 1 above it. Each seed gives one score (its three runs
 share the seed); the study reports their mean and a Student-t interval.
 
+A multi-norm study (a config listing several experts, e.g. `--preset pilot-multinorm`: natural,
+L-inf and L2) trains the Generalist global model and, on the same budget, the natural model and
+one single-norm adversarial model per adversarial expert (`multinorm_baselines`: L-inf PGD-AT, L2
+PGD-AT), evaluates each under clean, L-inf PGD-20, L2 PGD-20 and their union, and places the
+global model against each pair of baselines in the plane of the two figures they trade
+(`pair_position`: natural vs L-inf-AT on clean and L-inf accuracy, natural vs L2-AT on clean and
+L2, L-inf-AT vs L2-AT on L-inf and L2), the chord score generalised to any pair.
+
 Synopsis::
 
     plan = study.plan_runs(seeds=(0, 1, 2), ablations=("no-redistribution",))
     for run in plan: ...train dataclasses.replace(config, **run.overrides) in WORKDIR/run.name
     result = study.aggregate(rows)          # rows: name, method, variant, seed, clean, robust
     print(study.to_markdown(result))
+
+    baselines = study.multinorm_baselines(config)   # {"natural": {...}, "pgd_at_linf": {...}, ...}
+    plan = study.plan_multinorm_runs((0,), baselines)
+    result = study.aggregate_multinorm(rows, study.multinorm_pairs(config, baselines))
+    print(study.multinorm_markdown(result))  # rows: variant, seed, clean, linf, l2, union
 """
 from __future__ import annotations
 
@@ -371,3 +384,235 @@ def to_markdown(result: Mapping[str, Any],
         f"{', '.join(f'{v:.2f}' for v in c['chords'])} |" for name, c in sweep_chords.items()
     ]
   return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------ multi-norm studies
+MULTINORM_METRICS = ("clean", "linf", "l2", "union")
+_METRIC_NAMES = {"clean": "clean", "linf": "L-inf PGD-20", "l2": "L2 PGD-20", "union": "union"}
+
+
+def multinorm_baselines(config: Any) -> dict[str, dict[str, Any]]:
+  """The single-expert baselines of a multi-expert config, on its budget: variant -> overrides.
+
+  One run per expert of `config.expert_specs`: `natural` for a clean expert, `pgd_at_<norm>`
+  (or `trades_<norm>`) for an adversarial one, with that expert's attack and optimiser in the
+  flat fields (`--method pgd_at --norm l2 --eps 0.5 ...`) and no expert list. The evaluation step
+  of a baseline scales with its radius as the run's does (`eval_step_size * eps / config.eps`).
+  Two experts of one norm get their role in the name (`pgd_at_robust_big`).
+  """
+  variants: dict[str, dict[str, Any]] = {}
+  for spec in config.expert_specs:
+    common = {"experts_spec": (), "expert_weights_final": ()}
+    if not spec.adversarial:
+      name = "natural" if "natural" not in variants else f"natural_{spec.role}"
+      variants[name] = {
+          "method": "natural",
+          "lr_nat": spec.lr,
+          "weight_decay_nat": spec.weight_decay,
+          **common
+      }
+      continue
+    method = "pgd_at" if spec.objective == "pgd" else "trades"
+    name = f"{method}_{spec.norm}"
+    if name in variants:
+      name = f"{method}_{spec.role}"
+    variants[name] = {
+        "method": method,
+        "norm": spec.norm,
+        "eps": spec.eps,
+        "step_size": spec.step_size,
+        "pgd_steps": spec.steps,
+        "lr_rob": spec.lr,
+        "weight_decay_rob": spec.weight_decay,
+        **common
+    }
+    if spec.eps != config.eps:
+      variants[name]["eval_step_size"] = float(
+          f"{config.eval_step_size * spec.eps / config.eps:.10g}")
+  return variants
+
+
+def plan_multinorm_runs(seeds: Sequence[int],
+                        baselines: Mapping[str, Mapping[str, Any]]) -> list[PlannedRun]:
+  """The runs of a multi-norm study, seed by seed: each baseline of `baselines`, then the
+  Generalist global model (variant `generalist`)."""
+  runs = []
+  for seed in _unique_ints(seeds, "seeds"):
+    runs += [PlannedRun(f"{v}-s{seed}", baselines[v]["method"], v, seed) for v in baselines]
+    runs.append(PlannedRun(f"generalist-s{seed}", "generalist", "generalist", seed))
+  return runs
+
+
+def multinorm_pairs(config: Any,
+                    baselines: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, str, str]]:
+  """The pairs of baselines the global model is placed against, each with the figures they trade:
+  `(a, b, metric_a, metric_b)`, a better in metric_a and b in metric_b. The natural model against
+  each adversarial one (clean vs its norm), and adversarial models of different norms (L-inf vs
+  L2, say)."""
+  natural = [v for v, o in baselines.items() if o["method"] == "natural"]
+  adversarial = [(v, o["norm"]) for v, o in baselines.items() if o["method"] != "natural"]
+  pairs = [(n, v, "clean", norm) for n in natural[:1] for v, norm in adversarial]
+  for i, (a, norm_a) in enumerate(adversarial):
+    for b, norm_b in adversarial[i + 1:]:
+      if norm_a != norm_b:
+        pairs.append((a, b, norm_a, norm_b))
+  return pairs
+
+
+def pair_position(g: Mapping[str, float], a: Mapping[str, float], b: Mapping[str, float],
+                  metric_a: str, metric_b: str) -> dict[str, float]:
+  """Where model g sits against the pair (a, b) in the plane of (metric_a, metric_b).
+
+  `keeps_a` is the share of a's lead in metric_a that g keeps, `keeps_b` the share of b's lead in
+  metric_b; their sum `score` is 1 on the straight line from a to b and above 1 above it (the
+  chord score of `chord_score` for a = natural, b = PGD-AT, metrics clean and robust). NaN where
+  a gap is zero.
+
+  >>> pair_position({"clean": .5, "linf": .2}, {"clean": .6, "linf": 0.}, {"clean": .4, "linf": .4},
+  ...               "clean", "linf")
+  {'keeps_a': 0.5, 'keeps_b': 0.5, 'score': 1.0}
+  """
+  gap_a, gap_b = a[metric_a] - b[metric_a], b[metric_b] - a[metric_b]
+  keeps_a = (g[metric_a] - b[metric_a]) / gap_a if gap_a else math.nan
+  keeps_b = (g[metric_b] - a[metric_b]) / gap_b if gap_b else math.nan
+  return {
+      "keeps_a": round(keeps_a, 12),
+      "keeps_b": round(keeps_b, 12),
+      "score": round(keeps_a + keeps_b, 12)
+  }
+
+
+def aggregate_multinorm(rows: Sequence[Mapping[str, Any]],
+                        pairs: Sequence[tuple[str, str, str, str]],
+                        confidence: float = 0.95) -> dict[str, Any]:
+  """Per variant the mean and spread of each figure; per pair the global model's position.
+
+  Args:
+    rows: one per finished run, with `variant`, `seed` and the figures of `MULTINORM_METRICS`
+      it has (fractions); the global model's variant is `generalist`.
+    pairs: from `multinorm_pairs`.
+    confidence: of the Student-t intervals.
+
+  Returns:
+    {"confidence", "metrics", "variants": {variant: {"seeds", metric: spread}}, "pairs": [{"a",
+    "b", "metric_a", "metric_b", "per_seed": {seed: pair_position}, "score": spread}]}; a seed
+    counts for a pair once its global model and both baselines are finished.
+  """
+  by_variant: dict[str, dict[int, Mapping[str, Any]]] = {}
+  for row in rows:
+    by_variant.setdefault(row["variant"], {})[int(row["seed"])] = row
+  metrics = [m for m in MULTINORM_METRICS if any(m in r for r in rows)]
+  variants = {
+      v: {
+          "seeds": sorted(runs),
+          **{
+              m: spread([r[m] for r in runs.values() if m in r], confidence) for m in metrics
+          }
+      } for v, runs in by_variant.items()
+  }
+  placed = []
+  for a, b, metric_a, metric_b in pairs:
+    per_seed = {}
+    for seed, g in sorted(by_variant.get("generalist", {}).items()):
+      ra, rb = by_variant.get(a, {}).get(seed), by_variant.get(b, {}).get(seed)
+      if ra is not None and rb is not None:
+        per_seed[seed] = pair_position(g, ra, rb, metric_a, metric_b)
+    placed.append({
+        "a": a,
+        "b": b,
+        "metric_a": metric_a,
+        "metric_b": metric_b,
+        "per_seed": per_seed,
+        "score": spread([p["score"] for p in per_seed.values()], confidence)
+    })
+  return {"confidence": confidence, "metrics": metrics, "variants": variants, "pairs": placed}
+
+
+def multinorm_markdown(result: Mapping[str, Any]) -> str:
+  """The tables of `aggregate_multinorm`: accuracy per variant, the global model's positions."""
+
+  def pct(s):
+    if s["n"] == 0:
+      return "-"
+    return f"{100 * s['mean']:.2f}" + (f" ± {100 * s['std']:.2f}" if s["n"] > 1 else "")
+
+  metrics = result["metrics"]
+  lines = [
+      "| model | seeds | " + " | ".join(f"{_METRIC_NAMES[m]} (%)" for m in metrics) + " |",
+      "|---|---|" + "---|" * len(metrics)
+  ]
+  for variant, v in result["variants"].items():
+    name = "generalist (global model)" if variant == "generalist" else variant
+    lines.append(f"| {name} | {','.join(map(str, v['seeds']))} | " +
+                 " | ".join(pct(v[m]) for m in metrics) + " |")
+  if result["pairs"]:
+    lines += [
+        "", "Where the global model sits against each pair (a, b): the share of a's lead it "
+        "keeps, the share of b's lead it keeps, and their sum (1: on the straight line from a to "
+        "b; above 1: above it).", "", "| pair (a vs b) | plane | keeps a's lead | keeps b's lead "
+        "| score |", "|---|---|---|---|---|"
+    ]
+    for p in result["pairs"]:
+      if not p["per_seed"]:
+        continue
+      mean = {
+          k: float(np.mean([s[k] for s in p["per_seed"].values()]))
+          for k in ("keeps_a", "keeps_b", "score")
+      }
+      lines.append(f"| {p['a']} vs {p['b']} | {_METRIC_NAMES[p['metric_a']]} / "
+                   f"{_METRIC_NAMES[p['metric_b']]} | {mean['keeps_a']:.3f} | "
+                   f"{mean['keeps_b']:.3f} | {mean['score']:.3f} |")
+  return "\n".join(lines)
+
+
+def plot_multinorm(rows: Sequence[Mapping[str, Any]], pairs: Sequence[tuple[str, str, str, str]],
+                   path):
+  """One panel per pair of baselines, in the plane of the two figures they trade: every run as a
+  point (per seed), the straight line between the pair (dashed) and the global model (star);
+  saves a PNG."""
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+
+  from gen_jax.evaluation import outputs  # pylint: disable=import-outside-toplevel
+
+  pct = lambda v: 100.0 * v
+  panels = list(pairs) or [("natural", "generalist", "clean", "linf")]
+  cols = min(3, len(panels))
+  rows_n = -(-len(panels) // cols)
+  fig = Figure(figsize=(5.0 * cols, 4.4 * rows_n), layout="constrained")
+  axes = np.atleast_1d(fig.subplots(rows_n, cols)).reshape(-1)
+  colors = ["tab:green", "tab:orange", "tab:blue", "tab:purple", "tab:brown", "tab:pink"]
+  variants = list(dict.fromkeys(r["variant"] for r in rows if r["variant"] != "generalist"))
+  color = {v: colors[i % len(colors)] for i, v in enumerate(variants)}
+  for ax, (a, b, ma, mb) in zip(axes, panels):
+    by_seed: dict[int, dict[str, Mapping[str, Any]]] = {}
+    for row in rows:
+      by_seed.setdefault(int(row["seed"]), {})[row["variant"]] = row
+    for runs in by_seed.values():
+      if a in runs and b in runs and ma in runs[a] and mb in runs[b]:
+        ax.plot([pct(runs[a][ma]), pct(runs[b][ma])],
+                [pct(runs[a][mb]), pct(runs[b][mb])],
+                "--",
+                color="gray",
+                linewidth=0.8)
+    labelled = set()
+    for row in rows:
+      if ma not in row or mb not in row:
+        continue
+      star = row["variant"] == "generalist"
+      label = "Generalist (global model)" if star else row["variant"]
+      ax.scatter([pct(row[ma])], [pct(row[mb])],
+                 marker="*" if star else "o",
+                 s=200 if star else 50,
+                 color="tab:red" if star else color[row["variant"]],
+                 edgecolor="black" if star else None,
+                 label=None if label in labelled else label,
+                 zorder=4)
+      labelled.add(label)
+    ax.set_xlabel(f"{_METRIC_NAMES[ma]} accuracy (%)")
+    ax.set_ylabel(f"{_METRIC_NAMES[mb]} accuracy (%)")
+    ax.set_title(f"{a} vs {b}", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+  for ax in axes[len(panels):]:
+    ax.set_visible(False)
+  return outputs.save_figure(fig, path)

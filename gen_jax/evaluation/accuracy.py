@@ -3,6 +3,13 @@
 The last batch is padded and masked, so every image counts once (no dropped remainder, no
 average of per-batch means). Correct counts accumulate on the device; the host reads them once.
 
+Data parallel (`sharding`): the batches are the same as on one device (the plan depends on the
+batch size only), each padded with masked rows to a multiple of the device count, and every
+process reads only its own rows of each (`parallel.global_batch`). Padding rows are appended
+after the real ones, and JAX's random bits for the first rows of a shape do not depend on how
+many rows follow (`jax_threefry_partitionable`, the default), so each image gets the same PGD
+start on 1, 2 or 8 devices, or several hosts: the counts are identical.
+
 Synopsis::
 
     results = evaluate_models({"natural": v_nat, "robust": v_rob, "global": v_mix}, images, labels,
@@ -19,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gen_jax import attacks
+from gen_jax import attacks, parallel
 from gen_jax.data import to_float
 from gen_jax.data.batching import eval_batches, map_batches
 
@@ -87,8 +94,11 @@ def evaluate_models(models: dict[str, Any],
     model: the linen module (evaluated in inference mode).
     key: PRNG key; batch i uses `fold_in(key, i)`, the same for every model.
     eps, step_size, steps, norm: the PGD attack (steps 0: clean accuracy only).
-    batch_size: images per compiled batch (the last one is padded and masked).
-    sharding: optional sharding for the batches (data parallelism).
+    batch_size: images per batch (the last one is padded and masked); the batches, and so
+      the result, do not depend on the devices.
+    sharding: optional sharding of the batches over a data-parallel mesh (e.g.
+      `parallel.data_sharding(mesh)`, which may span several processes); `models` must then be
+      placed on that mesh (replicated).
 
   Returns:
     role -> {"clean_acc", "pgd_acc"} as fractions in [0, 1].
@@ -97,15 +107,19 @@ def evaluate_models(models: dict[str, Any],
   if n == 0:
     raise ValueError("evaluate_models got no images: the evaluation split is empty.")
   batch_size = min(batch_size, n)
+  width = batch_size  # rows per compiled batch: the batch, padded to a multiple of the devices
   if sharding is not None:
-    devices = sharding.mesh.size
-    batch_size = -(-batch_size // devices) * devices
+    width = -(-batch_size // sharding.mesh.size) * sharding.mesh.size
+  labels = np.asarray(labels).astype(np.int32)
   totals = {role: [jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)] for role in models}
   batches, masks = eval_batches(n, batch_size)
   for i, (idx, mask) in enumerate(zip(batches, masks)):
-    batch = (np.asarray(images[idx]), np.asarray(labels[idx]).astype(np.int32), mask)
-    if sharding is not None:
-      batch = jax.device_put(batch, sharding)
+    idx, mask = np.pad(idx, (0, width - batch_size)), np.pad(mask, (0, width - batch_size))
+    if sharding is None:
+      batch = (np.asarray(images[idx]), labels[idx], mask)
+    else:
+      batch = (*parallel.global_batch((images, labels), idx, sharding), *parallel.global_batch(
+          (mask,), np.arange(width), sharding))
     batch_key = jax.random.fold_in(key, i)
     for role, variables in models.items():
       clean, robust = _batch_correct(variables,

@@ -1,9 +1,14 @@
 """The attack catalogue: every named attack of the evaluation, its settings, one way to run it.
 
 The robustness report and the sanity checks both name their attacks from here, so an attack is
-added in one place: an entry of `ATTACKS` (its kind and settings). `run_attack` runs any entry
-on a set of images in batches and returns adversarial images verified to lie in the eps-ball and
-the [0, 1] box; `robust_accuracy` adds the exact accuracy on them.
+added in one place: an entry of `ATTACKS` (its kind, norm and settings). `run_attack` runs any
+entry on a set of images in batches and returns adversarial images verified to lie in the eps-ball
+and the [0, 1] box; `robust_correct` says which images the model still classifies right on them,
+and `robust_accuracy` is its mean.
+
+Every attack is L-inf except those named for another norm ("pgd20-l2"), which run at the L2
+radius the caller gives. `NORM_ATTACKS` names the PGD-20 attack of each norm: the per-norm
+columns of the union (multi-norm) robustness of `evaluation.report`.
 
 Kinds:
   "clean"       no attack.
@@ -19,6 +24,8 @@ Synopsis::
     acc = catalogue.robust_accuracy("pgd20", logits_fn, x, y, key=key, eps=8 / 255,
                                     step_size=2 / 255)
     report_names = catalogue.REPORT_ATTACKS   # clean, pgd20, ..., aa
+    correct = catalogue.robust_correct("pgd20-l2", logits_fn, x, y, key=key, eps=0.5,
+                                       step_size=0.125)[0]   # bool [N]
 """
 from __future__ import annotations
 
@@ -32,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gen_jax import attacks
-from gen_jax.evaluation.accuracy import accuracy
+from gen_jax.evaluation.accuracy import correct_predictions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,12 +52,14 @@ class AttackSpec:
     variant: for "pgd": "pgd", "mim", "cw" or "fgsm".
     stages: for "autoattack": the stages to run (None: all of AutoAttack 'standard').
     white_box: whether it uses gradients (the sanity checks compare Square against these).
+    norm: the threat model, "linf" or "l2" (the caller gives each norm's radius).
   """
   kind: str
   steps: int = 0
   variant: str = "pgd"
   stages: tuple[str, ...] | None = None
   white_box: bool = True
+  norm: str = "linf"
 
 
 ATTACKS: dict[str, AttackSpec] = {
@@ -70,11 +79,18 @@ ATTACKS: dict[str, AttackSpec] = {
     "square1000": AttackSpec("square", steps=1000, white_box=False),
     # AutoAttack ends with Square, so it counts as neither white- nor black-box.
     "aa": AttackSpec("autoattack", stages=None, white_box=False),
+    "pgd20-l2": AttackSpec("pgd", steps=20, norm="l2"),
 }
 
 # The paper's evaluation table, in its order: the default of the robustness report.
 REPORT_ATTACKS: tuple[str, ...] = ("clean", "pgd20", "pgd100", "mim", "cw", "apgd-ce", "apgd-dlr",
                                    "apgd-t", "fab-t", "square", "aa")
+
+# The PGD-20 attack of each norm: the columns of the union robustness (multi-norm runs).
+NORM_ATTACKS: dict[str, str] = {"linf": "pgd20", "l2": "pgd20-l2"}
+# Every attack an attack table may hold: the paper's, then the other norms'.
+TABLE_ATTACKS: tuple[str, ...] = REPORT_ATTACKS + tuple(
+    n for n in NORM_ATTACKS.values() if n not in REPORT_ATTACKS)
 
 
 def check_names(names: Sequence[str], allowed: Sequence[str] = REPORT_ATTACKS) -> tuple[str, ...]:
@@ -109,7 +125,7 @@ def run_attack(name: str,
                eps: float,
                step_size: float,
                batch_size: int = 250,
-               norm: str = "linf",
+               norm: str | None = None,
                steps: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
   """Adversarial images of the named attack, verified to lie in the ball and the box.
 
@@ -121,7 +137,7 @@ def run_attack(name: str,
     key: PRNG key (batch i uses `fold_in(key, i)`).
     eps: the radius; step_size: the step of "pgd" attacks.
     batch_size: images per compiled call.
-    norm: "linf" or "l2".
+    norm: "linf" or "l2", instead of the entry's (`AttackSpec.norm`).
     steps: iterations of a "pgd" attack or queries of a "square" one, instead of the entry's.
 
   Returns:
@@ -130,6 +146,7 @@ def run_attack(name: str,
   spec = ATTACKS[name]
   if steps is not None:
     spec = dataclasses.replace(spec, steps=steps)
+  norm = norm or spec.norm
   if spec.kind == "clean":
     return x, {}
   extra = {}
@@ -167,18 +184,19 @@ def run_attack(name: str,
   return x_adv, extra
 
 
-def robust_accuracy(name: str,
-                    logits_fn: Any,
-                    x: np.ndarray,
-                    y: np.ndarray,
-                    *,
-                    key: jax.Array,
-                    eps: float,
-                    step_size: float,
-                    batch_size: int = 250,
-                    norm: str = "linf",
-                    steps: int | None = None) -> tuple[float, dict[str, Any]]:
-  """Exact accuracy under the named attack (see `run_attack`), and the attack's extra report."""
+def robust_correct(name: str,
+                   logits_fn: Any,
+                   x: np.ndarray,
+                   y: np.ndarray,
+                   *,
+                   key: jax.Array,
+                   eps: float,
+                   step_size: float,
+                   batch_size: int = 250,
+                   norm: str | None = None,
+                   steps: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+  """Per image, whether the model classifies it right under the named attack (host bool [N]),
+  and the attack's extra report (see `run_attack`)."""
   x_adv, extra = run_attack(name,
                             logits_fn,
                             x,
@@ -189,4 +207,29 @@ def robust_accuracy(name: str,
                             batch_size=batch_size,
                             norm=norm,
                             steps=steps)
-  return accuracy(logits_fn, x_adv, y, batch_size), extra
+  return correct_predictions(logits_fn, x_adv, y, batch_size), extra
+
+
+def robust_accuracy(name: str,
+                    logits_fn: Any,
+                    x: np.ndarray,
+                    y: np.ndarray,
+                    *,
+                    key: jax.Array,
+                    eps: float,
+                    step_size: float,
+                    batch_size: int = 250,
+                    norm: str | None = None,
+                    steps: int | None = None) -> tuple[float, dict[str, Any]]:
+  """Exact accuracy under the named attack (see `run_attack`), and the attack's extra report."""
+  correct, extra = robust_correct(name,
+                                  logits_fn,
+                                  x,
+                                  y,
+                                  key=key,
+                                  eps=eps,
+                                  step_size=step_size,
+                                  batch_size=batch_size,
+                                  norm=norm,
+                                  steps=steps)
+  return float(np.mean(correct)), extra

@@ -12,6 +12,11 @@ Every robust accuracy is recomputed on the host from adversarial images that wer
 in the eps-ball and the [0, 1] box (`attacks.verify_adversarial`); no attack's internal success
 flag is trusted. Unlike the reference code, "PGD-20" really runs 20 steps.
 
+Union robustness (multi-norm runs, Generalist++): with an L2 radius (`l2_eps`; `evaluate_run`
+takes the run's L2 expert's) the table adds L2 PGD-20 ("pgd20-l2") beside L-inf PGD-20, and
+`union` gives per model the share of images that survive every norm's attack
+(`union_accuracy`: an image counts as robust only if it is classified right under each).
+
 Synopsis::
 
     models = ModelSet(model, {"global": v_mix, "robust": v_rob})
@@ -20,6 +25,10 @@ Synopsis::
     write_report(report, "runs/c10/eval")      # report.json, report.md, boundary.png
 
     report = evaluate_run(runs.restore_models("runs/c10"), attacks=("clean", "pgd20"))
+
+    table = attack_table(models, images, labels, key=key, eps=8 / 255, step_size=2 / 255,
+                         attacks=("clean", "pgd20", "pgd20-l2"), l2_eps=0.5)
+    table["union"]["models"]["global"]["accuracy"]     # survives L-inf AND L2 PGD-20
 """
 from __future__ import annotations
 
@@ -61,6 +70,42 @@ ANALYSES: dict[str, Analysis] = {
                  "examples.png"),
 }
 
+
+def union_accuracy(correct: Mapping[str, Any]) -> dict[str, Any]:
+  """Union robustness from per-attack, per-example results: the worst case over the attacks.
+
+  An example counts as robust only if it is classified right under every attack (for attacks of
+  several norms, the per-example worst case over the norms).
+
+  >>> union_accuracy({"pgd20": [True, True, False, True], "pgd20-l2": [True, False, False, True]})
+  {'attacks': ['pgd20', 'pgd20-l2'], 'accuracy': 0.5, 'robust': 2, 'n': 4}
+
+  Args:
+    correct: attack name -> bool [N], whether each example is classified right under it.
+
+  Returns:
+    {"attacks", "accuracy" (fraction), "robust" (count), "n"}.
+
+  Raises:
+    ValueError: no attacks, or results of different lengths.
+  """
+  if not correct:
+    raise ValueError("union_accuracy needs the results of at least one attack.")
+  arrays = {name: np.asarray(c, dtype=bool).reshape(-1) for name, c in correct.items()}
+  sizes = {name: len(a) for name, a in arrays.items()}
+  if len(set(sizes.values())) != 1:
+    raise ValueError(f"union_accuracy needs one result per example under every attack; got "
+                     f"{sizes} examples.")
+  survived = np.logical_and.reduce(list(arrays.values()))
+  n = len(survived)
+  return {
+      "attacks": list(arrays),
+      "accuracy": float(survived.mean()) if n else float("nan"),
+      "robust": int(survived.sum()),
+      "n": int(n)
+  }
+
+
 # Figures of the attack table that the sanity checks may reuse (same points, same settings).
 # ("aa" is left out: it ends with Square, so it would hide a white-box attack's failure.)
 _REUSABLE = tuple(name for name in catalogue.REPORT_ATTACKS if name != "aa")
@@ -82,33 +127,66 @@ def attack_table(models: ModelSet,
                  step_size: float,
                  attacks: Sequence[str] = catalogue.REPORT_ATTACKS,
                  batch_size: int = 250,
-                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-  """Accuracy of each model under each attack (L-inf); attack i uses `fold_in(key, i)`.
+                 progress: Callable[[str], None] | None = None,
+                 l2_eps: float | None = None,
+                 l2_step_size: float | None = None) -> dict[str, Any]:
+  """Accuracy of each model under each attack; attack i uses `fold_in(key, i)`.
 
-  `progress`, if given, is told "model/attack" before each entry.
+  Attacks are L-inf at `eps` (PGD step `step_size`), except the L2 ones of the catalogue
+  ("pgd20-l2"), which run at `l2_eps` (step `l2_step_size`, default `step_size * l2_eps / eps`,
+  the L-inf evaluation's share of its radius). When the attacks hold the PGD-20 attack of more
+  than one norm (`catalogue.NORM_ATTACKS`), the table adds their union robustness
+  (`union_accuracy`). `progress`, if given, is told "model/attack" before each entry.
 
   Returns:
-    {"eps", "n", "attacks", "models": {name: {attack: {"accuracy", "seconds", ...}}}}.
+    {"eps", "n", "attacks", "models": {name: {attack: {"accuracy", "seconds", ...}}}}, plus
+    "l2_eps" and "l2_step_size" with an L2 attack, and "union": {"attacks", "models": {name:
+    {"accuracy", "robust", "n"}}} with attacks of several norms.
+
+  Raises:
+    ValueError: an unknown attack, or an L2 attack without `l2_eps`.
   """
-  names = catalogue.check_names(list(attacks))
+  names = catalogue.check_names(list(attacks), catalogue.TABLE_ATTACKS)
+  l2_names = [n for n in names if catalogue.ATTACKS[n].norm == "l2"]
+  if l2_names and not l2_eps:
+    raise ValueError(f"the attack(s) {l2_names} need the L2 radius: pass l2_eps (a run's L2 "
+                     "expert's eps, e.g. 0.5 on CIFAR-10).")
+  if l2_names and l2_step_size is None:
+    l2_step_size = step_size * l2_eps / eps
+  per_norm = [n for n in catalogue.NORM_ATTACKS.values() if n in names]
+  union_names = per_norm if len(per_norm) > 1 else []
   x, y = to_float(np.asarray(images)), np.asarray(labels).astype(np.int32)
-  results = {}
+  results, unions = {}, {}
   for role, logits_fn in models.logits_fns().items():
-    results[role] = {}
+    results[role], correct = {}, {}
     for i, name in enumerate(names):
       if progress:
         progress(f"{role}/{name}")
       started = time.time()
-      value, extra = catalogue.robust_accuracy(name,
-                                               logits_fn,
-                                               x,
-                                               y,
-                                               key=jax.random.fold_in(key, i),
-                                               eps=eps,
-                                               step_size=step_size,
-                                               batch_size=batch_size)
-      results[role][name] = {"accuracy": value, "seconds": round(time.time() - started, 2), **extra}
-  return {"eps": eps, "n": int(len(y)), "attacks": list(names), "models": results}
+      l2 = catalogue.ATTACKS[name].norm == "l2"
+      hits, extra = catalogue.robust_correct(name,
+                                             logits_fn,
+                                             x,
+                                             y,
+                                             key=jax.random.fold_in(key, i),
+                                             eps=l2_eps if l2 else eps,
+                                             step_size=l2_step_size if l2 else step_size,
+                                             batch_size=batch_size)
+      if name in union_names:
+        correct[name] = hits
+      results[role][name] = {
+          "accuracy": float(np.mean(hits)),
+          "seconds": round(time.time() - started, 2),
+          **extra
+      }
+    if union_names:
+      unions[role] = {k: v for k, v in union_accuracy(correct).items() if k != "attacks"}
+  table = {"eps": eps, "n": int(len(y)), "attacks": list(names), "models": results}
+  if l2_names:
+    table.update(l2_eps=float(l2_eps), l2_step_size=float(l2_step_size))
+  if union_names:
+    table["union"] = {"attacks": union_names, "models": unions}
+  return table
 
 
 def known_figures(table: Mapping[str, Any], name: str) -> dict[str, float]:
@@ -129,7 +207,9 @@ def evaluate(models: ModelSet,
              analysis_n: int = 500,
              batch_size: int = 250,
              options: Mapping[str, Mapping[str, Any]] | None = None,
-             progress: Callable[[str, bool], None] | None = None) -> dict[str, Any]:
+             progress: Callable[[str, bool], None] | None = None,
+             l2_eps: float | None = None,
+             l2_step_size: float | None = None) -> dict[str, Any]:
   """The whole robustness report of `models` on `images` (the content of `report.json`).
 
   Args:
@@ -137,7 +217,7 @@ def evaluate(models: ModelSet,
     images, labels: the test points (uint8 NHWC or floats in [0, 1]; converted once here).
     key: PRNG key: the attack table uses `fold_in(key, 0)`, analysis i `fold_in(key, i)`.
     eps, step_size: L-inf radius and PGD step of the evaluation.
-    attacks: names from `catalogue.REPORT_ATTACKS`.
+    attacks: names from `catalogue.TABLE_ATTACKS` (the L2 ones need `l2_eps`).
     analyses: names from `ANALYSES`, run on the first `analysis_n` points.
     analysis_n: points of the analyses (at most all).
     batch_size: points per compiled call.
@@ -145,6 +225,7 @@ def evaluate(models: ModelSet,
     progress: optional `progress(message, new_unit)`: `new_unit` is True before each entry of
       the table ("global/pgd20") and each analysis ("sanity"), False for the analyses' own
       finer messages; a progress bar counts the units (models x attacks + analyses).
+    l2_eps, l2_step_size: the L2 radius and PGD step of L2 attacks (see `attack_table`).
 
   Returns:
     The attack table (`attack_table`) with one more entry per analysis. The sanity checks reuse
@@ -162,7 +243,9 @@ def evaluate(models: ModelSet,
                         step_size=step_size,
                         attacks=attacks,
                         batch_size=batch_size,
-                        progress=unit)
+                        progress=unit,
+                        l2_eps=l2_eps,
+                        l2_step_size=l2_step_size)
   m = min(analysis_n, len(y))
   common = {
       "sanity": {
@@ -209,10 +292,15 @@ def evaluate_run(run: Any,
   """`evaluate` on a `gen_jax.runs.EvalRun` (a run's models or a saved model) and its test split.
 
   Uses the first `n` test images (default all), the run's eps (or `eps`, with the PGD step scaled
-  alike), and CIFAR-10-C from TFDS for runs on TFDS CIFAR-10 when it is prepared.
+  alike), and CIFAR-10-C from TFDS for runs on TFDS CIFAR-10 when it is prepared. A run with an
+  L2 expert beside its L-inf evaluation (a multi-norm run) also gets L2 PGD-20 at that expert's
+  radius next to PGD-20, and the union of the two (`attack_table`).
   """
   eps, step_size = run.attack_settings(eps)
   config = run.config
+  l2_eps = l2_radius(config) if config.norm == "linf" else None
+  if l2_eps and "pgd20" in attacks and "pgd20-l2" not in attacks:
+    attacks = tuple(attacks) + ("pgd20-l2",)
   return evaluate(ModelSet(run.model, run.models),
                   *run.test_split(n),
                   key=jax.random.key(seed),
@@ -228,20 +316,46 @@ def evaluate_run(run: Any,
                           "data_dir": config.data_dir
                       }
                   },
-                  progress=progress)
+                  progress=progress,
+                  l2_eps=l2_eps,
+                  l2_step_size=config.eval_step_size * l2_eps / config.eps if l2_eps else None)
+
+
+def l2_radius(config: Any) -> float | None:
+  """The L2 radius a run was trained for: its first L2 expert's eps (None without one)."""
+  for spec in config.expert_specs:
+    if spec.adversarial and spec.norm == "l2":
+      return float(spec.eps)
+  return None
 
 
 def to_markdown(report: Mapping[str, Any]) -> str:
   """The report as markdown: the attack table, then one section per analysis present."""
   names = report["attacks"]
+  l2 = (f"; L2 attacks ({', '.join(n for n in names if catalogue.ATTACKS[n].norm == 'l2')}) at "
+        f"eps = {report['l2_eps']:g}" if "l2_eps" in report else "")
   lines = [
       "## Robust accuracy", "", f"Accuracy (%) under each attack, L-inf eps = {report['eps']:.5f} "
-      f"({255 * report['eps']:.2f}/255), {report['n']} test images.", "",
+      f"({255 * report['eps']:.2f}/255){l2}, {report['n']} test images.", "",
       "| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)
   ]
   for role, row in report["models"].items():
     lines.append(f"| {role} | " + " | ".join(f"{100 * row[n]['accuracy']:.2f}" for n in names) +
                  " |")
+  if "union" in report:
+    union = report["union"]
+    lines += [
+        "", "## Union robustness", "",
+        f"Accuracy (%) under each norm's attack and their union: an image counts only if it "
+        f"survives {' and '.join(union['attacks'])}.", "",
+        "| model | " + " | ".join(union["attacks"]) + " | union |",
+        "|---|" + "---|" * (len(union["attacks"]) + 1)
+    ]
+    for role, u in union["models"].items():
+      row = report["models"][role]
+      lines.append(f"| {role} | " +
+                   " | ".join(f"{100 * row[n]['accuracy']:.2f}" for n in union["attacks"]) +
+                   f" | {100 * u['accuracy']:.2f} |")
   for name, analysis in ANALYSES.items():
     if name in report:
       lines += ["", f"## {analysis.title}", "", analysis.to_markdown(report[name]).rstrip("\n")]

@@ -1,5 +1,11 @@
 """The mixing-weight sweep: how much of each expert should go into the deployed model.
 
+Two experts (`run`): a line of betas. N experts (`run_simplex`, Generalist++ runs with natural,
+L-inf and L2 experts, say): a coarse grid over the weight simplex, each mixture evaluated for
+clean accuracy, PGD-20 under each norm and their union, with one trade-off panel per pair of
+figures (clean vs L-inf, clean vs L2, L-inf vs L2, clean vs union). `sweep_run` picks the form
+from the run's number of experts.
+
 For each beta, `gen_jax.mix(teacher_nat, teacher_rob, beta)` (beta weights the robust expert, as in
 the reference code) is evaluated for clean and PGD accuracy; the experts (beta 0 and 1) and the
 trained global model are evaluated on the same images with the same attack keys. Optionally the
@@ -16,6 +22,10 @@ Synopsis::
     choice = select_point(result["points"], parse_rule("clean>=0.88"))   # -> {"beta", ...}
 
     result = sweep_run(runs.restore_models("runs/c10"), select=parse_rule("clean>=0.88"))
+
+    grid = simplex_grid(3, 0.25)                   # 15 weight vectors, each summing to 1
+    result = run_simplex(models3, test_x, test_y, roles=("natural", "robust_linf", "robust_l2"),
+                         key=key, eps=8 / 255, step_size=2 / 255, l2_eps=0.5, grid_step=0.25)
 """
 from __future__ import annotations
 
@@ -32,7 +42,7 @@ import numpy as np
 
 from gen_jax import attacks, mixing, runs
 from gen_jax.data import to_float
-from gen_jax.evaluation import outputs
+from gen_jax.evaluation import catalogue, outputs, report
 from gen_jax.evaluation.accuracy import evaluate_models
 from gen_jax.evaluation.modelset import ModelSet
 from gen_jax.models.common import BN_MOMENTUM
@@ -319,8 +329,13 @@ def sweep_run(eval_run: runs.EvalRun,
               select: tuple[str, float] | None = None,
               seed: int = 0,
               batch_size: int = 250,
-              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+              progress: Callable[[str], None] | None = None,
+              grid_step: float = 0.25) -> dict[str, Any]:
   """The sweep of a training run (`runs.restore_models`), optionally saving a choice.
+
+  A run of more than two experts gets `run_simplex` instead (grid step `grid_step`, PGD-20 of
+  each norm; `betas`, `steps` and `select` are for two experts; BatchNorm recalibration "clean"
+  only).
 
   Mixes the run's teachers on its first `n` test images, at the run's eps (or `eps`, the PGD step
   scaled alike); with `bn_recalibrate` ("clean" or "matched") re-estimates each mixture's
@@ -335,6 +350,17 @@ def sweep_run(eval_run: runs.EvalRun,
     raise ValueError(
         f"{eval_run.source} was trained with --method {config.method}, which trains one "
         "expert only: there is nothing to mix. Sweep a generalist run.")
+  if len(config.experts) > 2:
+    return _simplex_run(eval_run,
+                        grid_step=grid_step,
+                        n=n,
+                        eps=eps,
+                        bn_recalibrate=bn_recalibrate,
+                        recalibration_n=recalibration_n,
+                        select=select,
+                        seed=seed,
+                        batch_size=batch_size,
+                        progress=progress)
   eps, step_size = eval_run.attack_settings(eps)
   recalibrate = None
   if bn_recalibrate:
@@ -382,8 +408,15 @@ def sweep_run(eval_run: runs.EvalRun,
 
 
 def write_sweep(result: dict[str, Any], directory: str | pathlib.Path) -> dict[str, pathlib.Path]:
-  """Writes `sweep.json`, `sweep.md` and `tradeoff.png`, keeping earlier files (`outputs`)."""
+  """Writes `sweep.json`, `sweep.md` and `tradeoff.png` (for a simplex sweep `simplex.json`,
+  `simplex.md` and `simplex.png`), keeping earlier files (`outputs`)."""
   directory = pathlib.Path(directory)
+  if result.get("kind") == "simplex":
+    return {
+        "json": outputs.write_json(directory / "simplex.json", result),
+        "md": outputs.write_text(directory / "simplex.md", simplex_markdown(result)),
+        "png": plot_simplex(result, directory / "simplex.png"),
+    }
   return {
       "json": outputs.write_json(directory / "sweep.json", result),
       "md": outputs.write_text(directory / "sweep.md", to_markdown(result)),
@@ -479,4 +512,277 @@ def to_markdown(result: dict[str, Any]) -> str:
     g = result["global"]
     mark = "yes" if "global" in result["pareto"] else ""
     lines.append(f"| global model | {100 * g['clean']:.2f} | {100 * g['robust']:.2f} | {mark} |")
+  return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------ N experts: the simplex
+def simplex_grid(n: int, step: float) -> list[tuple[float, ...]]:
+  """Every weight vector of `n` experts whose weights are multiples of `step` and sum to 1.
+
+  In lexicographic order of the integer parts, the vertices (one expert alone) included.
+
+  >>> simplex_grid(3, 0.5)[:4]
+  [(0.0, 0.0, 1.0), (0.0, 0.5, 0.5), (0.0, 1.0, 0.0), (0.5, 0.0, 0.5)]
+
+  Raises:
+    ValueError: `n` < 1, or `step` not 1/k for an integer k >= 1.
+  """
+  k = round(1.0 / step) if step > 0 else 0
+  if n < 1 or k < 1 or abs(k * step - 1.0) > 1e-9:
+    raise ValueError(f"simplex_grid needs n >= 1 experts and a step 1/k (0.5, 0.25, 0.2, ...); "
+                     f"got n={n}, step={step}.")
+
+  def parts(total, slots):
+    if slots == 1:
+      yield (total,)
+      return
+    for first in range(total + 1):
+      for rest in parts(total - first, slots - 1):
+        yield (first,) + rest
+
+  return [tuple(round(p / k, 10) for p in c) for c in parts(k, n)]
+
+
+def _simplex_figures(table: dict[str, Any], name: str) -> dict[str, float]:
+  """{"clean", "linf", "l2", "union"} of one model of an attack table (those it holds)."""
+  row = table["models"][name]
+  figures = {"clean": row["clean"]["accuracy"]}
+  for norm, attack in catalogue.NORM_ATTACKS.items():
+    if attack in row:
+      figures[norm] = row[attack]["accuracy"]
+  if "union" in table:
+    figures["union"] = table["union"]["models"][name]["accuracy"]
+  return figures
+
+
+def run_simplex(models: ModelSet,
+                images: Any,
+                labels: Any,
+                *,
+                roles: Sequence[str],
+                key: jax.Array,
+                eps: float,
+                step_size: float,
+                l2_eps: float | None = None,
+                l2_step_size: float | None = None,
+                grid_step: float = 0.25,
+                recalibrate: Callable[[dict[str, Any], float], dict[str, Any]] | None = None,
+                recalibration: str | None = None,
+                batch_size: int = 250,
+                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+  """Clean, per-norm PGD-20 and union accuracy of `mix_many(teachers, w)` over a simplex grid.
+
+  Every mixture, the experts' teachers and the global model are evaluated on the same images with
+  the same attack keys (`report.attack_table`: "clean", L-inf "pgd20" at `eps`, and with
+  `l2_eps` L2 "pgd20-l2" and the union of the two).
+
+  Args:
+    models: the run's teachers (those of `roles`) and, when present, its "global" model.
+    images, labels: the test images (uint8 NHWC or floats in [0, 1]) and labels.
+    roles: the experts to mix, in weight order (`Config.experts`).
+    key: PRNG key of the attacks (the same for every model).
+    eps, step_size: the L-inf PGD-20 attack.
+    l2_eps, l2_step_size: the L2 PGD-20 attack (None: L-inf only, no union).
+    grid_step: the grid's spacing (1/k; 0.25 gives 15 mixtures of three experts).
+    recalibrate: `(variables, beta) -> variables` re-estimating BatchNorm statistics ("clean"
+      mode of `recalibrator`; beta is unused there).
+    recalibration: its name, recorded in the result.
+    batch_size: images per batch.
+    progress: optional callback told "w=0.50/0.25/0.25" before each evaluation.
+
+  Returns:
+    {"kind": "simplex", "roles", "grid_step", "eps", "l2_eps", "steps", "n", "metrics",
+     "bn_recalibrated", "points": [{"weights": {role: w}, "clean", "linf", ["l2", "union"]}],
+     "experts": {role: figures}, "global": figures or None, "pareto": indices of the points
+     that no other point beats in both clean and the last robust figure (union, else linf)}.
+
+  Raises:
+    ValueError: a role the models lack, fewer than two roles, a bad grid step.
+  """
+  roles = list(roles)
+  missing = [r for r in roles if r not in models.variables]
+  if missing or len(roles) < 2:
+    raise ValueError(f"the simplex sweep mixes two or more experts; the models have no "
+                     f"{missing or roles} (they have {', '.join(models.names)}).")
+  grid = simplex_grid(len(roles), grid_step)
+  attack_names = ("clean", "pgd20") + (("pgd20-l2",) if l2_eps else ())
+  table = functools.partial(report.attack_table,
+                            images=to_float(np.asarray(images)),
+                            labels=np.asarray(labels),
+                            key=key,
+                            eps=eps,
+                            step_size=step_size,
+                            attacks=attack_names,
+                            batch_size=batch_size,
+                            l2_eps=l2_eps,
+                            l2_step_size=l2_step_size)
+
+  def figures(variables):
+    return _simplex_figures(table(ModelSet(models.module, {"m": variables})), "m")
+
+  teachers = [models.variables[r] for r in roles]
+  points = []
+  for weights in grid:
+    if progress:
+      progress("w=" + "/".join(f"{w:.2f}" for w in weights))
+    variables = mixing.mix_many(teachers, list(weights))
+    if recalibrate is not None:
+      variables = recalibrate(variables, None)
+    points.append({"weights": dict(zip(roles, weights)), **figures(variables)})
+  if progress:
+    progress("experts and global model")
+  experts = {r: figures(models.variables[r]) for r in roles}
+  global_figures = figures(models.variables[GLOBAL]) if GLOBAL in models.variables else None
+  metrics = [m for m in ("clean", "linf", "l2", "union") if m in points[0]]
+  robust = "union" if "union" in metrics else "linf"
+  return {
+      "kind": "simplex",
+      "roles": roles,
+      "grid_step": float(grid_step),
+      "eps": float(eps),
+      "l2_eps": None if l2_eps is None else float(l2_eps),
+      "steps": 20,
+      "n": int(len(labels)),
+      "metrics": metrics,
+      "bn_recalibrated": recalibration or ("yes" if recalibrate is not None else None),
+      "points": points,
+      "experts": experts,
+      "global": global_figures,
+      "pareto": pareto_front([(p["clean"], p[robust]) for p in points]),
+  }
+
+
+def _simplex_run(eval_run: runs.EvalRun, *, grid_step, n, eps, bn_recalibrate, recalibration_n,
+                 select, seed, batch_size, progress) -> dict[str, Any]:
+  """`sweep_run` for a run of more than two experts (see there)."""
+  if select is not None:
+    raise ValueError("--select chooses a beta between two experts; this run has "
+                     f"{len(eval_run.config.experts)} ({', '.join(eval_run.config.experts)}). "
+                     "Read the simplex sweep and save a mixture with gen_jax.mix_many.")
+  if bn_recalibrate not in (None, "clean"):
+    raise ValueError(f"--bn-recalibrate {bn_recalibrate} weighs clean and PGD images by beta, "
+                     "which two experts define; a run of more experts takes 'clean' only.")
+  config = eval_run.config
+  eps, step_size = eval_run.attack_settings(eps)
+  l2_eps = report.l2_radius(config) if config.norm == "linf" else None
+  recalibrate = None
+  if bn_recalibrate:
+    train_x, _ = eval_run.training_images(recalibration_n)
+    recalibrate = recalibrator(eval_run.model, train_x, mode="clean", batch_size=batch_size)
+  return run_simplex(ModelSet(eval_run.model, eval_run.models),
+                     *eval_run.test_split(n),
+                     roles=config.experts,
+                     key=jax.random.key(seed),
+                     eps=eps,
+                     step_size=step_size,
+                     l2_eps=l2_eps,
+                     l2_step_size=config.eval_step_size * l2_eps / config.eps if l2_eps else None,
+                     grid_step=grid_step,
+                     recalibrate=recalibrate,
+                     recalibration=bn_recalibrate,
+                     batch_size=batch_size,
+                     progress=progress)
+
+
+_METRIC_LABELS = {"clean": "clean", "linf": "L-inf PGD-20", "l2": "L2 PGD-20", "union": "union"}
+
+
+def _simplex_pairs(metrics: Sequence[str]) -> list[tuple[str, str]]:
+  pairs = [("clean", m) for m in ("linf", "l2") if m in metrics]
+  if "l2" in metrics:
+    pairs.append(("linf", "l2"))
+  if "union" in metrics:
+    pairs.append(("clean", "union"))
+  return pairs
+
+
+def plot_simplex(result: dict[str, Any], path) -> pathlib.Path:
+  """One trade-off panel per pair of figures (clean vs L-inf, clean vs L2, L-inf vs L2, clean vs
+  union): every grid mixture (coloured by the first expert's weight, labelled with its weights),
+  the experts' teachers and the global model; saves a PNG."""
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+
+  pct = lambda v: 100.0 * v
+  pairs = _simplex_pairs(result["metrics"])
+  cols = min(2, len(pairs))
+  rows = -(-len(pairs) // cols)
+  fig = Figure(figsize=(6.0 * cols, 4.8 * rows), layout="constrained")
+  axes = np.atleast_1d(fig.subplots(rows, cols)).reshape(-1)
+  roles = result["roles"]
+  colour = [p["weights"][roles[0]] for p in result["points"]]
+  markers = ["s", "^", "v", "D", "P", "X"]
+  for ax, (mx, my) in zip(axes, pairs):
+    points = ax.scatter([pct(p[mx]) for p in result["points"]],
+                        [pct(p[my]) for p in result["points"]],
+                        c=colour,
+                        cmap="viridis",
+                        vmin=0.0,
+                        vmax=1.0,
+                        s=30,
+                        zorder=3,
+                        label="mix_many(teachers, w)")
+    labels = {}  # coinciding points share one label "0/1/0, 0.25/0.75/0"
+    for p in result["points"]:
+      labels.setdefault(
+          (pct(p[mx]), pct(p[my])),
+          []).append("/".join(f"{w:.2f}".rstrip("0").rstrip(".") for w in p["weights"].values()))
+    for xy, names in labels.items():
+      ax.annotate(", ".join(names),
+                  xy,
+                  textcoords="offset points",
+                  xytext=(3, 3),
+                  fontsize=6,
+                  color="dimgray")
+    for i, role in enumerate(roles):
+      f = result["experts"][role]
+      ax.scatter([pct(f[mx])], [pct(f[my])],
+                 marker=markers[i % len(markers)],
+                 s=80,
+                 edgecolor="black",
+                 facecolor="none",
+                 label=f"{role} teacher",
+                 zorder=4)
+    if result["global"] is not None:
+      g = result["global"]
+      ax.scatter([pct(g[mx])], [pct(g[my])],
+                 marker="*",
+                 s=260,
+                 color="tab:red",
+                 edgecolor="black",
+                 label="trained global model",
+                 zorder=5)
+    ax.set_xlabel(f"{_METRIC_LABELS[mx]} accuracy (%)")
+    ax.set_ylabel(f"{_METRIC_LABELS[my]} accuracy (%)")
+    ax.grid(True, alpha=0.3)
+  for ax in axes[len(pairs):]:
+    ax.set_visible(False)
+  axes[0].legend(fontsize=7, loc="best")
+  fig.colorbar(points, ax=list(axes[:len(pairs)]), label=f"weight of {roles[0]}", shrink=0.6)
+  l2 = f", L2 eps {result['l2_eps']:g}" if result["l2_eps"] else ""
+  fig.suptitle(f"Simplex sweep over {', '.join(roles)} (step {result['grid_step']:g}; "
+               f"L-inf eps {result['eps']:.4g}{l2}; {result['n']} test images)")
+  return outputs.save_figure(fig, path)
+
+
+def simplex_markdown(result: dict[str, Any]) -> str:
+  """The simplex sweep as a markdown table (percent), Pareto rows (clean vs union) marked."""
+  metrics, roles = result["metrics"], result["roles"]
+  recalibrated = result["bn_recalibrated"]
+  l2 = f", L2 eps {result['l2_eps']:g}" if result["l2_eps"] else ""
+  lines = [
+      f"Simplex sweep of {', '.join(roles)}: grid step {result['grid_step']:g}, PGD-"
+      f"{result['steps']} at L-inf eps {result['eps']:.5f}{l2}, {result['n']} test images"
+      f"{', BatchNorm recalibrated: ' + recalibrated if recalibrated else ''}.", "", "| weights (" +
+      ", ".join(roles) + ") | " + " | ".join(_METRIC_LABELS[m] for m in metrics) + " | Pareto |",
+      "|---|" + "---|" * (len(metrics) + 1)
+  ]
+  for i, p in enumerate(result["points"]):
+    mark = "yes" if i in result["pareto"] else ""
+    lines.append("| " + ", ".join(f"{w:.2f}" for w in p["weights"].values()) + " | " +
+                 " | ".join(f"{100 * p[m]:.2f}" for m in metrics) + f" | {mark} |")
+  for role, f in result["experts"].items():
+    lines.append(f"| {role} teacher | " + " | ".join(f"{100 * f[m]:.2f}" for m in metrics) + " | |")
+  if result["global"] is not None:
+    g = result["global"]
+    lines.append("| global model | " + " | ".join(f"{100 * g[m]:.2f}" for m in metrics) + " | |")
   return "\n".join(lines) + "\n"

@@ -1,10 +1,15 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
-Loads the data once into device memory, runs one jitted dispatch per batch (gather, augment,
+Loads the data once into host memory, feeds each global batch to one jitted dispatch (augment,
 both experts, Generalist update: `steps.make_train_step`), evaluates the models after each
 `eval_every` epochs, checkpoints after every epoch (and every `checkpoint_every` steps or
 `checkpoint_minutes` minutes), and writes the run directory through `gen_jax.runs` (layout and
 the commit protocol that makes any kill resumable: see there).
+
+Devices and hosts: the batch is split over every device of every process (`gen_jax.parallel`),
+and each process reads only its own rows of it; the result does not depend on the device count.
+In a multi-process job every process runs this loop, process 0 alone holds the lock, prints and
+writes the JSON files, and all of them write the orbax checkpoints together.
 
 Running the same command again on the same workdir resumes from the newest intact checkpoint,
 also in the middle of an epoch: the data order derives from (data key, epoch) and each step's
@@ -52,7 +57,6 @@ from gen_jax.training import methods
 from gen_jax.training import steps as steps_lib
 
 _STREAMS = ("init", "data", "train", "eval")
-_LR_TABLE = {methods.NATURAL: "lr_nat", methods.ROBUST: "lr_rob"}
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -107,6 +111,26 @@ class _StopSignals:
     again = " (second signal)" if self.signum is not None else ""
     raise TrainingInterrupted(signum, f"stopped by {signal.Signals(signum).name}{again}; "
                               f"{self.note}")
+
+
+def _agree(stop: _StopSignals,
+           step_due: Any = False,
+           clock_due: Any = False,
+           sync: bool = True) -> bool:
+  """Whether to checkpoint (and, on a signal, stop) at this step boundary.
+
+  One process decides alone, at every step. In a multi-process job every process must take the
+  same collective save: a checkpoint due by the step count is due everywhere, but a signal that
+  one process received or a timed checkpoint that one clock made due is shared only at `sync`
+  points (logging steps and epoch ends, where the host waits for the devices anyway), through
+  one tiny all-gather; a signal received elsewhere is adopted here so that all stop together.
+  """
+  if not sync and jax.process_count() > 1:
+    return bool(step_due)
+  signum, clock_due = parallel.process_max([stop.signum or 0, bool(clock_due)])
+  if signum and stop.signum is None:
+    stop.signum = signum
+  return bool(signum or step_due or clock_due)
 
 
 def _keys(seed: int) -> dict[str, jax.Array]:
@@ -252,7 +276,8 @@ def _finished(config: Config, workdir: pathlib.Path) -> dict[str, Any] | None:
   if runs.check_config(config, workdir):
     summary = runs.read_summary(workdir)
     if summary is not None:
-      print(f"{workdir} already holds a finished run; its summary:")
+      if parallel.is_primary():
+        print(f"{workdir} already holds a finished run; its summary:")
       return summary
   return None
 
@@ -297,7 +322,11 @@ def train_and_evaluate(config: Config,
     finished = _finished(config, workdir)  # another process may have finished it meanwhile
     if finished is not None:
       return finished
-    return _train(config, workdir, progress=progress, max_epochs=max_epochs, stop=stop)
+    return _train(config,
+                  workdir,
+                  progress=progress and parallel.is_primary(),
+                  max_epochs=max_epochs,
+                  stop=stop)
 
 
 def _train(config: Config, workdir: pathlib.Path, *, progress: bool, max_epochs: int | None,
@@ -347,19 +376,21 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, max_epochs:
     if restored is not None:
       place = (f"the end of epoch {start_epoch}" if not start_index else
                f"epoch {start_epoch + 1}, batch {start_index} of {steps_per_epoch}")
-      print(f"Resuming {workdir} from step {saved_step} ({place}).", flush=True)
+      if parallel.is_primary():
+        print(f"Resuming {workdir} from step {saved_step} ({place}).", flush=True)
 
     tables = parallel.replicate(steps_lib.schedule_arrays(config, steps_per_epoch), mesh)
-    train_x = parallel.replicate(splits.train_x, mesh)
-    train_y = parallel.replicate(splits.train_y, mesh)
-    step_fn = steps_lib.make_train_step(config, model, batch_sharding=batch_sharding)
+    # The training set stays on the host: each step every process reads only the rows of the
+    # global batch that its devices hold (`parallel.global_batch`).
+    train_arrays = (splits.train_x, splits.train_y)
+    step_fn = steps_lib.make_train_step(config, model)
     evaluate = functools.partial(_evaluate,
                                  model=eval_model,
                                  config=config,
                                  key=keys["eval"],
                                  sharding=batch_sharding)
     test_n = config.eval_test_size or len(splits.test_y)
-    roles = methods.evaluated_roles(config.method)
+    roles = methods.evaluated_roles(config.method, config.experts)
     checkpoint_dir = workdir / runs.CHECKPOINT_DIR
 
     def saved_note() -> str:
@@ -386,7 +417,9 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, max_epochs:
       first = start_index if epoch == start_epoch else 0
       carried = meta.get("epoch_seconds", 0.0) if first else 0.0
       epoch_started = time.time() - carried
-      perm = jax.random.permutation(jax.random.fold_in(keys["data"], epoch), len(splits.train_y))
+      # The epoch's order, identical on every process (indices only, on the host).
+      order = np.asarray(
+          jax.random.permutation(jax.random.fold_in(keys["data"], epoch), len(splits.train_y)))
       totals = (_totals_from_record(meta["totals"], config)
                 if first else steps_lib.zero_totals(config))
       totals = parallel.replicate(totals, mesh)
@@ -398,8 +431,9 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, max_epochs:
       for index in bar:
         step = epoch * steps_per_epoch + index + 1
         try:
-          state, totals = step_fn(state, totals, train_x, train_y, perm, jnp.int32(index),
-                                  keys["train"], tables)
+          rows = order[index * config.batch_size:(index + 1) * config.batch_size]
+          images, labels = parallel.global_batch(train_arrays, rows, batch_sharding)
+          state, totals = step_fn(state, totals, images, labels, keys["train"], tables)
         except FloatingPointError as error:  # only under --debug-nans
           raise FloatingPointError(
               f"--debug-nans: {error}, in the training step to {where(step)}. Nothing of this "
@@ -416,10 +450,10 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, max_epochs:
           bar.set_postfix({f"{r}_{k}": f"{v:.3f}" for r, m in values.items() for k, v in m.items()})
         if index + 1 == steps_per_epoch:
           break  # the epoch end commits (and honours a stop request after it)
-        due = ((config.checkpoint_every and step % config.checkpoint_every == 0) or
-               (config.checkpoint_minutes and
-                time.monotonic() - last_commit >= 60 * config.checkpoint_minutes))
-        if stop.signum is not None or due:
+        step_due = config.checkpoint_every and step % config.checkpoint_every == 0
+        clock_due = (config.checkpoint_minutes and
+                     time.monotonic() - last_commit >= 60 * config.checkpoint_minutes)
+        if _agree(stop, step_due, clock_due, sync=(index + 1) % config.log_every == 0):
           _check_health(health_fn,
                         state,
                         bounds,
@@ -456,10 +490,13 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, max_epochs:
           "train":
               train_metrics,
           "lr": {
-              role: float(tables[_LR_TABLE[role]][last]) for role in config.experts
+              role: float(tables["experts"][role]["lr"][last]) for role in config.experts
           },
           "beta":
               float(tables["beta"][last]),
+          "weights":
+              dict(zip(config.experts,
+                       np.asarray(tables["weights"][last]).tolist())),
           "redistributed_steps":
               int(np.asarray(tables["redistribute"][epoch * steps_per_epoch:last + 1]).sum()),
           "train_seconds":
@@ -490,11 +527,12 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, max_epochs:
       saved_step, last_commit = step, time.monotonic()
       stop.note = (f"saved nothing since checkpoint step {saved_step}; rerun the same command "
                    "to resume.")
-      print(_epoch_line(record), flush=True)
-      if stop.signum is not None:
+      if parallel.is_primary():
+        print(_epoch_line(record), flush=True)
+      if _agree(stop):
         raise interrupted(step)
     stop.deferred = False
-    if stop.signum is not None:  # arrived after the last check: the last commit holds all
+    if _agree(stop):  # arrived after the last check: the last commit holds all
       raise interrupted(saved_step)
 
     if end_epoch < config.epochs:

@@ -1,4 +1,4 @@
-"""Per-step schedule tables: learning rates, β and the redistribution mask of a run.
+"""Per-step schedule tables: learning rates, the experts' mixing weights, redistribution.
 
 The reference code evaluates its schedules once per epoch with the 1-indexed epoch number
 (`np.interp(epoch, [0, E//3, 2E//3, E], ...)`) and redistributes "after every step of epochs 75,
@@ -10,6 +10,14 @@ Synopsis::
 
     tables = build_schedules(config, steps_per_epoch=390)
     tables["lr_rob"][t], tables["beta"][t], tables["redistribute"][t]
+    tables["weights"][t]                 # [N]: each expert's weight in the global model's target
+    tables["experts"]["robust_l2"]["lr"][t]   # any expert's learning rate, by role
+
+The mixing weights generalise β to N experts (`mixing.weight_schedule`): until `beta_start` the
+natural expert(s) weigh 0 and the adversarial ones share 1 in the proportions of their final
+weights; then every weight moves linearly to `expert_weights_final` (by default 1 - beta_final
+for the natural expert(s), beta_final shared equally by the others). With the classic two
+experts the robust column is the reference β table bit for bit and the natural one is 1 - β.
 
 Redistribution is defined in fractions of the run, so that short runs keep the reference's phase
 and duty cycle: with T steps, redistribution runs in periods of `period * T` steps starting at
@@ -22,11 +30,13 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 
 from gen_jax.config import Config
-from gen_jax.mixing import beta_schedule, schedule_knot
+from gen_jax.mixing import beta_schedule, schedule_knot, weight_schedule
+from gen_jax.training import methods
 
 
 def epoch_of_step(step: np.ndarray, steps_per_epoch: int) -> np.ndarray:
@@ -54,6 +64,45 @@ def beta_table(config: Config, steps_per_epoch: int) -> np.ndarray:
                     dtype=np.float32)
 
 
+def mixing_weights(config: Config) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(start, final) weight of each expert of `config.experts` in the global model's target.
+
+  Final: `expert_weights_final`, or 1 - beta_final shared by the natural (clean) experts and
+  beta_final by the adversarial ones (all of it to one kind when the other is absent). Start: the
+  natural experts 0, the adversarial ones 1 in proportion to their final weights (equal shares if
+  those are all 0), so that the global model follows the robust experts first, as with β = 1.
+  """
+  specs = config.expert_specs
+  adversarial = [s.adversarial for s in specs]
+  kinds = {True: adversarial.count(True), False: adversarial.count(False)}
+  if config.expert_weights_final:
+    final = tuple(float(w) for w in config.expert_weights_final)
+  elif not kinds[True] or not kinds[False]:
+    final = tuple(1.0 / len(specs) for _ in specs)
+  else:
+    share = {True: config.beta_final, False: 1.0 - config.beta_final}
+    final = tuple(share[a] / kinds[a] for a in adversarial)
+  if not kinds[True]:
+    return final, final
+  robust_total = sum(w for w, a in zip(final, adversarial) if a)
+  start = tuple((w / robust_total if robust_total > 0 else 1.0 / kinds[True]) if a else 0.0
+                for w, a in zip(final, adversarial))
+  return start, final
+
+
+def weights_table(config: Config, steps_per_epoch: int) -> np.ndarray:
+  """[T, N] weight of each expert (columns in `config.experts` order) per step; rows sum to 1."""
+  total = config.epochs * steps_per_epoch
+  epoch = epoch_of_step(np.arange(total), steps_per_epoch)
+  start, final = mixing_weights(config)
+  return np.asarray(weight_schedule(epoch,
+                                    config.epochs,
+                                    start=start,
+                                    final=final,
+                                    start_fraction=config.beta_start),
+                    dtype=np.float32)
+
+
 def _rational(value: float) -> Fraction:
   return Fraction(value).limit_denominator(100_000)
 
@@ -77,23 +126,40 @@ def redistribution_table(config: Config, total_steps: int) -> np.ndarray:
   return mask
 
 
-def build_schedules(config: Config, steps_per_epoch: int) -> dict[str, np.ndarray]:
-  """All per-step tables of a run, keyed `lr_nat`, `lr_rob`, `beta`, `redistribute`.
+def build_schedules(config: Config, steps_per_epoch: int) -> dict[str, Any]:
+  """All per-step tables of a run.
 
   Args:
     config: the run's configuration.
     steps_per_epoch: optimiser steps per epoch (training images // batch size).
 
   Returns:
-    A dict of numpy arrays of length `epochs * steps_per_epoch`.
+    A dict of numpy arrays of length T = `epochs * steps_per_epoch`: `lr_nat` and `lr_rob` (the
+    flat fields' learning rates), `beta` (the robust share of the global model's target: β for
+    the classic two experts, the adversarial experts' total weight for more, the reference β
+    table for a single-expert method), `weights` ([T, N], per expert in `config.experts` order),
+    `redistribute` (bool), and `experts`: role -> {"lr": that expert's learning rate}.
   """
   if steps_per_epoch < 1:
     raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}: the training split "
                      f"is smaller than one batch of {config.batch_size}; lower --batch_size.")
   total = config.epochs * steps_per_epoch
+  specs = config.expert_specs
+  weights = weights_table(config, steps_per_epoch)
+  if config.method == methods.MULTI_EXPERT_METHOD:
+    adversarial = np.asarray([s.adversarial for s in specs])
+    beta = weights[:, adversarial].sum(axis=1, dtype=np.float32)
+  else:
+    beta = beta_table(config, steps_per_epoch)
   return {
       "lr_nat": learning_rate_table(config.lr_nat, config, steps_per_epoch),
       "lr_rob": learning_rate_table(config.lr_rob, config, steps_per_epoch),
-      "beta": beta_table(config, steps_per_epoch),
+      "beta": beta,
+      "weights": weights,
       "redistribute": redistribution_table(config, total),
+      "experts": {
+          s.role: {
+              "lr": learning_rate_table(s.lr, config, steps_per_epoch)
+          } for s in specs
+      },
   }

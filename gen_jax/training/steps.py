@@ -1,20 +1,31 @@
-"""Training state and the pure per-batch functions of Generalist.
+"""Training state and the pure per-batch functions of Generalist, for two experts or N.
 
 Each expert has its own state and its own pure step; the Generalist update mixes them:
 
     x = augment(key, uint8 batch)
     natural, m = natural_train_step(natural, x, y, lr_nat)                  # clean, train mode
     robust, m = robust_train_step(robust, x, y, key, hparams)             # PGD (inference BN)
-    state = generalist_update(state with both experts, beta_t, redistribute_t)
+    state = generalist_update(state with every expert, weights_t, redistribute_t)
+
+The experts are those of `config.expert_specs` (`training.methods.ExpertSpec`): the classic
+natural and robust ones, or any list of clean, PGD-AT and TRADES experts, each with its own norm,
+radius, steps and optimiser (Generalist++: e.g. natural, L-inf and L2 experts). One code path
+serves every N: the classic Generalist is the case N = 2, and its global model's target
+`mix(teacher_nat, teacher_rob, β)` is `mix_many([teacher_nat, teacher_rob], [1 - β, β])`.
 
 `train_step` composes them for one batch; `make_train_step` is the one jitted step of the
-project (the training loop and `experiments/bench.py` both run it): it gathers the batch from
-the device-resident training set, runs `train_step` with the state donated and adds the metrics
-to running totals. Every hyper-parameter that a schedule may change (learning rates, β, the
+project (the training loop and `experiments/bench.py` both run it): it takes one global batch
+(`parallel.global_batch`), runs `train_step` with the state donated and adds the metrics to
+running totals. Every hyper-parameter that a schedule may change (learning rates, β, the
 redistribution flag, eps and step sizes) reaches it as a traced argument, so nothing recompiles.
 
 The state speaks the role vocabulary of `training.methods`: `experts` and `teachers` are keyed
-`natural` / `robust` (only the experts the method trains), and `models()` adds `global`.
+by role (`natural` / `robust`, or the roles of `experts_spec` such as `robust_l2`: only the
+experts the run trains), and `models()` adds `global`. The state is a dict of experts, not a
+stacked array of them: the experts differ in static settings (norm, PGD steps, PGD-AT or TRADES),
+which a stacked (vmapped) form could only serve by running every expert's program for each, and
+a dict unrolls at trace time into the same single jitted dispatch per step. It also keeps the
+pytree of the two-expert runs, so their checkpoints restore and resume unchanged.
 
 `model_health(state, divergence_bounds(initial, factor))` is the loop's cheap on-device check of
 every model (finite, and within `factor` of its initial magnitude): a few scalars to read.
@@ -25,12 +36,15 @@ Synopsis::
     tables = schedule_arrays(config, steps_per_epoch=S)
     step_fn = make_train_step(config, model)
     totals = zero_totals(config)
-    state, totals = step_fn(state, totals, train_x, train_y, perm, index, key, tables)
+    images, labels = parallel.global_batch((train_x, train_y), rows, batch_sharding)
+    state, totals = step_fn(state, totals, images, labels, key, tables)
 
 References:
   Wang & Wang, "Generalist: Decoupling Natural and Robust Generalization", CVPR 2023.
   Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018.
   Zhang et al., "Theoretically Principled Trade-off between Robustness and Accuracy", ICML 2019.
+  Wang et al., "Generalist++: A Meta-learning Framework for Mitigating Trade-off in Adversarial
+  Training", arXiv 2510.13361, 2025 (several experts, one per sub-task or norm).
 """
 from __future__ import annotations
 
@@ -47,8 +61,8 @@ from gen_jax import attacks, mixing
 from gen_jax.config import Config
 from gen_jax.data.augment import augment_batch, flip_default
 from gen_jax.models import init_variables
-from gen_jax.training import losses
-from gen_jax.training.methods import GLOBAL, NATURAL, ROBUST
+from gen_jax.training import losses, methods
+from gen_jax.training.methods import GLOBAL, NATURAL, ExpertSpec
 from gen_jax.training.schedules import build_schedules
 
 Variables = dict[str, Any]  # {"params": ..., "batch_stats": ...}
@@ -67,7 +81,8 @@ class GeneralistState:
 
   Attributes:
     step: global optimiser step, int32.
-    experts: role -> the expert that the method trains (`natural`, `robust` or both).
+    experts: role -> each expert the run trains (`natural`, `robust`, both, or the roles of
+      `experts_spec`).
     teachers: role -> EMA of that expert's variables.
     global_model: the deployed model (for a single-expert method, its teacher).
   """
@@ -87,13 +102,22 @@ def _sgd(learning_rate, momentum, weight_decay):
                      optax.sgd(learning_rate, momentum=momentum))
 
 
+def expert_spec(config: Config, role: str) -> ExpertSpec:
+  """The expert of `role`: one of the run's experts, else the flat fields' natural or robust."""
+  specs = {**methods.classic_experts(config), **{s.role: s for s in config.expert_specs}}
+  if role not in specs:
+    raise ValueError(f"the run has no expert {role!r}; its experts are "
+                     f"{', '.join(config.experts)}.")
+  return specs[role]
+
+
 def make_optimizer(config: Config, role: str) -> optax.GradientTransformation:
-  """SGD with momentum and weight decay, the learning rate injected so a schedule can set it."""
-  weight_decay = config.weight_decay_nat if role == NATURAL else config.weight_decay_rob
-  lr = config.lr_nat if role == NATURAL else config.lr_rob
-  return optax.inject_hyperparams(_sgd)(learning_rate=lr,
+  """SGD with momentum and the expert's weight decay, the learning rate injected so that a
+  schedule can set it."""
+  spec = expert_spec(config, role)
+  return optax.inject_hyperparams(_sgd)(learning_rate=spec.lr,
                                         momentum=config.momentum,
-                                        weight_decay=weight_decay)
+                                        weight_decay=spec.weight_decay)
 
 
 def _set_lr(opt_state, lr):
@@ -154,9 +178,16 @@ def _train_forward(model: nn.Module, params, batch_stats, inputs):
   return logits, updated.get("batch_stats", batch_stats)
 
 
-def natural_train_step(state: ExpertState, x: jax.Array, y: jax.Array, lr: jax.Array, *,
-                       model: nn.Module, config: Config) -> tuple[ExpertState, dict]:
-  """One SGD step of the natural expert on clean images (BatchNorm in training mode)."""
+def natural_train_step(state: ExpertState,
+                       x: jax.Array,
+                       y: jax.Array,
+                       lr: jax.Array,
+                       *,
+                       model: nn.Module,
+                       config: Config,
+                       role: str = NATURAL) -> tuple[ExpertState, dict]:
+  """One SGD step of a clean expert (`role`, natural by default) on clean images (BatchNorm in
+  training mode)."""
   stats = state.variables["batch_stats"]
 
   def loss_fn(params):
@@ -165,26 +196,35 @@ def natural_train_step(state: ExpertState, x: jax.Array, y: jax.Array, lr: jax.A
 
   (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn,
                                                           has_aux=True)(state.variables["params"])
-  return (_apply_update(state, grads, lr, config, NATURAL,
+  return (_apply_update(state, grads, lr, config, role,
                         new_stats), _accuracy_metrics(logits, y, loss))
 
 
-def adversarial_examples(variables: Variables, x: jax.Array, y: jax.Array, key: jax.Array,
-                         hparams: dict[str, jax.Array], *, model: nn.Module,
-                         config: Config) -> jax.Array:
-  """The robust expert's training adversary: PGD (Madry) or the TRADES KL attack.
+def adversarial_examples(variables: Variables,
+                         x: jax.Array,
+                         y: jax.Array,
+                         key: jax.Array,
+                         hparams: dict[str, jax.Array],
+                         *,
+                         model: nn.Module,
+                         config: Config,
+                         spec: ExpertSpec | None = None) -> jax.Array:
+  """An adversarial expert's training adversary: PGD (Madry) or the TRADES KL attack.
 
-  Runs the model with BatchNorm in inference mode, as the reference code's attacker does.
+  Runs the model with BatchNorm in inference mode, as the reference code's attacker does. `spec`
+  (default: the flat fields' robust expert) gives the objective, norm and steps; `hparams` the
+  traced radius `eps` and `step_size`.
   """
+  spec = spec or expert_spec(config, methods.ROBUST)
   logits_fn = lambda z: model.apply(variables, z, train=False)
-  if config.uses_trades:
+  if spec.objective == "trades":
     x_adv = attacks.trades_attack(logits_fn,
                                   x,
                                   key=key,
                                   eps=hparams["eps"],
                                   step_size=hparams["step_size"],
-                                  steps=config.pgd_steps,
-                                  norm=config.norm)
+                                  steps=spec.steps,
+                                  norm=spec.norm)
   else:
     x_adv = attacks.pgd(logits_fn,
                         x,
@@ -192,35 +232,44 @@ def adversarial_examples(variables: Variables, x: jax.Array, y: jax.Array, key: 
                         key=key,
                         eps=hparams["eps"],
                         step_size=hparams["step_size"],
-                        steps=config.pgd_steps,
-                        norm=config.norm)
+                        steps=spec.steps,
+                        norm=spec.norm)
   return jax.lax.stop_gradient(x_adv)
 
 
-def robust_train_step(state: ExpertState, x: jax.Array, y: jax.Array, key: jax.Array,
-                      hparams: dict[str, jax.Array], *, model: nn.Module,
-                      config: Config) -> tuple[ExpertState, dict]:
-  """One step of the robust expert: PGD (Madry) or TRADES adversarial training.
+def robust_train_step(state: ExpertState,
+                      x: jax.Array,
+                      y: jax.Array,
+                      key: jax.Array,
+                      hparams: dict[str, jax.Array],
+                      *,
+                      model: nn.Module,
+                      config: Config,
+                      spec: ExpertSpec | None = None) -> tuple[ExpertState, dict]:
+  """One step of an adversarial expert: PGD (Madry) or TRADES adversarial training.
 
   The adversarial examples are generated with BatchNorm in inference mode (running statistics),
   as the reference code does (`model.eval()` inside its attacker); the update then runs in
   training mode on the adversarial batch. Accuracy metrics are on the adversarial batch.
 
   Args:
-    state: the robust expert.
+    state: the expert.
     x: augmented clean images in [0, 1].
     y: labels.
     key: PRNG key of the attack's random start.
-    hparams: traced scalars `lr_rob`, `eps`, `step_size`, `trades_beta`.
+    hparams: traced scalars `lr_rob` (this expert's learning rate), `eps`, `step_size`,
+      `trades_beta`.
     model: the linen module.
-    config: static settings (`pgd_steps`, `norm`, whether TRADES is used).
+    config: static settings.
+    spec: the expert (objective, norm, steps, optimiser); default the flat fields' robust one.
   """
+  spec = spec or expert_spec(config, methods.ROBUST)
   variables = state.variables
   stats = variables["batch_stats"]
-  x_adv = adversarial_examples(variables, x, y, key, hparams, model=model, config=config)
+  x_adv = adversarial_examples(variables, x, y, key, hparams, model=model, config=config, spec=spec)
 
   def loss_fn(params):
-    if config.uses_trades:
+    if spec.objective == "trades":
       # TRADES runs the clean and the adversarial batch through the network in training mode,
       # one after the other (BatchNorm statistics updated twice, as in the TRADES code).
       logits_nat, stats_1 = _train_forward(model, params, stats, x)
@@ -233,20 +282,33 @@ def robust_train_step(state: ExpertState, x: jax.Array, y: jax.Array, key: jax.A
 
   (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn,
                                                           has_aux=True)(variables["params"])
-  return (_apply_update(state, grads, hparams["lr_rob"], config, ROBUST,
+  return (_apply_update(state, grads, hparams["lr_rob"], config, spec.role,
                         new_stats), _accuracy_metrics(logits, y, loss))
 
 
-def generalist_update(state: GeneralistState, *, beta: jax.Array, redistribute: jax.Array,
-                      config: Config) -> GeneralistState:
+def generalist_update(state: GeneralistState,
+                      *,
+                      redistribute: jax.Array,
+                      config: Config,
+                      weights: jax.Array | None = None,
+                      beta: jax.Array | None = None) -> GeneralistState:
   """EMA teachers, the global model and redistribution, after the experts have stepped.
 
-  With d_t = min(decay, (t + 1) / (t + 10)) (t = updates made so far):
+  With d_t = min(decay, (t + 1) / (t + 10)) (t = updates made so far) and the experts r_1..r_N
+  of `config.experts`:
     teacher_r <- d_t * teacher_r + (1 - d_t) * expert_r for each expert r,
-    global <- d_t * global + (1 - d_t) * (β_t * teacher_robust + (1 - β_t) * teacher_natural),
-  all over parameters AND BatchNorm statistics; then, when `redistribute`, both experts'
-  variables are overwritten with the global model's (optimiser momentum is kept).
+    global <- d_t * global + (1 - d_t) * mix_many([teacher_r1, ..., teacher_rN], w_t),
+  all over parameters AND BatchNorm statistics; then, when `redistribute`, every expert's
+  variables are overwritten with the global model's (optimiser momentum is kept). For the classic
+  two experts w_t = (1 - β_t, β_t): `mix(teacher_natural, teacher_robust, β_t)`.
   For a single-expert method, its teacher is the global model.
+
+  Args:
+    state: the state after the experts' steps.
+    redistribute: traced bool, whether to copy the global model into the experts.
+    config: static settings (method, experts, EMA decay).
+    weights: traced [N] weights of the experts in `config.experts` order (summing to 1).
+    beta: instead of `weights`, for the classic two experts: the robust weight β.
   """
   decay = mixing.ema_decay(state.step, config.ema_decay)
   teachers = {
@@ -254,8 +316,15 @@ def generalist_update(state: GeneralistState, *, beta: jax.Array, redistribute: 
       for role, expert in state.experts.items()
   }
   experts = state.experts
-  if config.method == "generalist":
-    target = mixing.mix(teachers[NATURAL], teachers[ROBUST], beta)
+  if config.method == methods.MULTI_EXPERT_METHOD:
+    if weights is None:
+      if beta is None or len(config.experts) != 2:
+        raise ValueError(f"generalist_update needs `weights` (one per expert of "
+                         f"{config.experts}); `beta` serves two experts only.")
+      beta = jnp.asarray(beta, jnp.float32)
+      weights = jnp.stack([1 - beta, beta])
+    # Mixing order is the config's, not the dict's (a jitted dict comes back key-sorted).
+    target = mixing.mix_many([teachers[role] for role in config.experts], weights)
     global_model = mixing.ema_update(state.global_model, target, decay)
     select = lambda own: jax.tree_util.tree_map(lambda g, o: jnp.where(redistribute, g, o),
                                                 global_model, own)
@@ -278,8 +347,9 @@ def train_step(state: GeneralistState, images: jax.Array, labels: jax.Array, key
     images: uint8 NHWC batch (augmented here, on the device).
     labels: int labels.
     key: this step's PRNG key (already folded with the step).
-    tables: per-step schedule arrays (`lr_nat`, `lr_rob`, `beta`, `redistribute`) and scalars
-      (`eps`, `step_size`, `trades_beta`), all traced.
+    tables: `schedule_arrays`: per-step tables (`weights` [T, N], `redistribute`, per expert
+      role `experts[role]["lr"]`), per adversarial expert its `eps` and `step_size`, and
+      `trades_beta`, all traced.
     model: the linen module.
     config: static settings.
 
@@ -289,42 +359,54 @@ def train_step(state: GeneralistState, images: jax.Array, labels: jax.Array, key
   aug_key, attack_key = jax.random.split(key)
   flip = config.flip if config.flip is not None else flip_default(config.dataset)
   x = augment_batch(aug_key, images, pad=config.crop_padding, flip=flip)
-  t = jnp.minimum(state.step, tables["beta"].shape[0] - 1)
+  t = jnp.minimum(state.step, tables["weights"].shape[0] - 1)
   experts, metrics = dict(state.experts), {}
-  if NATURAL in experts:
-    experts[NATURAL], metrics[NATURAL] = natural_train_step(experts[NATURAL],
-                                                            x,
-                                                            labels,
-                                                            tables["lr_nat"][t],
-                                                            model=model,
-                                                            config=config)
-  if ROBUST in experts:
+  adversarial = 0
+  for spec in config.expert_specs:
+    role, hp = spec.role, tables["experts"][spec.role]
+    if not spec.adversarial:
+      experts[role], metrics[role] = natural_train_step(experts[role],
+                                                        x,
+                                                        labels,
+                                                        hp["lr"][t],
+                                                        model=model,
+                                                        config=config,
+                                                        role=role)
+      continue
+    # The first adversarial expert draws from this step's attack key itself (as the classic
+    # robust expert always has), later ones from keys folded from it.
+    key_i = attack_key if adversarial == 0 else jax.random.fold_in(attack_key, adversarial)
+    adversarial += 1
     hparams = {
-        "lr_rob": tables["lr_rob"][t],
-        "eps": tables["eps"],
-        "step_size": tables["step_size"],
+        "lr_rob": hp["lr"][t],
+        "eps": hp["eps"],
+        "step_size": hp["step_size"],
         "trades_beta": tables["trades_beta"]
     }
-    experts[ROBUST], metrics[ROBUST] = robust_train_step(experts[ROBUST],
-                                                         x,
-                                                         labels,
-                                                         attack_key,
-                                                         hparams,
-                                                         model=model,
-                                                         config=config)
+    experts[role], metrics[role] = robust_train_step(experts[role],
+                                                     x,
+                                                     labels,
+                                                     key_i,
+                                                     hparams,
+                                                     model=model,
+                                                     config=config,
+                                                     spec=spec)
   state = generalist_update(state.replace(experts=experts),
-                            beta=tables["beta"][t],
+                            weights=tables["weights"][t],
                             redistribute=tables["redistribute"][t],
                             config=config)
   return state, metrics
 
 
-def schedule_arrays(config: Config, steps_per_epoch: int) -> dict[str, jax.Array]:
-  """The traced inputs of `train_step`: schedule tables plus the attack's scalars."""
-  tables = {k: jnp.asarray(v) for k, v in build_schedules(config, steps_per_epoch).items()}
-  tables.update(eps=jnp.float32(config.eps),
-                step_size=jnp.float32(config.step_size),
-                trades_beta=jnp.float32(config.trades_beta))
+def schedule_arrays(config: Config, steps_per_epoch: int) -> dict[str, Any]:
+  """The traced inputs of `train_step`: the schedule tables (`schedules.build_schedules`), each
+  adversarial expert's `eps` and `step_size` (under `experts[role]`) and `trades_beta`."""
+  tables = jax.tree_util.tree_map(jnp.asarray, build_schedules(config, steps_per_epoch))
+  for spec in config.expert_specs:
+    if spec.adversarial:
+      tables["experts"][spec.role].update(eps=jnp.float32(spec.eps),
+                                          step_size=jnp.float32(spec.step_size))
+  tables["trades_beta"] = jnp.float32(config.trades_beta)
   return tables
 
 
@@ -339,34 +421,30 @@ def zero_totals(config: Config) -> dict[str, dict[str, jax.Array]]:
   }
 
 
-def _gathered_train_step(state, totals, train_x, train_y, perm, index, key, tables, *, model,
-                         config, batch_sharding):
-  """Gathers batch `index` of the permutation `perm`, runs `train_step`, adds up its metrics."""
-  idx = jax.lax.dynamic_slice_in_dim(perm, index * config.batch_size, config.batch_size)
-  images, labels = train_x[idx], train_y[idx]
-  if batch_sharding is not None:
-    images = jax.lax.with_sharding_constraint(images, batch_sharding)
-    labels = jax.lax.with_sharding_constraint(labels, batch_sharding)
+def _batch_train_step(state, totals, images, labels, key, tables, *, model, config):
+  """Runs `train_step` on one global batch with this step's key, and adds up its metrics."""
   step_key = jax.random.fold_in(key, state.step)
   state, metrics = train_step(state, images, labels, step_key, tables, model=model, config=config)
   totals = jax.tree_util.tree_map(lambda a, b: a + b.astype(a.dtype), totals, metrics)
   return state, totals
 
 
-def make_train_step(config: Config, model: nn.Module, *, batch_sharding: Any = None):
+def make_train_step(config: Config, model: nn.Module):
   """The jitted training step of the project, with the state and the totals donated.
 
+  The batch is an argument (not gathered inside from a device-resident training set) so that
+  each process of a multi-host job supplies only the rows its devices hold and no device keeps
+  the whole data set; feeding it from the host costs nothing measurable against the former
+  on-device gather (`experiments/bench.py --feed`).
+
   Returns:
-    `step_fn(state, totals, train_x, train_y, perm, index, key, tables) -> (state, totals)`:
-    batch `index` of the permutation `perm` of the device-resident `train_x` / `train_y` (uint8
-    images, int32 labels), this step's key `fold_in(key, state.step)`, and the schedule `tables`
-    of `schedule_arrays` (arguments, not constants: one compiled program serves any values).
-    `batch_sharding` (optional) lays the gathered batch out over the data-parallel mesh.
+    `step_fn(state, totals, images, labels, key, tables) -> (state, totals)`: one global batch
+    (uint8 images, int32 labels, laid out by `parallel.global_batch`; the step computes in that
+    layout, with BatchNorm statistics, augmentation and attack noise of the global batch), the
+    run's training key (the step uses `fold_in(key, state.step)`) and the schedule `tables` of
+    `schedule_arrays` (arguments, not constants: one compiled program serves any values).
   """
-  return jax.jit(functools.partial(_gathered_train_step,
-                                   model=model,
-                                   config=config,
-                                   batch_sharding=batch_sharding),
+  return jax.jit(functools.partial(_batch_train_step, model=model, config=config),
                  donate_argnums=(0, 1))
 
 
