@@ -33,8 +33,8 @@ def _parse(argv=None):
   source.add_argument("--checkpoint", help="a saved model (sweep_mix.py --select) or WORKDIR/best")
   parser.add_argument("--model",
                       default="global",
-                      choices=ROLES + ("all",),
-                      help="which model of --workdir (default global)")
+                      help="which model of --workdir: a role of its method (" + ", ".join(ROLES) +
+                      "; robust_linf, robust_l2, ... in a multi-norm run) or all (default global)")
   parser.add_argument("--attacks",
                       type=cli.names_of(catalogue.check_names),
                       default=catalogue.REPORT_ATTACKS,

@@ -55,8 +55,8 @@ def _parse(argv=None):
                       help="import PyTorch weights as a gen_jax model instead")
   parser.add_argument("--model",
                       default="global",
-                      choices=ROLES,
-                      help="which model of --workdir (default global)")
+                      help="which model of --workdir: a role of its method (" + ", ".join(ROLES) +
+                      "; robust_linf, robust_l2, ... in a multi-norm run) (default global)")
   parser.add_argument("--format",
                       default="both",
                       type=cli.parsed_by(_formats),

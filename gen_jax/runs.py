@@ -8,6 +8,7 @@ A training run owns one directory::
     WORKDIR/best/            orbax: the best global model by validation clean + PGD accuracy
     WORKDIR/summary.json     final test accuracy of the evaluated models
     WORKDIR/eval/            evaluation results (reports, sweeps, selected mixtures)
+    WORKDIR/tensorboard/     TensorBoard event files: the metrics as curves (gen_jax.tensorboard)
     WORKDIR/.lock            while a training process works in it: its PID and host
 
 The training loop (`gen_jax.training.loop`) writes it through `TrainingRun` and `lock`; the
@@ -68,7 +69,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from gen_jax import checkpoint, data, models, parallel
+from gen_jax import checkpoint, data, models, parallel, tensorboard
 from gen_jax.config import Config, config_from_record, config_record
 from gen_jax.training.methods import GLOBAL, NATURAL, ROBUST
 
@@ -491,6 +492,14 @@ class TrainingRun:
     check_layout(self.workdir)
     self.checkpoints = checkpoint_manager(self.workdir, config)
     self.best = best_manager(self.workdir)
+    self.events = None
+
+  def open_events(self, first_epoch: int, images_per_epoch: int) -> None:
+    """Starts the TensorBoard copy of the metrics at `first_epoch` (the first epoch to train)."""
+    if parallel.is_primary():
+      self.events = tensorboard.EventWriter.open(self.workdir,
+                                                 first_epoch=first_epoch,
+                                                 images_per_epoch=images_per_epoch)
 
   def resume(
       self,
@@ -598,6 +607,8 @@ class TrainingRun:
     checkpoint.delete_steps(self.best, keep=() if keep is None else (keep,))
     if record is not None and parallel.is_primary():
       append_metrics(self.workdir, record)
+      if self.events is not None:
+        self.events.write(record)
 
   def finish(self, summary: dict[str, Any]) -> None:
     """Writes summary.json (atomically): the run is finished (process 0 only)."""
@@ -607,6 +618,8 @@ class TrainingRun:
   def close(self) -> None:
     self.checkpoints.close()
     self.best.close()
+    if self.events is not None:
+      self.events.close()
 
 
 # ---------------------------------------------------------------------- evaluation: models

@@ -198,7 +198,7 @@ PROGRAM_CASES = [
     ("evaluate-batch-zero", "evaluate", ["--workdir", "{generalist}", "--batch-size",
                                          "0"], r"must be >= 1"),
     ("evaluate-unknown-model", "evaluate", ["--workdir", "{generalist}", "--model",
-                                            "teacher"], r"invalid choice: 'teacher'"),
+                                            "teacher"], r"has no \['teacher'\] model; it has"),
     ("evaluate-untrained-role", "evaluate", ["--workdir", "{pgd_at}", "--model",
                                              "natural"], r"has no \['natural'\] model"),
     ("evaluate-unwritable-out", "evaluate",

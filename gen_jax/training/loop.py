@@ -378,6 +378,8 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, max_epochs:
                f"epoch {start_epoch + 1}, batch {start_index} of {steps_per_epoch}")
       if parallel.is_primary():
         print(f"Resuming {workdir} from step {saved_step} ({place}).", flush=True)
+    run.open_events(first_epoch=start_epoch + 1,
+                    images_per_epoch=steps_per_epoch * config.batch_size)
 
     tables = parallel.replicate(steps_lib.schedule_arrays(config, steps_per_epoch), mesh)
     # The training set stays on the host: each step every process reads only the rows of the
