@@ -40,7 +40,8 @@ host-resident synthetic training set, placed by `parallel.global_batch`); `--fee
 the former way instead, a jitted gather from a copy of the training set on every device.
 Many virtual CPU devices on few cores can deadlock XLA's CPU collectives (Eigen's thread pool
 runs out: "Expected 8 threads to join the rendezvous", seen for natural_step on 8 devices and 2
-cores); `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` (one thread per device) avoids it.
+cores); `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` (one thread per device) avoids it,
+and `--cpu-devices N` (N > 1) sets it unless XLA_FLAGS already has it.
 Model FLOPs follow the usual MFU convention: F = XLA's count for one inference forward pass,
 a training forward+backward = 3F, a PGD iteration (forward + input gradient) = 2F.
 """
@@ -78,6 +79,7 @@ SWEEPS = {
     "cpu-devices": ("cpu_devices", ("--cpu-devices",), [1, 2, 4, 8]),
 }
 SWEEP_ALIASES = {"batch": "batch-size", "pgd_steps": "pgd-steps"}  # the names used before
+SINGLE_THREADED_EIGEN = "--xla_cpu_multi_thread_eigen=false"  # for many virtual CPU devices
 
 
 def _parse_args(argv=None) -> argparse.Namespace:
@@ -639,6 +641,9 @@ def main(argv: list[str] | None = None) -> int:
   if args.sweep:
     return _run_sweep(args, argv)
   if args.cpu_devices:
+    if args.cpu_devices > 1 and SINGLE_THREADED_EIGEN not in os.environ.get("XLA_FLAGS", ""):
+      # Read when the CPU backend starts (below); avoids the rendezvous deadlock (docstring).
+      os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SINGLE_THREADED_EIGEN}".strip()
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before any device is touched
   if args.per_device_batch:
     args.batch = args.per_device_batch * jax.device_count()

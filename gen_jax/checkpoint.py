@@ -245,6 +245,8 @@ def saved_keys(directory: str | os.PathLike, step: int | None = None) -> tuple[s
   Lets a caller pick the layout to restore into (e.g. a checkpoint of an earlier version) before
   restoring; an unreadable checkpoint gives None too (the restore then reports it).
   """
+  if not os.path.isdir(directory):  # nothing saved yet (and no orbax "read only" warning)
+    return None
   manager = _read_manager(directory)
   try:
     step = manager.latest_step() if step is None else step
@@ -276,6 +278,8 @@ def restore_items(directory: str | os.PathLike,
   Raises:
     ValueError: unreadable checkpoint, or a requested key it does not hold.
   """
+  if not os.path.isdir(directory):  # nothing saved yet (and no orbax "read only" warning)
+    return None
   manager = _read_manager(directory)
   try:
     step = manager.latest_step() if step is None else step
