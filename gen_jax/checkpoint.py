@@ -26,6 +26,7 @@ state's shardings, so a checkpoint written by 2 processes on 8 devices restores 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -239,25 +240,34 @@ def _read_manager(directory: str | os.PathLike) -> ocp.CheckpointManager:
                                })
 
 
+@contextlib.contextmanager
+def _reading(directory: str | os.PathLike, step: int | None):
+  """`(read-only manager, step)` of `directory` (step None: the latest), closed on exit;
+  `(None, None)` when nothing is saved there (no orbax "read only" warning for a fresh run)."""
+  if not os.path.isdir(directory):
+    yield None, None
+    return
+  manager = _read_manager(directory)
+  try:
+    step = manager.latest_step() if step is None else step
+    yield (manager, step) if step is not None else (None, None)
+  finally:
+    manager.close()
+
+
 def saved_keys(directory: str | os.PathLike, step: int | None = None) -> tuple[str, ...] | None:
   """The top-level keys of the state saved at `step` (default: the latest); None if none.
 
   Lets a caller pick the layout to restore into (e.g. a checkpoint of an earlier version) before
   restoring; an unreadable checkpoint gives None too (the restore then reports it).
   """
-  if not os.path.isdir(directory):  # nothing saved yet (and no orbax "read only" warning)
-    return None
-  manager = _read_manager(directory)
-  try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
+  with _reading(directory, step) as (manager, step):
+    if manager is None:
       return None
     try:
       return tuple(manager.item_metadata(step)["state"].keys())
     except Exception:  # pylint: disable=broad-except  # unreadable: let the restore say why
       return None
-  finally:
-    manager.close()
 
 
 def restore_items(directory: str | os.PathLike,
@@ -278,12 +288,8 @@ def restore_items(directory: str | os.PathLike,
   Raises:
     ValueError: unreadable checkpoint, or a requested key it does not hold.
   """
-  if not os.path.isdir(directory):  # nothing saved yet (and no orbax "read only" warning)
-    return None
-  manager = _read_manager(directory)
-  try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
+  with _reading(directory, step) as (manager, step):
+    if manager is None:
       return None
     try:
       tree = manager.item_metadata(step)["state"]
@@ -306,8 +312,6 @@ def restore_items(directory: str | os.PathLike,
       raise ValueError(f"cannot restore checkpoint step {step} from {directory}: {error}. The "
                        "checkpoint is corrupt or not of a gen_jax run.") from error
     return dict(restored["state"]), dict(restored["meta"])
-  finally:
-    manager.close()
 
 
 MODEL_RECORD = "model.json"
