@@ -365,13 +365,44 @@ def append_metrics(workdir: PathLike, record: dict[str, Any]) -> None:
     f.write(json.dumps(record) + "\n")
 
 
-def read_metrics(workdir: PathLike, *, torn_tail: bool = False) -> list[dict[str, Any]]:
+_LEGACY_ROLES = {"nat": NATURAL, "rob": ROBUST}  # metric-key prefixes of the first landings
+
+
+def _upgrade_record(record: dict[str, Any]) -> dict[str, Any]:
+  """An epoch record of an earlier version (`nat_loss`, `lr_rob`, `val_global`...) in today's
+  form (`train[role]`, `lr[role]`, `weights[role]`, `validation`); today's records unchanged."""
+  if "train" in record or not any(f"{p}_loss" in record for p in _LEGACY_ROLES):
+    return record
+  legacy = dict(record)
+  trained = [r for p, r in _LEGACY_ROLES.items() if f"{p}_loss" in legacy]
+  out: dict[str, Any] = {"epoch": legacy.pop("epoch"), "step": legacy.pop("step")}
+  out["train"] = {
+      role: {
+          "loss": legacy.pop(f"{p}_loss"),
+          "acc": legacy.pop(f"{p}_acc", None)
+      } for p, role in _LEGACY_ROLES.items() if role in trained
+  }
+  lrs = {role: legacy.pop(f"lr_{p}", None) for p, role in _LEGACY_ROLES.items()}
+  out["lr"] = {role: lrs[role] for role in trained}
+  beta = legacy.get("beta", 1.0)
+  out["weights"] = ({NATURAL: 1.0 - beta, ROBUST: beta} if len(trained) == 2 else {trained[0]: 1.0})
+  if "val_global" in legacy:
+    legacy["validation"] = {GLOBAL: legacy.pop("val_global")}
+  return {**out, **legacy}
+
+
+def read_metrics(workdir: PathLike,
+                 *,
+                 torn_tail: bool = False,
+                 as_written: bool = False) -> list[dict[str, Any]]:
   """The run's per-epoch records (empty before the first epoch ends).
 
   Args:
     workdir: the run directory.
     torn_tail: drop an unterminated, unreadable last line (a kill while it was appended)
       instead of raising.
+    as_written: records exactly as in the file; by default a line of an earlier version
+      (a run begun before the role vocabulary, possibly resumed since) is given in today's form.
 
   Raises:
     ValueError: a line is not JSON (naming the file and the line).
@@ -391,7 +422,7 @@ def read_metrics(workdir: PathLike, *, torn_tail: bool = False) -> list[dict[str
           break
         raise ValueError(f"{path} line {number} is not valid JSON ({error}); restore it from a "
                          "copy or delete the line.") from error
-  return records
+  return records if as_written else [_upgrade_record(r) for r in records]
 
 
 def write_summary(workdir: PathLike, summary: dict[str, Any]) -> None:
@@ -541,7 +572,7 @@ class TrainingRun:
 
     restored = checkpoint.restore_newest_intact(self.checkpoints, template, check_all)
     if restored is None:
-      records = read_metrics(self.workdir, torn_tail=True)
+      records = read_metrics(self.workdir, torn_tail=True, as_written=True)
       if records:
         raise ValueError(
             f"{self.workdir / METRICS_FILE} holds {len(records)} epochs but "
@@ -559,7 +590,8 @@ class TrainingRun:
       records = list(meta["metrics"])
     else:  # a checkpoint of an earlier version: the file is the only copy
       records = [
-          r for r in read_metrics(self.workdir, torn_tail=True) if r["epoch"] <= meta["epoch"]
+          r for r in read_metrics(self.workdir, torn_tail=True, as_written=True)
+          if r["epoch"] <= meta["epoch"]
       ]
       if len(records) < meta["epoch"]:
         _note(f"Warning: {self.workdir / METRICS_FILE} lacks the lines of "

@@ -71,6 +71,115 @@ def _variables(value):
   return jax.tree_util.tree_map(lambda a: jnp.full_like(a, value), v)
 
 
+def test_metrics_of_earlier_versions_read_in_todays_form_and_plot(tmp_path):
+  """A run begun before the role vocabulary and resumed since holds both kinds of lines."""
+  from gen_jax.evaluation import plots  # pylint: disable=import-outside-toplevel
+  legacy = {
+      "epoch": 1,
+      "step": 74,
+      "nat_loss": 1.9,
+      "nat_acc": 0.28,
+      "rob_loss": 2.2,
+      "rob_acc": 0.18,
+      "lr_nat": 0.05,
+      "lr_rob": 0.04,
+      "beta": 0.75,
+      "redistributed_steps": 0,
+      "train_seconds": 18.9,
+      "test": {
+          "global": {
+              "clean_acc": 0.4,
+              "pgd_acc": 0.2
+          }
+      },
+      "val_global": {
+          "clean_acc": 0.38,
+          "pgd_acc": 0.19
+      }
+  }
+  today = {
+      "epoch": 2,
+      "step": 148,
+      "train": {
+          "natural": {
+              "loss": 1.7,
+              "acc": 0.35
+          },
+          "robust": {
+              "loss": 2.1,
+              "acc": 0.2
+          }
+      },
+      "lr": {
+          "natural": 0.05,
+          "robust": 0.04
+      },
+      "beta": 0.5,
+      "weights": {
+          "natural": 0.5,
+          "robust": 0.5
+      },
+      "redistributed_steps": 0,
+      "train_seconds": 17.0
+  }
+  (tmp_path / runs.METRICS_FILE).write_text(json.dumps(legacy) + "\n" + json.dumps(today) + "\n")
+  first, second = runs.read_metrics(tmp_path)
+  assert second == today
+  assert first == {
+      "epoch": 1,
+      "step": 74,
+      "train": {
+          "natural": {
+              "loss": 1.9,
+              "acc": 0.28
+          },
+          "robust": {
+              "loss": 2.2,
+              "acc": 0.18
+          }
+      },
+      "lr": {
+          "natural": 0.05,
+          "robust": 0.04
+      },
+      "weights": {
+          "natural": 0.25,
+          "robust": 0.75
+      },
+      "beta": 0.75,
+      "redistributed_steps": 0,
+      "train_seconds": 18.9,
+      "test": {
+          "global": {
+              "clean_acc": 0.4,
+              "pgd_acc": 0.2
+          }
+      },
+      "validation": {
+          "global": {
+              "clean_acc": 0.38,
+              "pgd_acc": 0.19
+          }
+      }
+  }
+  assert runs.read_metrics(tmp_path, as_written=True)[0] == legacy  # the resume path's view
+  single = {
+      "epoch": 1,
+      "step": 10,
+      "rob_loss": 2.0,
+      "rob_acc": 0.3,
+      "lr_nat": 0.1,
+      "lr_rob": 0.1,
+      "beta": 1.0
+  }
+  (tmp_path / runs.METRICS_FILE).write_text(json.dumps(single) + "\n")
+  upgraded, = runs.read_metrics(tmp_path)
+  assert upgraded["train"] == {"robust": {"loss": 2.0, "acc": 0.3}}
+  assert upgraded["lr"] == {"robust": 0.1} and upgraded["weights"] == {"robust": 1.0}
+  (tmp_path / runs.METRICS_FILE).write_text(json.dumps(legacy) + "\n" + json.dumps(today) + "\n")
+  assert plots.training_curves(runs.read_metrics(tmp_path), tmp_path / "curves.png").exists()
+
+
 def test_restore_models_reads_the_legacy_checkpoint_layout(tmp_path):
   """Runs written before the role vocabulary (teacher_nat, teacher_rob, mix) still evaluate."""
   config = cfg.get_config("tiny")
