@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 from collections.abc import Callable
@@ -230,14 +231,31 @@ def restore_newest_intact(
                    "overwritten).")
 
 
+class _DropReadOnlyNotice(logging.Filter):
+  """Drops orbax's "Given directory is read only" warning: reading is all a reader means to do."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Given directory is read only")
+
+
 def _read_manager(directory: str | os.PathLike) -> ocp.CheckpointManager:
-  """A read-only view of a checkpoint directory whose state item can be restored in part."""
-  return ocp.CheckpointManager(os.path.abspath(directory),
-                               options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_handlers={
-                                   "state": ocp.PyTreeCheckpointHandler(),
-                                   "meta": ocp.JsonCheckpointHandler()
-                               })
+  """A read-only view of a checkpoint directory whose state item can be restored in part.
+
+  The options are those orbax would force for a read-only manager (so it warns of none of them),
+  and its notice that the directory is read only is filtered out while the manager is built.
+  """
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+  notice, absl_logger = _DropReadOnlyNotice(), logging.getLogger("absl")
+  absl_logger.addFilter(notice)
+  try:
+    return ocp.CheckpointManager(os.path.abspath(directory),
+                                 options=options,
+                                 item_handlers={
+                                     "state": ocp.PyTreeCheckpointHandler(),
+                                     "meta": ocp.JsonCheckpointHandler()
+                                 })
+  finally:
+    absl_logger.removeFilter(notice)
 
 
 @contextlib.contextmanager
