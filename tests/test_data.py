@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from gen_jax import data
+from gen_jax.data import folder
 
 # ---------------------------------------------------------------------------------------------
 # digits (embedded default)
@@ -162,8 +163,25 @@ def test_folder_classes_order_labels(tmp_path):
   np.testing.assert_array_equal(ds.train_labels, [0, 0, 0, 1, 1, 1])
   expected = [_value(l, i, "train") for l in (0, 1) for i in range(3)]
   np.testing.assert_array_equal(ds.train_images[:, 0, 0, 0], expected)
+  # The test split is interleaved by class: every prefix (`--n`, the periodic test figure of
+  # training) holds both classes.
+  np.testing.assert_array_equal(ds.test_labels, [0, 1, 0, 1, 0, 1])
   np.testing.assert_array_equal(ds.test_images[:, 0, 0, 0],
-                                [_value(l, i, "test") for l in (0, 1) for i in range(3)])
+                                [_value(l, i, "test") for i in range(3) for l in (0, 1)])
+
+
+def test_class_interleaved_order_balances_every_prefix():
+  labels = np.repeat([2, 0, 1], [5, 3, 4])  # unequal classes, not in label order
+  order = folder.class_interleaved_order(labels)
+  assert sorted(order.tolist()) == list(range(12))  # a permutation
+  totals = np.bincount(labels)
+  for n in range(1, 13):  # the classes not yet used up are within one example of each other
+    counts = np.bincount(labels[order[:n]], minlength=3)
+    active = counts[counts < totals]
+    assert active.size == 0 or active.max() - active.min() <= 1, (n, counts)
+  for c in range(3):  # within a class the folder order is kept
+    picked = order[labels[order] == c]
+    assert np.all(np.diff(picked) > 0)
 
 
 def test_folder_16_bit_and_palette_images_are_converted_not_clipped(tmp_path):

@@ -150,6 +150,24 @@ def _stack(arrays: list[np.ndarray], paths: list[str], grey: bool) -> np.ndarray
   return out
 
 
+def class_interleaved_order(labels: np.ndarray) -> np.ndarray:
+  """The order that takes the first example of each class, then the second of each, and so on.
+
+  A folder lists its images class by class, so its first n test images would hold only the first
+  classes; in this order every prefix holds each class within one example of equally (until a
+  class runs out), with no random draw. Within a class the original order is kept.
+
+  >>> class_interleaved_order(np.array([0, 0, 0, 1, 1, 2])).tolist()
+  [0, 3, 5, 1, 4, 2]
+  """
+  labels = np.asarray(labels)
+  rank = np.zeros(labels.shape[0], dtype=np.int64)
+  for c in np.unique(labels):
+    members = np.flatnonzero(labels == c)
+    rank[members] = np.arange(members.size)
+  return np.lexsort((labels, rank))
+
+
 def load_image_folder(root: str | os.PathLike,
                       *,
                       image_size: int | None = None,
@@ -168,7 +186,10 @@ def load_image_folder(root: str | os.PathLike,
     num_threads: decoding threads; defaults to 4 per CPU core (at most 32).
 
   Returns:
-    A `Dataset` with uint8 images of 3 channels, or 1 when every image is greyscale.
+    A `Dataset` with uint8 images of 3 channels, or 1 when every image is greyscale. The training
+    split is in folder order (class by class, files sorted); the test split is interleaved by
+    class (`class_interleaved_order`), so that the first n test images, which quick evaluations
+    use (`--n`, the periodic test figure of training), hold every class equally.
 
   Raises:
     ValueError: a missing root or split folder, a split without class folders, test classes that
@@ -189,6 +210,7 @@ def load_image_folder(root: str | os.PathLike,
   train_keep = first_per_class(np.asarray(train_labels), max_per_class)
   test_keep = first_per_class(np.asarray(test_labels), max_test_per_class)
   train_paths = [train_paths[i] for i in train_keep]
+  test_keep = test_keep[class_interleaved_order(np.asarray(test_labels)[test_keep])]
   test_paths = [test_paths[i] for i in test_keep]
   paths = train_paths + test_paths
   arrays = _decode_all(paths, image_size, num_threads)
