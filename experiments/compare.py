@@ -75,8 +75,9 @@ def _add_arguments(parser):
                       help="betas of --sweep (default 0,0.2,...,1)")
   parser.add_argument("--sweep-n",
                       type=cli.positive_int,
-                      default=1000,
-                      help="test images of --sweep (default 1000)")
+                      default=None,
+                      help="test images of --sweep (default: all, the images of the runs' final "
+                      "figures, against which each mixture's chord score is computed)")
   parser.add_argument("--grid-step",
                       type=cli.positive_float,
                       default=0.25,
