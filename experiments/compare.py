@@ -12,15 +12,18 @@ workdir, so the whole study survives being stopped at any moment: run the same c
 After each run it rewrites `WORKDIR/compare.json` (every finished run and the aggregate) and
 `WORKDIR/compare.md`: per variant the mean and spread of clean and PGD-20 accuracy of the final
 model (for generalist, the global model), the chord score of each seed and its Student-t interval.
-With `--sweep`, each Generalist run then gets the mixing sweep of its two teachers
-(`RUN/eval/sweep.json`, reused when present) and the study records each mixture's chord score;
+With `--sweep`, each Generalist run then gets the mixing sweep of its two teachers on all test
+images (`RUN/eval/sweep.json`, reused when present) and the study records each mixture's chord
+score;
 the end writes `WORKDIR/compare.png`, every run, each seed's chord and the sweep curves. The
 chord score is
 
     score = (C_g - C_at) / (C_nat - C_at) + (R_g - R_nat) / (R_at - R_nat),
 
 with C clean and R PGD accuracy: 1 is the straight line between standard and adversarial
-training; above 1 the global model beats that trade-off.
+training; above 1 the global model beats that trade-off. `--report-only` trains and evaluates
+nothing: it writes the files from what has finished (a study running elsewhere can be read at any
+time; unfinished runs and missing sweeps are named and left out).
 
 A config that lists its experts (`--experts-spec`, e.g. `--preset pilot-multinorm`: natural, L-inf
 and L2 experts) gets the multi-norm comparison instead: the Generalist global model and, on the
@@ -87,6 +90,11 @@ def _add_arguments(parser):
                       default=None,
                       help="test images of the multi-norm evaluation (default: all)")
   parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+  parser.add_argument("--report-only",
+                      action="store_true",
+                      help="train and evaluate nothing: write compare.json/md/png from the runs "
+                      "that have finished and the evaluations already saved (e.g. while the "
+                      "study still runs elsewhere)")
 
 
 def main():
@@ -111,8 +119,9 @@ def main():
       overrides.update(study.ablation_overrides(run.variant, total_steps=total_steps))
     run_config = dataclasses.replace(config, **overrides).validate()
     run_dir = os.path.join(workdir, run.name)
-    print(f"== {run.name} ==", flush=True)
-    summary = training.train_and_evaluate(run_config, run_dir, progress=not args.no_progress)
+    summary = _summary(run_config, run_dir, run.name, args)
+    if summary is None:
+      continue
     final = summary["models"]
     rows.append({
         **dataclasses.asdict(run), "clean": final["global"]["clean_acc"],
@@ -124,12 +133,15 @@ def main():
         "workdir": run_dir
     })
     _write(workdir, args.preset, config, rows, {})
+  if not rows:
+    raise ValueError(f"--report-only: no run of this study has finished in {workdir} yet.")
   sweeps = {}
   if args.sweep:
     for row in rows:
       if row["method"] == "generalist":
-        print(f"== sweep {row['name']} ==", flush=True)
-        sweeps[row["name"]] = _sweep(row["workdir"], args)
+        result = _sweep(row["workdir"], args, name=row["name"])
+        if result is not None:
+          sweeps[row["name"]] = result
     _write(workdir, args.preset, config, rows, sweeps)
   png = study.plot_study(rows, sweeps, os.path.join(workdir, "compare.png"),
                          f"PGD-{config.eval_pgd_steps}")
@@ -137,13 +149,29 @@ def main():
   print(f"figure: {png}")
 
 
-def _sweep(run_dir, args, name="sweep.json"):
+def _summary(run_config, run_dir, name, args):
+  """A run's summary: trained to the end (resuming), or with --report-only read back (None, and
+  a line saying so, for a run that has not finished)."""
+  if args.report_only:
+    summary = runs.read_summary(run_dir) if runs.check_config(run_config, run_dir) else None
+    if summary is None:
+      print(f"== {name}: not finished, left out (--report-only)", flush=True)
+    return summary
+  print(f"== {name} ==", flush=True)
+  return training.train_and_evaluate(run_config, run_dir, progress=not args.no_progress)
+
+
+def _sweep(run_dir, args, file="sweep.json", name=""):
   """The sweep of one Generalist run: read back if it exists, else computed and written
-  (`simplex.json` for a run of more than two experts)."""
-  path = os.path.join(run_dir, runs.EVAL_DIR, name)
+  (`simplex.json` for a run of more than two experts); None with --report-only when absent."""
+  path = os.path.join(run_dir, runs.EVAL_DIR, file)
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
+  if args.report_only:
+    print(f"== sweep {name}: not computed yet, left out (--report-only)", flush=True)
+    return None
+  print(f"== sweep {name} ==", flush=True)
   result = sweep.sweep_run(runs.restore_models(run_dir),
                            betas=args.sweep_betas,
                            n=args.sweep_n,
@@ -197,6 +225,9 @@ def _norm_figures(run_dir, threat, args):
       saved = json.load(f)
     if saved.get("settings") == settings:
       return saved["figures"]
+  if args.report_only:
+    print(f"== {run_dir}: union figures not computed yet, left out (--report-only)", flush=True)
+    return None
   run = runs.restore_models(run_dir, roles=(GLOBAL,))
   attacks = ("clean", "pgd20") + (("pgd20-l2",) if threat["l2_eps"] else ())
   table = report.attack_table(ModelSet(run.model, run.models),
@@ -231,19 +262,24 @@ def _multinorm(args, config, workdir):
     run_config = dataclasses.replace(config, seed=run.seed, **baselines.get(run.variant,
                                                                             {})).validate()
     run_dir = os.path.join(workdir, run.name)
-    print(f"== {run.name} ==", flush=True)
-    summary = training.train_and_evaluate(run_config, run_dir, progress=not args.no_progress)
+    summary = _summary(run_config, run_dir, run.name, args)
+    figures = None if summary is None else _norm_figures(run_dir, threat, args)
+    if figures is None:
+      continue
     rows.append({
         **dataclasses.asdict(run),
-        **_norm_figures(run_dir, threat, args), "train_seconds": summary["train_seconds"],
+        **figures, "train_seconds": summary["train_seconds"],
         "workdir": run_dir
     })
     _write_multinorm(workdir, args.preset, config, threat, rows, pairs, sweeps)
+  if not rows:
+    raise ValueError(f"--report-only: no run of this comparison has finished in {workdir} yet.")
   if args.sweep:
     for row in rows:
       if row["method"] == "generalist":
-        print(f"== sweep {row['name']} ==", flush=True)
-        sweeps[row["name"]] = _sweep(row["workdir"], args, "simplex.json")
+        result = _sweep(row["workdir"], args, "simplex.json", row["name"])
+        if result is not None:
+          sweeps[row["name"]] = result
     _write_multinorm(workdir, args.preset, config, threat, rows, pairs, sweeps)
   png = study.plot_multinorm(rows, pairs, os.path.join(workdir, "compare.png"))
   print(open(os.path.join(workdir, "compare.md")).read())

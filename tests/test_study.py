@@ -167,3 +167,18 @@ def test_compare_command_runs_seeds_ablations_and_sweeps_and_resumes(tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   assert {p: p.stat().st_mtime for p in tmp_path.glob("*/summary.json")} == stamps
   assert json.loads((tmp_path / "compare.json").read_text())["runs"] == result["runs"]
+  # --report-only with a seed that never trained: it is named and left out, nothing is trained.
+  (tmp_path / "no-redistribution-s0" / "eval" / "sweep.json").unlink()
+  report = subprocess.run(args[:args.index("--seeds")] + ["--seeds", "0,1"] +
+                          args[args.index("--seeds") + 2:] + ["--report-only"],
+                          capture_output=True,
+                          text=True,
+                          cwd=tmp_path,
+                          timeout=600)
+  assert report.returncode == 0, report.stderr[-3000:]
+  assert "natural-s1: not finished, left out (--report-only)" in report.stdout
+  assert "sweep no-redistribution-s0: not computed yet, left out" in report.stdout
+  assert not (tmp_path / "natural-s1").exists()
+  assert not (tmp_path / "no-redistribution-s0" / "eval" / "sweep.json").exists()
+  partial = json.loads((tmp_path / "compare.json").read_text())
+  assert partial["runs"] == result["runs"] and set(partial["sweeps"]) == {"generalist-s0"}
