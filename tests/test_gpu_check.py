@@ -134,7 +134,7 @@ def test_gpu_check_tiny_run_writes_every_figure_as_json_and_a_summary(tmp_path):
   summary = (out / "summary.md").read_text()
   for heading in ("## Throughput", "## Real run", "## AutoAttack", "## Phases"):
     assert heading in summary
-  assert (out / "log.txt").read_text().startswith("gpu_check: budget 300 s")
+  assert (out / "log.txt").read_text().startswith("gpu_check: budget 1800 s")
 
 
 def _load(path: pathlib.Path, name: str):
