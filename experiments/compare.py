@@ -15,8 +15,8 @@ model (for generalist, the global model), the chord score of each seed and its S
 With `--sweep`, each Generalist run then gets the mixing sweep of its two teachers on all test
 images (`RUN/eval/sweep.json`, reused when present) and the study records each mixture's chord
 score;
-the end writes `WORKDIR/compare.png`, every run, each seed's chord and the sweep curves. The
-chord score is
+the end writes `WORKDIR/compare.png`: every run, each seed's chord and the sweep curves, with a
+second panel zoomed on the PGD-AT and Generalist runs. The chord score is
 
     score = (C_g - C_at) / (C_nat - C_at) + (R_g - R_nat) / (R_at - R_nat),
 

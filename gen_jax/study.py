@@ -268,6 +268,10 @@ def sweep_chords(rows: Sequence[Mapping[str, Any]],
   return out
 
 
+# A study's sweeps: run name -> a result of `gen_jax.evaluation.sweep.run`.
+_Sweeps = Mapping[str, Mapping[str, Any]]
+
+
 def plot_study(rows: Sequence[Mapping[str, Any]],
                sweeps: Mapping[str, Mapping[str, Any]],
                path,
@@ -276,15 +280,65 @@ def plot_study(rows: Sequence[Mapping[str, Any]],
 
   Baselines and the Generalist global models are points per seed (natural, PGD-AT, Generalist);
   each seed's chord joins its natural and PGD-AT models (dashed); ablations are labelled
-  crosses; each swept run adds its curve of `mix(natural, robust, beta)` (thin line).
+  crosses; each swept run adds its curve of `mix(natural, robust, beta)` (thin line). The left
+  panel shows the whole plane; the right one zooms on the PGD-AT and Generalist runs, which
+  crowd together when the method loses its clean lead (`zoom_window`).
   """
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
 
   from gen_jax.evaluation import outputs  # pylint: disable=import-outside-toplevel
 
+  fig = Figure(figsize=(13, 5.5), layout="constrained")
+  full, zoom = fig.subplots(1, 2)
+  _draw_study(full, rows, sweeps)
+  _draw_study(zoom, rows, sweeps)
+  window = zoom_window(rows)
+  if window is not None:
+    zoom.set_xlim(window[0])
+    zoom.set_ylim(window[1])
+  for ax, title in ((full, "Clean / robust trade-off: every run of the study"),
+                    (zoom, "Zoom: PGD-AT and Generalist runs")):
+    ax.set_xlabel("clean accuracy (%)")
+    ax.set_ylabel(f"{robust_name} accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+  full.legend(fontsize=7, loc="best")
+  return outputs.save_figure(fig, path)
+
+
+def zoom_window(rows: Sequence[Mapping[str, Any]],
+                margin: float = 0.25,
+                least: float = 1.5) -> tuple[tuple[float, float], tuple[float, float]] | None:
+  """Axis limits (in %) around the PGD-AT and Generalist (reference) runs; None without one.
+
+  Each axis spans those runs' range widened by `margin` of it on both sides, and at least `least`
+  points either side, so that a tight cluster still gets a readable window. Ablations inside the
+  window show in it; one far away (such as an average of two unrelated experts) shows only in
+  the full panel, so that it does not shrink the cluster back to a dot.
+
+  >>> zoom_window([{"variant": "natural", "clean": .9, "robust": 0.},
+  ...              {"variant": "pgd_at", "clean": .44, "robust": .27},
+  ...              {"variant": "generalist", "clean": .46, "robust": .25},
+  ...              {"variant": "no-redistribution", "clean": .3, "robust": .1}])
+  ((42.5, 47.5), (23.5, 28.5))
+  """
+  points = [(100.0 * r["clean"], 100.0 * r["robust"])
+            for r in rows
+            if r["variant"] in ("pgd_at", "generalist")]
+  if not points:
+    return None
+
+  def limits(values):
+    low, high = min(values), max(values)
+    pad = max(margin * (high - low), least)
+    return (round(low - pad, 6), round(high + pad, 6))
+
+  return limits([p[0] for p in points]), limits([p[1] for p in points])
+
+
+def _draw_study(ax, rows: Sequence[Mapping[str, Any]], sweeps: _Sweeps) -> None:
+  """Draws the points, chords and sweep curves of `plot_study` on one axes."""
   pct = lambda v: 100.0 * v
-  fig = Figure(figsize=(7.5, 5.5), layout="constrained")
-  ax = fig.subplots()
   style = {
       "natural": ("s", "tab:green", "natural training"),
       "pgd_at": ("^", "tab:orange", "PGD-AT"),
@@ -330,19 +384,14 @@ def plot_study(rows: Sequence[Mapping[str, Any]],
       sweep_label = f"mix(teachers, beta) of {variant} runs"
       ax.plot(xs,
               ys,
-              "-",
+              ".-",
               color=color,
               linewidth=0.9,
+              markersize=3,
               alpha=0.6,
               label=None if sweep_label in labelled else sweep_label,
               zorder=2)
       labelled.add(sweep_label)
-  ax.set_xlabel("clean accuracy (%)")
-  ax.set_ylabel(f"{robust_name} accuracy (%)")
-  ax.set_title("Clean / robust trade-off: every run of the study")
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=7, loc="best")
-  return outputs.save_figure(fig, path)
 
 
 def to_markdown(result: Mapping[str, Any],

@@ -143,6 +143,37 @@ def test_sweep_chords_and_the_study_figure(tmp_path):
   assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_zoom_window_frames_pgd_at_and_generalist_only():
+  rows = [
+      {
+          "variant": "natural",
+          "clean": 0.63,
+          "robust": 0.004
+      },
+      {
+          "variant": "pgd_at",
+          "clean": 0.45,
+          "robust": 0.27
+      },
+      {
+          "variant": "generalist",
+          "clean": 0.35,
+          "robust": 0.25
+      },
+      {
+          "variant": "no-redistribution",
+          "clean": 0.20,
+          "robust": 0.05
+      },
+  ]
+  (x_low, x_high), (y_low, y_high) = study.zoom_window(rows)
+  # Clean spans 35..45 (padded by a quarter of it, 2.5); robust 25..27 (by the least pad, 1.5);
+  # natural training and the far ablation are left out.
+  assert (x_low, x_high) == pytest.approx((32.5, 47.5))
+  assert (y_low, y_high) == pytest.approx((23.5, 28.5))
+  assert study.zoom_window([rows[0], rows[3]]) is None
+
+
 @pytest.mark.slow
 def test_compare_command_runs_seeds_ablations_and_sweeps_and_resumes(tmp_path):
   args = [
