@@ -273,7 +273,7 @@ _Sweeps = Mapping[str, Mapping[str, Any]]
 
 
 def plot_study(rows: Sequence[Mapping[str, Any]],
-               sweeps: Mapping[str, Mapping[str, Any]],
+               sweeps: _Sweeps,
                path,
                robust_name: str = "PGD-20"):
   """One figure of a study: every run, each seed's chord, the sweep curves; saves a PNG.
