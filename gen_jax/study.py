@@ -226,8 +226,11 @@ def aggregate(rows: Sequence[Mapping[str, Any]], confidence: float = 0.95) -> di
   return {"confidence": confidence, "variants": variants, "chord": chord, "ablations": ablations}
 
 
-def sweep_chords(rows: Sequence[Mapping[str, Any]],
-                 sweeps: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+# A study's sweeps: run name -> a result of `gen_jax.evaluation.sweep.run`.
+_Sweeps = Mapping[str, Mapping[str, Any]]
+
+
+def sweep_chords(rows: Sequence[Mapping[str, Any]], sweeps: _Sweeps) -> dict[str, dict[str, Any]]:
   """Per swept run: the chord score of every mixture against the baselines of its seed.
 
   Args:
@@ -266,10 +269,6 @@ def sweep_chords(rows: Sequence[Mapping[str, Any]],
         "best_chord": chords[best],
     }
   return out
-
-
-# A study's sweeps: run name -> a result of `gen_jax.evaluation.sweep.run`.
-_Sweeps = Mapping[str, Mapping[str, Any]]
 
 
 def plot_study(rows: Sequence[Mapping[str, Any]],

@@ -145,26 +145,10 @@ def test_sweep_chords_and_the_study_figure(tmp_path):
 
 def test_zoom_window_frames_pgd_at_and_generalist_only():
   rows = [
-      {
-          "variant": "natural",
-          "clean": 0.63,
-          "robust": 0.004
-      },
-      {
-          "variant": "pgd_at",
-          "clean": 0.45,
-          "robust": 0.27
-      },
-      {
-          "variant": "generalist",
-          "clean": 0.35,
-          "robust": 0.25
-      },
-      {
-          "variant": "no-redistribution",
-          "clean": 0.20,
-          "robust": 0.05
-      },
+      dict(variant="natural", clean=0.63, robust=0.004),
+      dict(variant="pgd_at", clean=0.45, robust=0.27),
+      dict(variant="generalist", clean=0.35, robust=0.25),
+      dict(variant="no-redistribution", clean=0.20, robust=0.05),
   ]
   (x_low, x_high), (y_low, y_high) = study.zoom_window(rows)
   # Clean spans 35..45 (padded by a quarter of it, 2.5); robust 25..27 (by the least pad, 1.5);
