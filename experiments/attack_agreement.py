@@ -1,4 +1,4 @@
-"""Strength check of gen_jax.attacks against the reference PyTorch implementations (issue 4, 3.).
+"""Strength check of gen_jax.attacks against the reference PyTorch implementations.
 
 Three stages, each a command; the PyTorch half lives in
 `experiments/reference/attack_agreement_torch.py`, which runs in a separate environment (torch 2.13
@@ -276,7 +276,7 @@ def _add_flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
   parser.add_argument("stage", choices=("train", "attack", "table"))
   parser.add_argument("--data",
                       default="/tmp/cifar/cifar10-jpeg",

@@ -84,6 +84,7 @@ SINGLE_THREADED_EIGEN = "--xla_cpu_multi_thread_eigen=false"  # for many virtual
 
 def _parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                              allow_abbrev=False,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--what",
                  default="generalist_step",

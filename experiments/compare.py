@@ -109,14 +109,14 @@ def main():
   ]
   plan = study.plan_runs(args.seeds or [config.seed], ablations, args.ablation_seeds)
   rows = []
-  total_steps = None
+  steps_per_epoch = None
   for run in plan:
     overrides = {"method": run.method, "seed": run.seed}
     if run.variant in study.ABLATIONS:
-      if total_steps is None:
-        splits = runs.load_splits(config)
-        total_steps = len(splits.train_y) // config.batch_size * config.epochs
-      overrides.update(study.ablation_overrides(run.variant, total_steps=total_steps))
+      if steps_per_epoch is None:
+        steps_per_epoch = len(runs.load_splits(config).train_y) // config.batch_size
+      context = study.AblationContext(config, steps_per_epoch, seed=run.seed, study_dir=workdir)
+      overrides.update(study.ablation_overrides(run.variant, context))
     run_config = dataclasses.replace(config, **overrides).validate()
     run_dir = os.path.join(workdir, run.name)
     summary = _summary(run_config, run_dir, run.name, args)

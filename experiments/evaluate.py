@@ -14,7 +14,6 @@ as `report.1.json`, ... . What the report holds: `gen_jax.evaluation.report` (at
 Several hosts (`--coordinator HOST:PORT --num-processes N --process-id I`, as for train.py):
 every process computes the same report on its own devices and process 0 alone prints and writes.
 """
-import argparse
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -27,14 +26,15 @@ from gen_jax.training.methods import ROLES  # noqa: E402
 
 
 def _parse(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.argument_parser(__doc__.splitlines()[0])
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--workdir", help="a run directory of experiments/train.py")
   source.add_argument("--checkpoint", help="a saved model (sweep_mix.py --select) or WORKDIR/best")
   parser.add_argument("--model",
-                      default="global",
+                      default=None,
                       help="which model of --workdir: a role of its method (" + ", ".join(ROLES) +
-                      "; robust_linf, robust_l2, ... in a multi-norm run) or all (default global)")
+                      "; robust_linf, robust_l2, ... in a multi-norm run) or all (default global); "
+                      "not with --checkpoint, a saved model of one model")
   parser.add_argument("--attacks",
                       type=cli.names_of(catalogue.check_names),
                       default=catalogue.REPORT_ATTACKS,
@@ -50,7 +50,12 @@ def _parse(argv=None):
   parser.add_argument("--out", default=None, help="output directory (default WORKDIR/eval)")
   cli.add_evaluation_arguments(parser)
   cli.add_distributed_arguments(parser)
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  if args.checkpoint and args.model is not None:
+    parser.error(f"--model applies to --workdir only: --checkpoint {args.checkpoint} is a saved "
+                 "model, which holds one model; drop --model (or pass the run's --workdir).")
+  args.model = args.model or "global"
+  return args
 
 
 def main():

@@ -28,6 +28,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
+import pathlib  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 
 from gen_jax import cli, config as cfg, models  # noqa: E402
@@ -37,6 +39,42 @@ from gen_jax.training.methods import ROLES  # noqa: E402
 _IMPORT_FLAGS = ("--preset", "--network", "--dataset", "--data-dir", "--data_dir", "--num-classes",
                  "--num_classes")
 
+# What each file of an export holds, for the printed summary (the keys of model.json's "files").
+_FILE_CONTENTS = {
+    "onnx": "ONNX graph",
+    "torch_weights": "PyTorch weights",
+    "torch_module": "PyTorch definition"
+}
+
+
+def model_description(which):
+  """Which model an export holds, from model.json's "model" record, for the printed summary.
+
+  The best model of a run is named as such: it is not the final model whose figures training
+  printed (train.py's summary and summary.json are of the final models).
+  """
+  role = which.get("role")
+  if "beta" in which:
+    return f"the mixture, beta {which['beta']} ({which.get('checkpoint')})"
+  if which.get("checkpoint") == "latest":
+    return (f"the {role} model of the latest checkpoint of {which.get('source')} (the final "
+            "model once training has finished)")
+  if "selected" in which:
+    epoch = re.search(r"epoch (\d+)", which.get("name", ""))
+    at = f" (epoch {epoch[1]})" if epoch else ""
+    return (f"the best {role} model{at} of {pathlib.Path(which['checkpoint']).parent}, selected "
+            f"by {which['selected'].removeprefix('best by ')}; not the final model whose figures "
+            "training printed")
+  return f"the saved model {which.get('checkpoint')} ({role})"
+
+
+def _opset(text):
+  value = cli.positive_int(text)
+  if value < 18:
+    raise argparse.ArgumentTypeError(f"must be >= 18 (jax2onnx 0.13.0 writes ReduceMean with axes "
+                                     f"as an input, which opset 18 introduced); got {value}")
+  return value
+
 
 def _formats(text):
   from gen_jax.export import check_formats
@@ -44,7 +82,7 @@ def _formats(text):
 
 
 def _parse(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.argument_parser(__doc__.splitlines()[0])
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--checkpoint",
                       help="a saved model (sweep_mix.py --select) or WORKDIR/best to export")
@@ -54,9 +92,10 @@ def _parse(argv=None):
                       metavar="SAFETENSORS",
                       help="import PyTorch weights as a gen_jax model instead")
   parser.add_argument("--model",
-                      default="global",
+                      default=None,
                       help="which model of --workdir: a role of its method (" + ", ".join(ROLES) +
-                      "; robust_linf, robust_l2, ... in a multi-norm run) (default global)")
+                      "; robust_linf, robust_l2, ... in a multi-norm run) (default global); not "
+                      "with --checkpoint, a saved model of one model")
   parser.add_argument("--format",
                       default="both",
                       type=cli.parsed_by(_formats),
@@ -67,10 +106,10 @@ def _parse(argv=None):
                       choices=("NCHW", "NHWC"),
                       help="input layout of the ONNX graph (default NCHW, the PyTorch/ONNX "
                       "convention)")
-  parser.add_argument("--opset", type=int, default=18, help="ONNX opset, >= 18 (default 18)")
+  parser.add_argument("--opset", type=_opset, default=18, help="ONNX opset, >= 18 (default 18)")
   parser.add_argument("--parity-n",
                       "--parity_n",
-                      type=int,
+                      type=cli.non_negative_int,
                       default=64,
                       help="test images of the parity check (default 64; 0 skips it)")
   parser.add_argument("--tolerance",
@@ -100,6 +139,11 @@ def _parse(argv=None):
   if stray and not args.from_torch:
     parser.error(f"{stray[0]} applies only with --from-torch: an export takes its network and "
                  "config from the checkpoint.")
+  if args.model is not None and not args.workdir:
+    parser.error(
+        f"--model applies to --workdir only: --{'checkpoint' if args.checkpoint else 'from-torch'} "
+        "gives one model; drop --model (or pass the run's --workdir).")
+  args.model = args.model or "global"
   config = None
   if args.from_torch:
     overrides = {
@@ -142,11 +186,11 @@ def _run(args, config):
                                     parity_n=args.parity_n,
                                     tolerance=args.tolerance,
                                     overwrite=args.overwrite)
-  which = record["model"]
-  beta = f", beta {which['beta']}" if "beta" in which else ""
-  print(f"exported {record['architecture']['name']} ({record['num_classes']} classes; "
-        f"{which.get('role')}{beta}) to {args.out}: "
-        f"{', '.join([*record['files'].values(), export.RECORD_FILE])}")
+  files = [f"{name} ({_FILE_CONTENTS.get(kind, kind)})" for kind, name in record["files"].items()]
+  files.append(f"{export.RECORD_FILE} (which model, config, parity)")
+  print(f"exported {record['architecture']['name']} ({record['num_classes']} classes) to "
+        f"{args.out}; every file holds {model_description(record['model'])}:\n  " +
+        ", ".join(files))
   for name, seconds in record["export_seconds"].items():
     parity = record["parity"].get(name)
     figure = (f"max |logit diff| {parity['max_abs_diff']:.1e} on {parity['images']} test images "

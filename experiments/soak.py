@@ -145,7 +145,9 @@ def _compare(ours, reference):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  # No prefix matching: a train.py flag such as --keep (for --keep-checkpoints) would otherwise
+  # be taken as soak's --keep-reference instead of passing through to train.py.
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
   parser.add_argument("--preset", default="pilot")
   parser.add_argument("--workdir", default="runs/soak", type=pathlib.Path)
   parser.add_argument("--kills", default=5, type=int)

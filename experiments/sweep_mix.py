@@ -20,7 +20,6 @@ of figures). The library: `gen_jax.evaluation.sweep`.
 Several hosts (`--coordinator HOST:PORT --num-processes N --process-id I`, as for train.py):
 every process computes the same sweep on its own devices and process 0 alone prints and writes.
 """
-import argparse
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -32,7 +31,7 @@ from gen_jax.evaluation import outputs, sweep  # noqa: E402
 
 
 def _parse(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.argument_parser(__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True, help="a run directory of experiments/train.py")
   parser.add_argument("--betas",
                       type=cli.floats_of(sweep.check_betas),

@@ -38,7 +38,8 @@ def main():
   summary = training.train_and_evaluate(config, workdir, progress=not args.no_progress)
   if parallel.is_primary():
     print(format_summary(summary))
-    print(f"files in {workdir}: config.json metrics.jsonl summary.json checkpoints/ best/")
+    print(f"files in {workdir}: config.json metrics.jsonl summary.json checkpoints/ best/ "
+          "tensorboard/")
 
 
 def format_summary(summary):

@@ -14,7 +14,8 @@ Synopsis::
     manager.close()
 
     save_model("runs/pilot/eval/mix-beta0.30", variables, {"config": ..., "beta": 0.3})
-    variables, record = load_model("runs/pilot/eval/mix-beta0.30", abstract_variables)
+    variables = load_model("runs/pilot/eval/mix-beta0.30", abstract_variables)
+    record = read_model_record("runs/pilot/eval/mix-beta0.30")
 
 A model checkpoint (`save_model`) is one model's linen variables plus a JSON record (the run's
 config, where the model came from); `experiments/evaluate.py --checkpoint` reads it.
@@ -288,6 +289,26 @@ def saved_keys(directory: str | os.PathLike, step: int | None = None) -> tuple[s
       return None
 
 
+def read_meta(directory: str | os.PathLike) -> tuple[int, dict[str, Any]] | None:
+  """`(step, meta record)` of the newest checkpoint whose meta record reads, without restoring
+  any array; None when there is none. For checks that must run before a resume (a run's pinned
+  config and data), so that a mismatch is refused before anything is set aside or rewritten."""
+  if not os.path.isdir(directory):
+    return None
+  manager = _read_manager(directory)
+  try:
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      except Exception:  # pylint: disable=broad-except  # damaged: the resume sets it aside
+        continue
+      if isinstance(meta, dict):
+        return step, dict(meta)
+    return None
+  finally:
+    manager.close()
+
+
 def restore_items(directory: str | os.PathLike,
                   names: Any,
                   step: int | None = None) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -397,5 +418,26 @@ def load_model(directory: str | os.PathLike, abstract_variables: Any) -> Any:
   except Exception as error:  # orbax raises many types; name the culprit.
     raise ValueError(f"cannot restore the model in {path}: {error}. It is corrupt or belongs to "
                      "another architecture than its model.json says.") from error
+  finally:
+    checkpointer.close()
+
+
+def read_model_variables(directory: str | os.PathLike) -> Any:
+  """The variables of a model checkpoint as saved (host numpy arrays, their own shapes).
+
+  For callers that check the shapes themselves before using them (a warm start compares them
+  with its own network); `load_model` restores into a given shape instead.
+
+  Raises:
+    FileNotFoundError: not a model checkpoint.
+    ValueError: unreadable.
+  """
+  read_model_record(directory)
+  path = pathlib.Path(directory).absolute() / _MODEL_ITEM
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    return checkpointer.restore(path)
+  except Exception as error:  # orbax raises many types; name the culprit.
+    raise ValueError(f"cannot read the model in {path}: {error}. It is corrupt.") from error
   finally:
     checkpointer.close()

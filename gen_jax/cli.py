@@ -5,11 +5,18 @@ underscore spellings that earlier versions used still accepted. Every field of
 `gen_jax.config.Config` is a flag of its own name (`--eps 0.031`, `--lr-rob 0.05`). Values are
 parsed by the field's type (`none` for an optional field, `true`/`false` for booleans,
 comma-separated lists for tuples), and the resulting config is validated before anything runs;
-the library's `ConfigError` names a field, which the message shows as its flag.
+the library's `ConfigError` names a field, which the message shows as its flag. Flags are never
+matched by prefix (`--epoch 5` is refused, not taken as `--epochs`): the old underscore spellings
+are explicit aliases, not abbreviations.
+
+Errors: `main_guard` prints a program's input errors as one line (`error: ...`, exit code 2).
+To see the full traceback as well, add `--traceback` (every program that runs under `main_guard`
+accepts it) or set the environment variable `GEN_JAX_TRACEBACK=1`.
 
 Synopsis::
 
     parser = build_parser("Train Generalist.", extra=lambda p: p.add_argument("--workdir"))
+    parser = argument_parser("Evaluate.")  # a program's own flags: no prefix matching, --traceback
     args, config = parse_config(parser, ["--preset", "pilot", "--epochs", "2"])
     add_distributed_arguments(parser)   # --coordinator, --num-processes, --process-id, ...
     initialize_distributed(args)         # first thing, before JAX touches a device
@@ -18,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+import traceback
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -28,6 +37,10 @@ from gen_jax import config as cfg
 from gen_jax import parallel
 
 _FIELD_TYPES = typing.get_type_hints(cfg.Config)
+
+# `main_guard` shows the whole traceback of an error when this variable is set (not "" or "0").
+TRACEBACK_ENV = "GEN_JAX_TRACEBACK"
+TRACEBACK_FLAG = "--traceback"
 
 
 def _base_type(annotation: Any) -> tuple[Any, bool]:
@@ -79,6 +92,21 @@ def _preset_summary(name: str) -> str:
   return f"  {name}: " + (", ".join(diff) if diff else "the defaults below")
 
 
+def argument_parser(description: str, **kwargs: Any) -> argparse.ArgumentParser:
+  """An argparse parser for a program: no prefix matching of flags, and `--traceback`.
+
+  `allow_abbrev=False`: argparse would otherwise take `--epoch 5` as `--epochs 5` (and any
+  unambiguous prefix as its flag), so a mistyped flag could silently set another one. Old
+  spellings of a flag must be listed as aliases. `--traceback` is read by `main_guard`.
+  """
+  parser = argparse.ArgumentParser(description=description, allow_abbrev=False, **kwargs)
+  parser.add_argument(TRACEBACK_FLAG,
+                      action="store_true",
+                      help="on an error, print the full traceback before the one-line message "
+                      f"(or set {TRACEBACK_ENV}=1)")
+  return parser
+
+
 def build_parser(
     description: str,
     preset_default: str | None = None,
@@ -87,9 +115,9 @@ def build_parser(
   """An argparse parser with `--preset`, program-specific arguments and one flag per field."""
   epilog = "presets (what each sets, relative to the defaults):\n" + "\n".join(
       _preset_summary(name) for name in cfg.PRESETS)
-  parser = argparse.ArgumentParser(description=description,
-                                   epilog=epilog,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argument_parser(description,
+                           epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--preset",
                       default=preset_default,
                       choices=list(cfg.PRESETS),
@@ -140,9 +168,10 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
                       default=None,
                       help="first N test images (default: all)")
   parser.add_argument("--eps",
-                      type=positive_float,
+                      type=linf_eps,
                       default=None,
-                      help="L-inf radius (default: the run's; the PGD step scales with it)")
+                      help="L-inf radius in (0, 1] (default: the run's; the PGD step scales with "
+                      "it)")
   parser.add_argument("--batch-size",
                       "--batch_size",
                       type=positive_int,
@@ -150,7 +179,7 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
                       help="images per compiled attack call (default 250)")
   parser.add_argument("--attack-seed",
                       "--seed",
-                      type=int,
+                      type=seed_int,
                       default=0,
                       help="seed of the attacks' random starts (default 0; --seed: old spelling)")
 
@@ -231,6 +260,24 @@ def positive_float(text: str) -> float:
   return value
 
 
+def linf_eps(text: str) -> float:
+  """An argparse type: an L-inf radius, a finite number in (0, 1] (images lie in [0, 1])."""
+  value = positive_float(text)
+  if value > 1.0:
+    raise argparse.ArgumentTypeError(
+        f"must lie in (0, 1], got {value}: an L-inf radius above 1 exceeds the [0, 1] pixel range "
+        "(8/255 = 0.0314 is the usual value).")
+  return value
+
+
+def seed_int(text: str) -> int:
+  """An argparse type: a seed, an int in [0, 2**32 - 1] (`config.MAX_SEED`)."""
+  value = non_negative_int(text)
+  if value > cfg.MAX_SEED:
+    raise argparse.ArgumentTypeError(f"must lie in [0, 2**32 - 1 = {cfg.MAX_SEED}], got {value}.")
+  return value
+
+
 def parsed_by(fn: Callable[[str], Any]) -> Callable[[str], Any]:
   """An argparse type from a library parser that raises ValueError (its message is kept)."""
 
@@ -267,14 +314,25 @@ def main_guard(fn: Callable[[], Any]) -> None:
 
   Input errors, I/O errors and divergence exit 2 with "error: ..."; SIGINT/SIGTERM (after
   training saved its state, `training.loop.TrainingInterrupted`) exit 130/143 with the message
-  saying how to resume; a Ctrl-C before anything was under way exits 130.
+  saying how to resume; a Ctrl-C before anything was under way exits 130. With `--traceback`
+  on the command line or `GEN_JAX_TRACEBACK=1` in the environment, the full traceback of such an
+  error is printed before its line (the exit code stays 2).
   """
   try:
     fn()
   except (ValueError, OSError, RuntimeError, FloatingPointError) as error:
+    if show_traceback():
+      traceback.print_exc(file=sys.stderr)
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
   except KeyboardInterrupt as stopped:
     code = getattr(stopped, "exit_code", 130)
     print(str(stopped) or "stopped by SIGINT; rerun the same command to resume.", file=sys.stderr)
     sys.exit(code)
+
+
+def show_traceback(argv: Sequence[str] | None = None) -> bool:
+  """Whether `main_guard` prints tracebacks: `--traceback` in argv or `GEN_JAX_TRACEBACK` set."""
+  argv = sys.argv[1:] if argv is None else argv
+  flags = argv[:argv.index("--")] if "--" in argv else argv
+  return TRACEBACK_FLAG in flags or os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0")

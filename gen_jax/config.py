@@ -29,6 +29,12 @@ from gen_jax.data.sources import DATASET_NAMES
 from gen_jax.models import COMPUTE_DTYPES, CONV_IMPLS, MODEL_NAMES
 from gen_jax.training import methods
 
+# The largest seed: data shuffling and subsetting (numpy, scikit-learn) take 32-bit seeds, and
+# `jax.random.key` would silently wrap a larger one onto a smaller seed's key.
+MAX_SEED = 2**32 - 1
+# The largest `image_size`: beyond it a resize allocates gigabytes per image before failing.
+MAX_IMAGE_SIZE = 4096
+
 
 class ConfigError(ValueError):
   """A bad config field: `field` names it, the message says what is wrong and what is accepted.
@@ -109,6 +115,12 @@ class Config:
   # final summary always uses the whole test split.
   select_min_clean: float = 0.0  # reference: 0.88 (a run that never reaches it keeps no best)
 
+  # Warm start: every model (experts, teachers, global) starts from this trained model instead
+  # of random weights: a run directory (its final global model), a run's best/ directory, or a
+  # saved model (`runs.save_model`: a selected mixture, an `export.py --from-torch` import).
+  # The architecture and the number of classes must match this run's (checked before training).
+  init_from: Optional[str] = None
+
   # Bookkeeping.
   seed: int = 0
   log_every: int = 10  # steps between progress-bar metric reads and model health checks
@@ -135,6 +147,10 @@ class Config:
                  "eval_every", "log_every", "keep_checkpoints"):
       _at_least(name, getattr(self, name), 1)
     _at_least("seed", self.seed, 0)
+    if self.seed > MAX_SEED:
+      raise ConfigError(
+          "seed", f"must lie in [0, 2**32 - 1 = {MAX_SEED}] (a 32-bit seed), got "
+          f"{self.seed}.")
     for name in ("checkpoint_every", "checkpoint_minutes"):
       _at_least(name, getattr(self, name), 0)
     _at_least("divergence_factor", self.divergence_factor, 0)
@@ -167,10 +183,18 @@ class Config:
     for name in ("lr_knots", "lr_factors"):
       for value in getattr(self, name):
         _finite(name, value)
+    if min(self.lr_factors) < 0:
+      raise ConfigError(
+          "lr_factors", f"must all be >= 0, got {self.lr_factors}: a negative factor makes "
+          "the learning rate negative, i.e. gradient ascent.")
     if list(self.lr_knots) != sorted(self.lr_knots) or self.lr_knots[0] != 0.0 or \
         self.lr_knots[-1] != 1.0:
       raise ConfigError("lr_knots", f"must increase from 0 to 1, got {self.lr_knots}.")
     self._validate_experts()
+    if self.init_from is not None and not str(self.init_from).strip():
+      raise ConfigError(
+          "init_from", "is empty: give a run directory, its best/ directory or a saved "
+          "model, or leave the flag out to start from random weights.")
     if self.dataset == "folder" and not self.data_dir:
       raise ConfigError(
           "data_dir", "is required with dataset 'folder': the root of "
@@ -179,6 +203,10 @@ class Config:
       value = getattr(self, name)
       if value is not None:
         _at_least(name, value, 1)
+    if self.image_size is not None and self.image_size > MAX_IMAGE_SIZE:
+      raise ConfigError(
+          "image_size", f"must lie in [1, {MAX_IMAGE_SIZE}] pixels, got {self.image_size} (the "
+          "side of the square images the data are resized to).")
     if self.validation_size >= 1 and self.validation_size != math.floor(self.validation_size):
       raise ConfigError(
           "validation_size", "must be a count (>= 1) or a fraction (< 1), got "
@@ -195,7 +223,7 @@ class Config:
             "--method pgd_at --norm l2 --eps 0.5).")
     try:
       specs = methods.expert_specs(self)
-      methods.check_expert_specs(specs)
+      methods.check_expert_specs(specs, self.experts_spec or None)
     except ValueError as error:
       raise ConfigError("experts_spec", f"entry {error}") from None
     if self.experts_spec and len(specs) < 2:
@@ -238,7 +266,9 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _finite(name: str, value: Any) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+  if isinstance(value, int) and not isinstance(value, bool):
+    return  # finite, and math.isfinite would overflow on one beyond the float range
+  if not isinstance(value, float) or not math.isfinite(value):
     raise ConfigError(name, f"must be a finite number, got {value!r}.")
 
 

@@ -14,7 +14,11 @@ Synopsis::
     w = weight_schedule(epoch, 120, start=[0, .5, .5], final=[.6, .2, .2])  # [..., 3], rows sum 1
 
 Weights may be traced scalars (a schedule inside `jit` never recompiles); concrete weights are
-checked eagerly, before any arithmetic, and so are the tree structures, shapes and dtypes.
+checked eagerly, before any arithmetic, and so are the tree structures, shapes and dtypes. A
+traced weight cannot be checked (its value is unknown while tracing) and is not clipped: the
+caller keeps it in [0, 1], as the schedules of `gen_jax.training.schedules` do. The trees must
+agree leaf by leaf in dtype (float16 against float32 is refused, not silently promoted); Python
+floats are accepted as leaves, as arrays of JAX's default float dtype.
 
 References:
   Wang & Wang, "Generalist: Decoupling Natural and Robust Generalization", CVPR 2023.
@@ -55,11 +59,16 @@ def _leaves_by_path(tree: PyTree, name: str) -> dict[str, Any]:
   return {_path_str(path): leaf for path, leaf in flat}
 
 
+def _dtype(leaf: Any) -> Any:
+  """A leaf's dtype; a Python scalar's is the one `jnp.asarray` gives it (float32 unless x64)."""
+  return leaf.dtype if hasattr(leaf, "dtype") else jnp.asarray(leaf).dtype
+
+
 def _check_compatible(trees: Sequence[PyTree], names: Sequence[str]) -> None:
-  """Raises ValueError naming the first leaf whose structure, shape or dtype class differs."""
+  """Raises ValueError naming the first leaf whose structure, shape or dtype differs."""
   reference = _leaves_by_path(trees[0], names[0])
   for path, leaf in reference.items():
-    dtype = jnp.asarray(leaf).dtype if not hasattr(leaf, "dtype") else leaf.dtype
+    dtype = _dtype(leaf)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise ValueError(
           f"leaf {path} of {names[0]} has dtype {dtype}; only floating-point leaves can be "
@@ -80,6 +89,10 @@ def _check_compatible(trees: Sequence[PyTree], names: Sequence[str]) -> None:
       if np.shape(leaf) != np.shape(other[path]):
         raise ValueError(f"leaf {path} has shape {np.shape(leaf)} in {names[0]} but "
                          f"{np.shape(other[path])} in {name}: the models differ in architecture.")
+      if _dtype(leaf) != _dtype(other[path]):
+        raise ValueError(f"leaf {path} has dtype {_dtype(leaf)} in {names[0]} but "
+                         f"{_dtype(other[path])} in {name}: mix trees of one dtype (cast one "
+                         "first, e.g. jax.tree.map(lambda x: x.astype(jnp.float32), tree)).")
 
 
 def _is_concrete(value: Any) -> bool:
@@ -99,8 +112,11 @@ def mix(params_nat: PyTree, params_rob: PyTree, beta: float | jax.Array = 0.5) -
   """Interpolates two experts: `beta * rob + (1 - beta) * nat`, leaf by leaf.
 
   `beta` weights the robust side, as in the reference code (`beta = 1` returns the robust
-  expert). It may be a traced scalar, so a β schedule inside `jit` compiles once. Each leaf keeps
-  its dtype (β is cast to it) and its sharding (the arithmetic is element-wise).
+  expert). It may be a traced scalar, so a β schedule inside `jit` compiles once; a traced β is
+  not checked (nor clipped), so the caller must keep it in [0, 1]. A concrete β (a Python float
+  or a concrete array) outside [0, 1] raises. Each leaf keeps its dtype (β is cast to it; both
+  trees must have the same dtype leaf by leaf) and its sharding (the arithmetic is element-wise).
+  Python floats are accepted as leaves (they become arrays of JAX's default float dtype).
 
   >>> import jax.numpy as jnp
   >>> nat = {"w": jnp.array([0.0, 2.0])}
@@ -110,15 +126,16 @@ def mix(params_nat: PyTree, params_rob: PyTree, beta: float | jax.Array = 0.5) -
 
   Args:
     params_nat: pytree of floating arrays of the natural expert.
-    params_rob: pytree of the same structure and shapes, of the robust expert.
-    beta: weight of the robust expert, in [0, 1].
+    params_rob: pytree of the same structure, shapes and dtypes, of the robust expert.
+    beta: weight of the robust expert, in [0, 1] (checked when concrete).
 
   Returns:
     The interpolated pytree, of the structure of `params_nat`.
 
   Raises:
-    ValueError: tree structures or shapes differ (the message names the first differing leaf,
-      e.g. `params/Conv_0/kernel`), a leaf is not floating point, or `beta` is outside [0, 1].
+    ValueError: tree structures, shapes or dtypes differ (the message names the first differing
+      leaf, e.g. `params/Conv_0/kernel`), a leaf is not floating point, or a concrete `beta` is
+      outside [0, 1].
 
   References:
     Wang & Wang, "Generalist: Decoupling Natural and Robust Generalization", CVPR 2023.
@@ -127,8 +144,9 @@ def mix(params_nat: PyTree, params_rob: PyTree, beta: float | jax.Array = 0.5) -
   _check_weight(beta, "beta")
 
   def interpolate(nat, rob):
+    nat, rob = jnp.asarray(nat), jnp.asarray(rob)
     b = jnp.asarray(beta, dtype=nat.dtype)
-    return (1 - b) * nat + b * rob.astype(nat.dtype)
+    return (1 - b) * nat + b * rob
 
   return jax.tree_util.tree_map(interpolate, params_nat, params_rob)
 
@@ -169,10 +187,11 @@ def mix_many(trees: Sequence[PyTree], weights: Sequence[float] | jax.Array) -> P
   weights = jnp.asarray(weights)
 
   def average(*leaves):
+    leaves = [jnp.asarray(leaf) for leaf in leaves]
     dtype = leaves[0].dtype
     total = weights[0].astype(dtype) * leaves[0]
     for i, leaf in enumerate(leaves[1:], start=1):
-      total = total + weights[i].astype(dtype) * leaf.astype(dtype)
+      total = total + weights[i].astype(dtype) * leaf
     return total
 
   return jax.tree_util.tree_map(average, *trees)
@@ -182,11 +201,20 @@ def ema_decay(step: int | jax.Array, decay: float | jax.Array = 0.999) -> jax.Ar
   """The reference code's warmed-up EMA decay `min(decay, (step + 1) / (step + 10))`.
 
   `step` counts the EMA updates already made (0 for the first update), as the reference `EMA`
-  class does, so the first update keeps only 10 % of the old average.
+  class does, so the first update keeps only 10 % of the old average. A concrete negative `step`
+  raises (the formula would give a negative decay: -0.8 at step -5); a traced one is not checked.
 
   >>> float(ema_decay(0))
   0.10000000149011612
+
+  Raises:
+    ValueError: a concrete `step` below 0.
   """
+  # A concrete step is checked on the host (not one spread over other processes' devices).
+  if _is_concrete(step) and getattr(step, "is_fully_addressable",
+                                    True) and np.any(np.asarray(step) < 0):
+    raise ValueError(f"ema_decay: step counts the EMA updates made so far and must be >= 0, got "
+                     f"{np.asarray(step).tolist()}.")
   step = jnp.asarray(step, jnp.float32)
   return jnp.minimum(jnp.asarray(decay, jnp.float32), (step + 1.0) / (step + 10.0))
 
@@ -207,8 +235,9 @@ def ema_update(average: PyTree, new: PyTree, decay: float | jax.Array) -> PyTree
   _check_weight(decay, "decay")
 
   def step(avg, value):
+    avg, value = jnp.asarray(avg), jnp.asarray(value)
     d = jnp.asarray(decay, dtype=avg.dtype)
-    return d * avg + (1 - d) * value.astype(avg.dtype)
+    return d * avg + (1 - d) * value
 
   return jax.tree_util.tree_map(step, average, new)
 

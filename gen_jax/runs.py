@@ -57,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import pathlib
@@ -74,6 +75,7 @@ from gen_jax.config import Config, config_from_record, config_record
 from gen_jax.training.methods import GLOBAL, NATURAL, ROBUST
 
 CONFIG_FILE = "config.json"
+GLOBAL_MODEL_KEY = "global_model"  # the state entry of the deployed model
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -126,14 +128,102 @@ def check_config(config: Config, workdir: PathLike) -> bool:
     return False
   old = config_record(config_from_record(_read_json(path)))
   new = config_record(config)
-  changed = sorted(
-      k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+  changed = _config_changes(old, new)
   if changed:
     details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
     raise ValueError(f"{workdir} holds a run with another config ({details}). Resuming it with new "
                      "settings would mix two experiments: use a new --workdir, or repeat the "
                      "original settings to resume. Nothing was changed.")
   return True
+
+
+def _config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  """The fields (sorted) in which two config records differ in what the run computes."""
+  return sorted(
+      k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+
+
+def restore_config_file(workdir: PathLike) -> bool:
+  """Rewrites a lost `config.json` from the run's own records; True if it did.
+
+  The newest readable checkpoint (its `pin`) or, for a finished run without checkpoints, the
+  summary holds the config the run was trained with. Never the command line's: a run whose
+  config file went missing (a partial copy, a sync tool) must not be continued with other
+  settings. Process 0 writes.
+  """
+  workdir = pathlib.Path(workdir)
+  if (workdir / CONFIG_FILE).exists() or not workdir.is_dir():
+    return False
+  found = checkpoint.read_meta(workdir / CHECKPOINT_DIR)
+  record = (found[1].get("pin") or {}).get("config") if found else None
+  source = f"checkpoint step {found[0]}" if record else None
+  if record is None:
+    summary = _read_json(workdir / SUMMARY_FILE) if (workdir / SUMMARY_FILE).exists() else None
+    record = summary.get("config") if isinstance(summary, dict) else None
+    source = SUMMARY_FILE
+  if not isinstance(record, dict):
+    return False
+  if parallel.is_primary():
+    _write_atomic(workdir / CONFIG_FILE, json.dumps(record, indent=2) + "\n")
+    _note(f"{workdir / CONFIG_FILE} was missing; restored it from the run's {source}.")
+  return True
+
+
+def data_fingerprint(splits: "Splits") -> dict[str, Any]:
+  """What a resumed run must find again: the images per class of its training and validation
+  splits and a SHA-256 of every training and validation array (contents, shapes and order)."""
+  digest = hashlib.sha256()
+  for array in (splits.train_x, splits.train_y, splits.val_x, splits.val_y):
+    array = np.ascontiguousarray(array)
+    digest.update(f"{array.dtype}{array.shape}".encode())
+    digest.update(array.tobytes())
+  count = lambda y: np.bincount(np.asarray(y), minlength=splits.num_classes).tolist()
+  return {
+      "train_per_class": count(splits.train_y),
+      "validation_per_class": count(splits.val_y),
+      "sha256": digest.hexdigest()
+  }
+
+
+def pin(config: Config, fingerprint: dict[str, Any]) -> dict[str, Any]:
+  """The record every checkpoint carries so that a resume can check it is the same run."""
+  return {"config": config_record(config), "data": fingerprint}
+
+
+def check_pinned(workdir: PathLike, config: Config, fingerprint: dict[str, Any]) -> None:
+  """ValueError, before any resume, when the newest checkpoint was trained with another config
+  or other training data than this command has (first differing field, or what changed in the
+  data). Checkpoints of versions that wrote no pin pass."""
+  found = checkpoint.read_meta(pathlib.Path(workdir) / CHECKPOINT_DIR)
+  pinned = found[1].get("pin") if found else None
+  if not isinstance(pinned, dict):
+    return
+  step = found[0]
+  changed = _config_changes(pinned.get("config", {}), config_record(config))
+  if changed:
+    k = changed[0]
+    raise ValueError(
+        f"{workdir}: checkpoint step {step} was trained with {k} = "
+        f"{pinned['config'].get(k)!r}, this command has {config_record(config).get(k)!r}"
+        f"{f' (and {len(changed) - 1} more fields)' if len(changed) > 1 else ''}. "
+        "Repeat the run's settings to resume it, or use a new --workdir. Nothing was "
+        "changed.")
+  old = pinned.get("data", {})
+  if old == fingerprint:
+    return
+  for split in ("train", "validation"):
+    before, now = old.get(f"{split}_per_class"), fingerprint[f"{split}_per_class"]
+    if before != now:
+      diff = [f"class {c}: {b} -> {n}" for c, (b, n) in enumerate(zip(before or [], now)) if b != n]
+      detail = ", ".join(diff[:3]) or f"{len(before or [])} -> {len(now)} classes"
+      raise ValueError(f"{workdir}: the {split} images changed since checkpoint step {step} was "
+                       f"written ({sum(before or [])} -> {sum(now)} images; {detail}). Resuming "
+                       "would continue on other data under the same run: restore the data set, "
+                       "or train anew in a new --workdir. Nothing was changed.")
+  raise ValueError(f"{workdir}: the training or validation images changed since checkpoint step "
+                   f"{step} was written (same counts per class, other contents or order: SHA-256 "
+                   f"{str(old.get('sha256'))[:12]}... -> {fingerprint['sha256'][:12]}...). "
+                   "Restore the data set, or train anew in a new --workdir. Nothing was changed.")
 
 
 def write_config(config: Config, workdir: PathLike) -> None:
@@ -703,7 +793,7 @@ def check_finite_models(models: dict[str, Any], source: PathLike) -> None:
     flat, _ = jax.tree_util.tree_flatten_with_path(variables)
     for path, leaf in flat:
       if not np.all(np.isfinite(np.asarray(leaf))):
-        where = "/".join(str(getattr(p, "key", p)) for p in path)
+        where = jax.tree_util.keystr(path, simple=True, separator="/")
         raise ValueError(f"the {name} model of {source} holds NaN or inf in {where}: its run "
                          "diverged, so there is nothing to evaluate. Retrain with a lower "
                          "learning rate (--lr-nat / --lr-rob).")
@@ -836,3 +926,103 @@ def load_model(path: PathLike) -> EvalRun:
                  num_classes=num_classes,
                  eval_dir=out,
                  source=path)
+
+
+# ------------------------------------------------------------------- warm start (--init-from)
+def _leaf_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {
+      jax.tree_util.keystr(path, simple=True, separator="/"):
+          (tuple(np.shape(leaf)), getattr(leaf, "dtype", None)) for path, leaf in flat
+  }
+
+
+def _check_init_shapes(flag: str, source: Any, abstract: Any, num_classes: int) -> None:
+  """ValueError naming the first leaf of `source` that does not fit this run's network."""
+  have, want = _leaf_shapes(source), _leaf_shapes(abstract)
+  missing = [k for k in want if k not in have]
+  extra = [k for k in have if k not in want]
+  if missing or extra:
+    raise ValueError(f"{flag}: its variables do not fit this run's network (missing "
+                     f"{missing[:1] or 'nothing'}, unexpected {extra[:1] or 'nothing'}): it was "
+                     "trained with another architecture; pass its --model or another --init-from.")
+  wrong = [k for k in want if have[k][0] != want[k][0]]
+  if not wrong:
+    return
+  if all(have[k][0][:-1] == want[k][0][:-1] and want[k][0][-1] == num_classes for k in wrong):
+    raise ValueError(f"{flag}: it was trained for {have[wrong[0]][0][-1]} classes; this run's "
+                     f"data set has {num_classes} ({wrong[0]} has shape {have[wrong[0]][0]}, "
+                     f"this run needs {want[wrong[0]][0]}). Start from a model of the same "
+                     "classes.")
+  raise ValueError(f"{flag}: its {wrong[0]} has shape {have[wrong[0]][0]}, this run's network "
+                   f"needs {want[wrong[0]][0]} (another width, image size or number of "
+                   "channels). Start from a model trained on images of this shape.")
+
+
+def load_init(path: PathLike, config: Config, abstract_variables: Any, *,
+              num_classes: int) -> tuple[Any, dict[str, Any]]:
+  """The variables a run starts from (`--init-from PATH`) and a record of where they came from.
+
+  PATH is one of: a run directory (the global model of its latest checkpoint, which for a
+  `natural` or `pgd_at` run is its EMA teacher, the model its summary reports); the `best/`
+  directory of a run; a saved model (`save_model`: a mixture saved by `sweep_mix.py --select`,
+  an `export.py --from-torch` import). Its network (`model` of its config) must be this run's,
+  and its variables must have the shapes of `abstract_variables`; the variables come back as host
+  arrays in the dtypes of `abstract_variables`.
+
+  Args:
+    path: the source.
+    config: the run's config (its `model` is compared with the source's).
+    abstract_variables: `jax.eval_shape` of the run's initial variables.
+    num_classes: the run's number of classes (named in the error when only they differ).
+
+  Returns:
+    `(variables, record)`, record: `path` (absolute), `kind` (run, best or model), `model`, and
+    `step` (run) or `epoch` (best).
+
+  Raises:
+    FileNotFoundError: PATH is none of the three.
+    ValueError: another network, other shapes, NaN/inf, or an unreadable checkpoint; one line
+      naming `--init-from PATH` and both sides.
+  """
+  path = pathlib.Path(path)
+  flag = f"--init-from {path}"
+  where: dict[str, Any] = {}
+  if (path / CONFIG_FILE).is_file():
+    source_config, kind = read_config(path), "run"
+    restored = checkpoint.restore_items(path / CHECKPOINT_DIR, [GLOBAL_MODEL_KEY])
+    if restored is None:
+      raise FileNotFoundError(f"{flag}: that run holds no checkpoint yet; let it finish an "
+                              "epoch first.")
+    variables, where = restored[0][GLOBAL_MODEL_KEY], {"step": restored[1].get("step")}
+  elif (path / MODEL_RECORD).is_file():
+    record = _read_json(path / MODEL_RECORD)
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+      raise ValueError(f"{flag}: {path / MODEL_RECORD} holds no config record; it was not "
+                       "written by gen_jax.runs.save_model.")
+    source_config, kind = config_from_record(record["config"]), "model"
+    variables = checkpoint.read_model_variables(path)
+  elif path.name == BEST_DIR and (path.parent / CONFIG_FILE).is_file():
+    source_config, kind = read_config(path.parent), "best"
+    restored = checkpoint.restore_items(path, lambda keys: keys)
+    if restored is None:
+      raise FileNotFoundError(f"{flag}: that best/ directory holds no model yet.")
+    variables, where = restored[0], {"epoch": restored[1].get("epoch")}
+  else:
+    raise FileNotFoundError(
+        f"{flag}: not a run directory (no {CONFIG_FILE}), a run's {BEST_DIR}/ directory or a "
+        f"saved model (no {MODEL_RECORD}); pass one of these.")
+  if source_config.model != config.model:
+    raise ValueError(f"{flag} holds a {source_config.model} network; this run trains a "
+                     f"{config.model} (--model). Pass --model {source_config.model} or start "
+                     "from a model of this architecture.")
+  _check_init_shapes(flag, variables, abstract_variables, num_classes)
+  check_finite_models({"--init-from": variables}, path)
+  variables = jax.tree_util.tree_map(lambda v, a: np.asarray(v, a.dtype), variables,
+                                     abstract_variables)
+  return variables, {
+      "path": str(path.absolute()),
+      "kind": kind,
+      "model": source_config.model,
+      **where
+  }

@@ -33,11 +33,15 @@ Synopsis::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import pathlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from gen_jax.config import MAX_SEED
 
 BASELINES = ("generalist", "pgd_at", "natural")
 
@@ -65,18 +69,100 @@ def paper_scaled_ema_decay(total_steps: int,
   return float(max(0.0, 1.0 - 1.0 / max(window, 1.0)))
 
 
-def ablation_overrides(name: str, *, total_steps: int) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class AblationContext:
+  """What an ablation's overrides may depend on: the study's config (before the ablation), its
+  run length, the seed and the study directory (where the seed's baselines live)."""
+  config: Any
+  steps_per_epoch: int
+  seed: int = 0
+  study_dir: str = "."
+
+  @property
+  def total_steps(self) -> int:
+    return self.steps_per_epoch * self.config.epochs
+
+
+def ablation_overrides(name: str, context: AblationContext) -> dict[str, Any]:
   """Config overrides of the named Generalist ablation (see `ABLATIONS`)."""
   if name not in ABLATIONS:
     raise ValueError(f"unknown ablation {name!r}; choose from {', '.join(ABLATIONS)}.")
-  overrides = dict(ABLATIONS[name])
-  if overrides.pop("ema_decay", None) == "paper-scaled":
-    overrides["ema_decay"] = round(paper_scaled_ema_decay(total_steps), 4)
+  entry = ABLATIONS[name]
+  overrides = dict(entry(context) if callable(entry) else entry)
+  if overrides.get("ema_decay") == "paper-scaled":
+    overrides["ema_decay"] = round(paper_scaled_ema_decay(context.total_steps), 4)
   return overrides
 
 
+# The clean budget that the mechanism diagnostic (`gen_jax.finetune`: a PGD-AT model fine-tuned
+# on clean images, then mixed with itself) found enough for a mixture above the natural / PGD-AT
+# line on `cifar10-study` (docs/results.md): about DIAGNOSTIC_STEPS steps at DIAGNOSTIC_LR.
+DIAGNOSTIC_STEPS = 200
+DIAGNOSTIC_LR = 0.02
+# The length of the warm-started Generalist phase, in epochs of the study's data.
+WARM_START_EPOCHS = 6
+
+
+def _natural_lr(context: AblationContext) -> dict[str, Any]:
+  """The natural expert's own learning rate: the robust schedule times the multiple that makes
+  it DIAGNOSTIC_LR at the first redistribution (the clean budget of its free phases)."""
+  from gen_jax.training import schedules  # pylint: disable=import-outside-toplevel
+  config = context.config
+  table = schedules.learning_rate_table(config.lr_rob, config, context.steps_per_epoch)
+  at_start = float(table[math.ceil(config.redistribute_start * context.total_steps)])
+  return {"lr_nat": round(config.lr_rob * DIAGNOSTIC_LR / at_start, 6)}
+
+
+def _free_periods(duty: float, late_steps: int, total_steps: int) -> dict[str, Any]:
+  """Redistribution periods whose free phase is DIAGNOSTIC_STEPS long, as many as fit in the
+  last `late_steps` of the run, the last one ending with the run."""
+  period_steps = DIAGNOSTIC_STEPS / (1.0 - duty)
+  periods = max(1, math.floor(late_steps / period_steps))
+  period = period_steps / total_steps
+  return {
+      "redistribute_period": round(period, 6),
+      "redistribute_start": round(max(0.0, 1.0 - periods * period), 6)
+  }
+
+
+def _free_budget(context: AblationContext) -> dict[str, Any]:
+  """Fewer, longer free phases in the late part of the reference schedule (from its start of
+  redistribution), each DIAGNOSTIC_STEPS long."""
+  config, total = context.config, context.total_steps
+  late = round((1.0 - config.redistribute_start) * total)
+  return _free_periods(config.redistribute_duty, late, total)
+
+
+def _warm_start(context: AblationContext, method: str = "generalist") -> dict[str, Any]:
+  """Only the late phase, from the seed's trained PGD-AT model, for WARM_START_EPOCHS epochs.
+
+  Constant learning rates: the robust expert keeps PGD-AT's final one (it stays where PGD-AT
+  ended), the natural expert gets DIAGNOSTIC_LR; β falls from 1 to β_final over the phase and
+  the redistribution periods give free phases of DIAGNOSTIC_STEPS, the last ending with the run.
+  With `method="pgd_at"`: the same continuation of PGD-AT alone (the comparison at an equal
+  number of steps)."""
+  config = context.config
+  epochs = WARM_START_EPOCHS
+  total = epochs * context.steps_per_epoch
+  overrides = {
+      "init_from": str(pathlib.Path(context.study_dir) / f"pgd_at-s{context.seed}"),
+      "epochs": epochs,
+      "lr_knots": (0.0, 1.0),
+      "lr_factors": (1.0, 1.0),
+      "lr_rob": round(config.lr_rob * config.lr_factors[-1], 8),
+  }
+  if method == "pgd_at":
+    return overrides
+  return {
+      **overrides, "lr_nat": DIAGNOSTIC_LR,
+      "beta_start": 0.0,
+      **_free_periods(config.redistribute_duty, total, total)
+  }
+
+
 # Each ablation changes one component of Generalist; the reference schedule stays the default.
-ABLATIONS: dict[str, dict[str, Any]] = {
+# An entry is the config overrides, or a function of the `AblationContext` returning them.
+ABLATIONS: dict[str, Any] = {
     # The experts are never reset to the global model.
     "no-redistribution": {
         "redistribute": False
@@ -97,7 +183,23 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "beta0.8": {
         "beta_final": 0.8
     },
+    # The clean budget of the mechanism diagnostic given to the natural expert: its own learning
+    # rate (the paper's task-aware strategy; the reference code uses the robust one's) ...
+    "natural-lr": _natural_lr,
+    # ... or free phases of the diagnostic's length in the late part of the run ...
+    "free-budget": _free_budget,
+    # ... or both at once.
+    "free-budget-lr": lambda context: {
+        **_natural_lr(context),
+        **_free_budget(context)
+    },
+    # Only the late phase, warm-started from the seed's PGD-AT run (see `_warm_start`), and PGD-AT
+    # continued from the same model for the same steps.
+    "warm-start": _warm_start,
+    "warm-start-pgd_at": functools.partial(_warm_start, method="pgd_at"),
 }
+# The method of an ablation that is not a Generalist run.
+ABLATION_METHODS = {"warm-start-pgd_at": "pgd_at"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +229,8 @@ def plan_runs(seeds: Sequence[int],
   for name in ablations:
     if name not in ABLATIONS:
       raise ValueError(f"unknown ablation {name!r}; choose from {', '.join(ABLATIONS)}.")
-    runs += [PlannedRun(f"{name}-s{seed}", "generalist", name, seed) for seed in ablation_seeds]
+    method = ABLATION_METHODS.get(name, "generalist")
+    runs += [PlannedRun(f"{name}-s{seed}", method, name, seed) for seed in ablation_seeds]
   return runs
 
 
@@ -137,8 +240,8 @@ def _unique_ints(values: Sequence[int], what: str) -> list[int]:
     raise ValueError(f"{what} is empty; give at least one seed.")
   if len(set(values)) != len(values):
     raise ValueError(f"{what} repeats a seed: {values}.")
-  if min(values) < 0:
-    raise ValueError(f"{what} must be >= 0, got {values}.")
+  if min(values) < 0 or max(values) > MAX_SEED:
+    raise ValueError(f"{what} must lie in [0, 2**32 - 1], got {values}.")
   return values
 
 

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import stat
 import subprocess
 import sys
 import time
@@ -175,6 +176,27 @@ def test_model_json_describes_the_export(exported):
   # PyTorch's parameters (weights and biases) are exactly flax's params collection.
   assert record["torch"]["parameters"] == models.count_params(e.variables["params"])
   assert export.read_export(e.out)[0] == e.arch
+
+
+def test_every_exported_file_has_the_default_mode(exported):
+  # safetensors' save_file creates its file 0600; the weights must be as readable as the rest.
+  umask = os.umask(0)
+  os.umask(umask)
+  out = exported["smallcnn"].out
+  modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+  assert set(modes) == {"model.onnx", "model.safetensors", "torch_model.py", "model.json"}
+  assert modes == dict.fromkeys(modes, 0o666 & ~umask), modes
+
+
+def test_safetensors_file_is_0644_under_umask_022(tmp_path):
+  old = os.umask(0o022)
+  try:
+    path = torch_weights.save_safetensors({"w": np.ones((2, 3), np.float32)},
+                                          tmp_path / "w.safetensors")
+  finally:
+    os.umask(old)
+  assert stat.S_IMODE(path.stat().st_mode) == 0o644
+  np.testing.assert_array_equal(torch_weights.load_safetensors(path)["w"], np.ones((2, 3)))
 
 
 def test_torch_keys_and_shapes_are_the_reference_ones(exported):
@@ -530,6 +552,8 @@ def test_cli_exports_a_saved_mixture_and_imports_it_back(saved_mixture, tmp_path
   export_cli.main(["--checkpoint", str(path), "--out", str(out)])
   printed = capsys.readouterr().out
   assert "mixture, beta 0.3" in printed and "max |logit diff|" in printed
+  assert "every file holds the mixture" in printed
+  assert "model.safetensors (PyTorch weights)" in printed
   record = json.loads((out / export.RECORD_FILE).read_text())
   assert record["model"]["role"] == "mixture" and record["model"]["beta"] == 0.3
   assert record["config"]["dataset"] == "digits" and record["config"]["model"] == "smallcnn"
@@ -551,6 +575,25 @@ def test_cli_exports_a_saved_mixture_and_imports_it_back(saved_mixture, tmp_path
   run = runs.load_model(imported)
   (restored,) = run.models.values()
   jax.tree_util.tree_map(np.testing.assert_allclose, jax.device_get(restored), variables)
+
+
+def test_cli_says_which_model_the_files_hold():
+  # An export of best/ is not the final model whose figures training printed: the summary says so.
+  best = {
+      "role": "global",
+      "name": "global (best, epoch 27)",
+      "selected": "best by validation clean + PGD accuracy",
+      "checkpoint": "/r/pilot/best"
+  }
+  assert export_cli.model_description(best) == (
+      "the best global model (epoch 27) of /r/pilot, selected by validation clean + PGD "
+      "accuracy; not the final model whose figures training printed")
+  latest = {"role": "robust", "checkpoint": "latest", "source": "/r/pilot"}
+  assert export_cli.model_description(latest).startswith(
+      "the robust model of the latest checkpoint of /r/pilot (the final model")
+  mixture = {"role": "mixture", "beta": 0.3, "checkpoint": "/r/pilot/eval/mix-beta0.30"}
+  assert export_cli.model_description(
+      mixture) == "the mixture, beta 0.3 (/r/pilot/eval/mix-beta0.30)"
 
 
 def test_cli_refuses_a_checkpoint_of_an_unsupported_architecture(saved_mixture, tmp_path):

@@ -88,6 +88,49 @@ def test_mix_rejects_integer_leaves_and_bad_beta():
       gen_jax.mix(_vars(1.0), _vars(2.0), beta)
 
 
+def test_mix_refuses_trees_of_different_dtypes():
+  nat = {"params": {"a": jnp.ones(2), "b": jnp.ones(2, jnp.float16)}}
+  rob = {"params": {"a": jnp.ones(2), "b": jnp.ones(2, jnp.float32)}}
+  with pytest.raises(ValueError,
+                     match=r"leaf params/b has dtype float16 in params_nat but "
+                     r"float32 in params_rob"):
+    gen_jax.mix(nat, rob, 0.5)
+  with pytest.raises(ValueError, match=r"params/b has dtype float16 in trees\[0\] but float32"):
+    gen_jax.mix_many([nat, rob], [0.5, 0.5])
+  with pytest.raises(ValueError, match=r"params/b has dtype float16 in average but float32 in new"):
+    gen_jax.ema_update(nat, rob, 0.5)
+
+
+def test_mix_checks_a_concrete_beta_and_leaves_a_traced_one_to_the_caller():
+  nat, rob = _vars(1.0), _vars(3.0)
+  for beta in (jnp.float32(1.5), np.float64(-0.5), jnp.array(float("nan")), 1.5):
+    with pytest.raises(ValueError, match=r"beta must lie in \[0, 1\]"):
+      gen_jax.mix(nat, rob, beta)
+  # Traced: unknown while tracing, neither checked nor clipped (documented).
+  out = jax.jit(gen_jax.mix)(nat, rob, jnp.float32(1.5))
+  np.testing.assert_allclose(out["params"]["Conv_0"]["kernel"], 4.0)
+
+
+def test_mix_accepts_python_floats_as_leaves():
+  out = gen_jax.mix({"w": 1.0, "v": [0.0, 2.0]}, {"w": 3.0, "v": [1.0, 4.0]}, 0.25)
+  np.testing.assert_allclose(out["w"], 1.5)
+  np.testing.assert_allclose(out["v"], [0.25, 2.5])
+  out = gen_jax.mix_many([{"w": 0.0}, {"w": 2.0}], [0.5, 0.5])
+  np.testing.assert_allclose(out["w"], 1.0)
+  np.testing.assert_allclose(gen_jax.ema_update({"w": 1.0}, {"w": 3.0}, 0.75)["w"], 1.5)
+  with pytest.raises(ValueError, match="floating-point"):
+    gen_jax.mix({"w": 1}, {"w": 2}, 0.5)
+
+
+def test_ema_decay_refuses_a_negative_step():
+  with pytest.raises(ValueError, match=r"step .* must be >= 0, got -5"):
+    mixing.ema_decay(-5)
+  with pytest.raises(ValueError, match=r"must be >= 0"):
+    mixing.ema_decay(np.array([3, -1]))
+  # A traced step is not checked (jit): the training step's counter is never negative.
+  np.testing.assert_allclose(jax.jit(mixing.ema_decay)(jnp.int32(0)), 0.1, rtol=1e-6)
+
+
 def test_mix_many_hand_computed_and_validation():
   trees = [_vars(0.0), _vars(1.0), _vars(2.0)]
   out = gen_jax.mix_many(trees, [0.5, 0.25, 0.25])  # 0.25 + 0.5 = 0.75

@@ -1,4 +1,4 @@
-"""Reliability of training runs (issue 13): crash consistency, fallback, lock, signals, numerics.
+"""Reliability of training runs: crash consistency, fallback, lock, signals, numerics.
 
 The end-to-end tests train the `tiny` preset (5 steps per epoch, 2 epochs). A kill is simulated
 in-process by an exception that nothing in the library catches (`_Killed`), raised right after
@@ -293,7 +293,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference, tmp
   assert _train(CHUNKED, workdir, max_epochs=1) == {"stopped_at_epoch": 1}
   steps = sorted(int(p.name) for p in (workdir / runs.CHECKPOINT_DIR).iterdir())
   assert steps == [4, 5]  # a mid-epoch checkpoint and the epoch end (keep_checkpoints 2)
-  _damage(workdir / runs.CHECKPOINT_DIR / "5", "empty meta")  # a KeyError before issue 13
+  _damage(workdir / runs.CHECKPOINT_DIR / "5", "empty meta")  # a KeyError before 3ce6a47
   capsys.readouterr()
   _train(CHUNKED, workdir)
   out = capsys.readouterr().out

@@ -1,4 +1,5 @@
 """Tests of gen_jax.study (the plan, the chord score and the aggregation) and of compare.py."""
+import dataclasses
 import json
 import math
 import pathlib
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from gen_jax import config as cfg
 from gen_jax import study
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -99,7 +101,8 @@ def test_plan_is_seed_major_then_ablations():
       "beta0.6-s0", "beta0.6-s1"
   ]
   assert study.plan_runs([3], ["ema-scaled"])[-1].seed == 3  # ablations default to the 1st seed
-  for bad in (dict(seeds=[]), dict(seeds=[0, 0]), dict(seeds=[0], ablations=["nope"])):
+  for bad in (dict(seeds=[]), dict(seeds=[0, 0]), dict(seeds=[0],
+                                                       ablations=["nope"]), dict(seeds=[0, 2**32])):
     with pytest.raises(ValueError):
       study.plan_runs(**bad)
 
@@ -109,10 +112,12 @@ def test_ablation_overrides_and_paper_scaled_ema():
   # A 1,480-step run gets a window of ~31.5 steps, the same 2.1 % of the run as 1,000 of 46,920.
   decay = study.paper_scaled_ema_decay(1480)
   assert 1 / (1 - decay) == pytest.approx(1000 * 1480 / 46920)
-  assert study.ablation_overrides("ema-scaled", total_steps=1480) == {"ema_decay": 0.9683}
-  assert study.ablation_overrides("no-redistribution", total_steps=1) == {"redistribute": False}
+  study_config = cfg.get_config("cifar10-study")  # 20 epochs of 74 steps: 1,480
+  context = study.AblationContext(study_config, 74)
+  assert study.ablation_overrides("ema-scaled", context) == {"ema_decay": 0.9683}
+  assert study.ablation_overrides("no-redistribution", context) == {"redistribute": False}
   with pytest.raises(ValueError, match="unknown ablation"):
-    study.ablation_overrides("nope", total_steps=1)
+    study.ablation_overrides("nope", context)
 
 
 def test_sweep_chords_and_the_study_figure(tmp_path):
@@ -197,3 +202,49 @@ def test_compare_command_runs_seeds_ablations_and_sweeps_and_resumes(tmp_path):
   assert not (tmp_path / "no-redistribution-s0" / "eval" / "sweep.json").exists()
   partial = json.loads((tmp_path / "compare.json").read_text())
   assert partial["runs"] == result["runs"] and set(partial["sweeps"]) == {"generalist-s0"}
+
+
+def _free_phases(mask):
+  """Lengths of the runs of False after each run of True in a redistribution mask."""
+  phases, count, seen = [], 0, False
+  for redistributing in mask:
+    if redistributing:
+      if seen and count:
+        phases.append(count)
+      seen, count = True, 0
+    else:
+      count += 1
+  return phases + ([count] if seen else [])
+
+
+def test_budget_variants_give_the_natural_expert_the_diagnostics_budget():
+  from gen_jax.training import schedules  # pylint: disable=import-outside-toplevel
+  base = cfg.get_config("cifar10-study")
+  context = study.AblationContext(base, 74, seed=2, study_dir="/s")
+  total = context.total_steps
+
+  def config_of(name):
+    return dataclasses.replace(base, **study.ablation_overrides(name, context)).validate()
+
+  natural_lr = config_of("natural-lr")
+  lr = schedules.learning_rate_table(natural_lr.lr_nat, natural_lr, 74)
+  start = math.ceil(base.redistribute_start * total)
+  assert lr[start] == pytest.approx(study.DIAGNOSTIC_LR, rel=1e-4)
+  assert natural_lr.lr_rob == base.lr_rob  # the robust expert is unchanged
+
+  for name in ("free-budget", "free-budget-lr"):
+    free = config_of(name)
+    phases = _free_phases(schedules.redistribution_table(free, total))
+    assert phases and all(abs(p - study.DIAGNOSTIC_STEPS) <= 1 for p in phases), phases
+    assert free.redistribute_start >= base.redistribute_start  # inside the late phase
+  assert config_of("free-budget-lr").lr_nat == natural_lr.lr_nat
+
+  warm, continued = config_of("warm-start"), config_of("warm-start-pgd_at")
+  assert warm.init_from == continued.init_from == "/s/pgd_at-s2"
+  assert warm.epochs == continued.epochs == study.WARM_START_EPOCHS
+  assert warm.lr_rob == continued.lr_rob == pytest.approx(base.lr_rob * base.lr_factors[-1])
+  phases = _free_phases(schedules.redistribution_table(warm, warm.epochs * 74))
+  assert phases[-1] == pytest.approx(study.DIAGNOSTIC_STEPS, abs=1)
+  plan = study.plan_runs([2], ["warm-start", "warm-start-pgd_at"])
+  assert [(r.name, r.method) for r in plan[-2:]] == [("warm-start-s2", "generalist"),
+                                                     ("warm-start-pgd_at-s2", "pgd_at")]

@@ -181,6 +181,32 @@ def test_selection_rule_picks_the_right_beta():
       sweep.parse_rule(bad)
 
 
+def test_selection_rule_honours_its_operator():
+  points = [{
+      "beta": 0.2,
+      "clean": 0.97,
+      "robust": 0.5
+  }, {
+      "beta": 0.4,
+      "clean": 0.98,
+      "robust": 0.3
+  }]
+  strict, loose = sweep.parse_rule("clean>0.97"), sweep.parse_rule("clean>=0.97")
+  assert sweep.select_point(points, strict)["beta"] == 0.4  # 0.97 does not exceed 0.97
+  assert sweep.select_point(points, loose)["beta"] == 0.2
+  assert sweep.select_point(points, sweep.parse_rule("clean > 97%"))["beta"] == 0.4
+  assert sweep.select_point(points, ("clean", 0.97))["beta"] == 0.2  # a pair reads as >=
+  # The rule is reported and recorded as written.
+  assert (str(strict), str(loose)) == ("clean>0.97", "clean>=0.97")
+  with pytest.raises(ValueError, match=r"no mixture reaches clean > 0\.9800: the best is 0\.9800"):
+    sweep.select_point(points, sweep.parse_rule("clean>0.98"))
+  with pytest.raises(ValueError, match=r"can never be met: no accuracy exceeds 1"):
+    sweep.parse_rule("robust>1")
+  for bad in ("nan", "inf"):
+    with pytest.raises(ValueError, match=r"betas must be numbers in \[0, 1\]"):
+      sweep.check_betas([0.0, float(bad)])
+
+
 def test_pareto_front():
   assert sweep.pareto_front([(0.9, 0.1), (0.8, 0.3), (0.7, 0.2), (0.9, 0.05)]) == [1, 0]
   assert sweep.pareto_front([(0.5, 0.5), (0.5, 0.5), (0.4, 0.5)]) == [0, 1]

@@ -84,7 +84,7 @@ def _add_flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
   parser.add_argument("--out",
                       default="/tmp/agree",
                       help="folder of model.npz; reference*.json are written there")

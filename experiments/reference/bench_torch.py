@@ -349,7 +349,7 @@ def bench(args: argparse.Namespace, what: str) -> dict:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
   p.add_argument("--what", default="generalist_step", help=f"comma-separated subset of {WHATS}")
   p.add_argument("--model", default="resnet18", choices=tuple(MODELS))
   p.add_argument("--batch-size", dest="batch", type=int, default=128, metavar="N")

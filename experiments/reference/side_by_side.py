@@ -56,7 +56,7 @@ def _commands(args, what: str) -> tuple[list[str], list[str]]:
 
 
 def _parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
   p.add_argument("--torch-python", required=True, help="python of an environment with torch")
   p.add_argument("--what", default="generalist_step,pgd20", help="comma-separated workloads")
   p.add_argument("--model", default="resnet18")

@@ -2,8 +2,10 @@
 
 `eval_batches` says which rows form each batch, so every example is evaluated exactly once with
 one compiled batch shape; `map_batches` runs a function over that plan and keeps the real rows
-(attacks, predictions, distances all go through it). Training batches are drawn on the device
-from a permutation (`gen_jax.training.steps.make_train_step`).
+(attacks, predictions, distances all go through it). Training batches are not cut here: the
+training set stays on the host, the loop slices each global batch from the epoch's permutation
+and every process reads only its rows of it (`gen_jax.parallel.global_batch`), which
+`gen_jax.training.steps.make_train_step` takes as arguments.
 
 Synopsis::
 

@@ -33,7 +33,7 @@ import functools
 import pathlib
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -184,11 +184,33 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
   return sorted(front, key=lambda i: (points[i][0], -points[i][1], i))
 
 
-def parse_rule(text: str) -> tuple[str, float]:
-  """Parses a selection rule `clean>=0.88`, `robust>=45%` into (constrained metric, threshold).
+class Rule(NamedTuple):
+  """A selection rule: the `metric` (clean or robust) must exceed `threshold` (`strict`, `>`) or
+  reach it (`>=`). `str(rule)` writes it back as `clean>=0.88`."""
+  metric: str
+  threshold: float
+  strict: bool = False
+
+  @property
+  def op(self) -> str:
+    return ">" if self.strict else ">="
+
+  def met_by(self, value: float) -> bool:
+    """Whether a figure meets the rule, with its operator as written."""
+    return value > self.threshold if self.strict else value >= self.threshold
+
+  def __str__(self) -> str:
+    return f"{self.metric}{self.op}{self.threshold:g}"
+
+
+def parse_rule(text: str) -> Rule:
+  """Parses a selection rule `clean>=0.88`, `clean>0.97`, `robust>=45%` into a `Rule`.
+
+  `>` is strict (a mixture at exactly the threshold does not meet it) and `>=` is not.
 
   Raises:
-    ValueError: the rule is not `<clean|robust> >= <number>` (a fraction, or a percentage with %).
+    ValueError: the rule is not `<clean|robust> >= <number>` or `... > <number>` (a fraction, or
+      a percentage with %), or it can never be met (`> 1`).
   """
   match = _RULE.match(text or "")
   if not match:
@@ -198,25 +220,29 @@ def parse_rule(text: str) -> tuple[str, float]:
   threshold = float(value) / (100.0 if percent else 1.0)
   if not 0.0 <= threshold <= 1.0:
     raise ValueError(f"the threshold of {text!r} must lie in [0, 1] (or 0-100%).")
-  if op == ">":
-    threshold = float(np.nextafter(threshold, 2.0))
-  return metric, threshold
+  if op == ">" and threshold >= 1.0:
+    raise ValueError(f"the rule {text!r} can never be met: no accuracy exceeds 1 (write "
+                     f"'{metric}>=1' for a perfect score).")
+  return Rule(metric, threshold, strict=op == ">")
 
 
-def select_point(points: Sequence[dict[str, float]], rule: tuple[str, float]) -> dict[str, float]:
+def select_point(points: Sequence[dict[str, float]],
+                 rule: Rule | tuple[str, float]) -> dict[str, float]:
   """The sweep point that maximises the other figure among those meeting `rule`.
 
-  Ties go to the point with the higher constrained figure, then to the smaller beta.
+  `rule` is a `Rule` (from `parse_rule`) or a pair (metric, threshold), read as `>=`. Ties go to
+  the point with the higher constrained figure, then to the smaller beta.
 
   Raises:
     ValueError: no point meets the rule (the message gives the best one reached).
   """
-  metric, threshold = rule
+  rule = Rule(*rule)
+  metric = rule.metric
   other = "robust" if metric == "clean" else "clean"
-  feasible = [p for p in points if p[metric] >= threshold]
+  feasible = [p for p in points if rule.met_by(p[metric])]
   if not feasible:
     best = max(points, key=lambda p: p[metric])
-    raise ValueError(f"no mixture reaches {metric} >= {threshold:.4f}: the best is "
+    raise ValueError(f"no mixture reaches {metric} {rule.op} {rule.threshold:.4f}: the best is "
                      f"{best[metric]:.4f} at beta {best['beta']:.2f}. Lower the target.")
   return max(feasible, key=lambda p: (p[other], p[metric], -p["beta"]))
 
@@ -224,7 +250,8 @@ def select_point(points: Sequence[dict[str, float]], rule: tuple[str, float]) ->
 def check_betas(betas: Sequence[float]) -> list[float]:
   """Validates the betas: at least one, each in [0, 1]; returned sorted and deduplicated."""
   values = sorted({round(float(b), 10) for b in betas})
-  if not values or values[0] < 0.0 or values[-1] > 1.0:
+  # NaN compares false with everything, so it would pass the range test and sort anywhere.
+  if not values or not all(np.isfinite(values)) or values[0] < 0.0 or values[-1] > 1.0:
     raise ValueError(f"betas must be numbers in [0, 1]; got {list(betas)}.")
   return values
 
@@ -326,7 +353,7 @@ def sweep_run(eval_run: runs.EvalRun,
               steps: int = 20,
               bn_recalibrate: str | None = None,
               recalibration_n: int = 2000,
-              select: tuple[str, float] | None = None,
+              select: Rule | tuple[str, float] | None = None,
               seed: int = 0,
               batch_size: int = 250,
               progress: Callable[[str], None] | None = None,
@@ -401,9 +428,9 @@ def sweep_run(eval_run: runs.EvalRun,
                              source=str(eval_run.source.absolute()),
                              beta=choice["beta"],
                              bn_recalibrated=bn_recalibrate,
-                             rule=f"{select[0]}>={select[1]}",
+                             rule=str(Rule(*select)),
                              sweep_figures=choice)
-    result["selected"] = {**choice, "rule": list(select), "checkpoint": str(target)}
+    result["selected"] = {**choice, "rule": str(Rule(*select)), "checkpoint": str(target)}
   return result
 
 

@@ -230,10 +230,14 @@ def _safetensors_numpy():
 def save_safetensors(state: dict[str, np.ndarray],
                      path: str | os.PathLike,
                      metadata: dict[str, str] | None = None) -> pathlib.Path:
-  """Writes `{key: array}` as a safetensors file (a temporary file renamed into place)."""
+  """Writes `{key: array}` as a safetensors file (a temporary file renamed into place).
+
+  The bytes are written by Python, not by safetensors' `save_file` (which creates its file with
+  mode 0600), so the file gets the mode of every other file of an export (0644 under umask 022).
+  """
   path = pathlib.Path(path)
   tmp = path.with_name(path.name + ".tmp")
-  _safetensors_numpy().save_file(state, str(tmp), metadata=metadata)
+  tmp.write_bytes(_safetensors_numpy().save(state, metadata=metadata))
   os.replace(tmp, path)
   return path
 

@@ -15,10 +15,12 @@ Synopsis::
     from gen_jax import config as cfg, training
     summary = training.train_and_evaluate(cfg.get_config("pilot"), "runs/pilot")
 
-    # or step by step:
+    # or step by step (`images`, `labels`: one global batch from `parallel.global_batch`):
     state = training.create_train_state(config, model, key, image_shape=(32, 32, 3))
+    tables = training.steps.schedule_arrays(config, steps_per_epoch)
+    totals = training.steps.zero_totals(config)
     step_fn = training.make_train_step(config, model)
-    state, totals = step_fn(state, totals, images, labels, perm, index, key, tables)
+    state, totals = step_fn(state, totals, images, labels, key, tables)
 """
 import importlib
 

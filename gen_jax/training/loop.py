@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from gen_jax import parallel, runs
+from gen_jax import checkpoint, models, parallel, runs
 from gen_jax.config import Config, config_record
 from gen_jax.evaluation.accuracy import evaluate_models
 from gen_jax.training import methods
@@ -133,8 +133,10 @@ def _agree(stop: _StopSignals,
   return bool(signum or step_due or clock_due)
 
 
-def _keys(seed: int) -> dict[str, jax.Array]:
-  """Named PRNG streams split once from the root key; nothing about them is checkpointed."""
+def stream_keys(seed: int) -> dict[str, jax.Array]:
+  """A run's named PRNG streams (init, data, train, eval), split once from the root key of
+  `seed`; nothing about them is checkpointed. Programs that must attack with the keys of a run's
+  own figures (e.g. `gen_jax.finetune`) take its `eval` stream."""
   return dict(zip(_STREAMS, jax.random.split(jax.random.key(seed), len(_STREAMS))))
 
 
@@ -197,24 +199,21 @@ def _lr_flags(name: str) -> str:
   return "--lr-nat / --lr-rob"
 
 
-def _path_name(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def _diagnose(variables, bounds, factor: float) -> str:
   """The first leaf of a model that is not finite or exceeds its bound, in words (host side:
   only called once a model has failed the cheap device check)."""
   flat, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(variables))
   limits = jax.tree_util.tree_leaves(jax.device_get(bounds))
   for (path, leaf), limit in zip(flat, limits):
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
     x = np.asarray(leaf, np.float32)
     if np.isnan(x).any():
-      return f"{_path_name(path)} holds NaN ({np.isnan(x).mean():.0%} of its values)"
+      return f"{name} holds NaN ({np.isnan(x).mean():.0%} of its values)"
     if np.isinf(x).any():
-      return f"{_path_name(path)} holds inf"
+      return f"{name} holds inf"
     peak = float(np.abs(x).max()) if x.size else 0.0
     if peak > float(limit):
-      return (f"{_path_name(path)} reached max |x| = {peak:.3g}, above its divergence bound "
+      return (f"{name} reached max |x| = {peak:.3g}, above its divergence bound "
               f"{float(limit):.3g} (--divergence-factor {factor:g} x max(1, its largest |x| at "
               "initialisation); if that is healthy growth, not a divergence, rerun the same "
               "command with a larger --divergence-factor, or 0, to resume)")
@@ -272,6 +271,18 @@ def _evaluate(state, xs, ys, *, model, config, key, sharding, roles):
                          sharding=sharding)
 
 
+def _warm_start(config: Config, model, key, image_shape,
+                num_classes: int) -> tuple[Any, dict[str, Any]]:
+  """The variables of `--init-from` (None without it) and `{"init_from": record}` of where
+  they came from (`runs.load_init`; empty without it), which every checkpoint's meta carries on
+  and the summary reports."""
+  if not config.init_from:
+    return None, {}
+  abstract = jax.eval_shape(lambda: models.init_variables(model, key, image_shape))
+  variables, record = runs.load_init(config.init_from, config, abstract, num_classes=num_classes)
+  return variables, {"init_from": record}
+
+
 def _finished(config: Config, workdir: pathlib.Path) -> dict[str, Any] | None:
   if runs.check_config(config, workdir):
     summary = runs.read_summary(workdir)
@@ -313,6 +324,7 @@ def train_and_evaluate(config: Config,
   config.validate()
   workdir = pathlib.Path(workdir)
   runs.check_layout(workdir)
+  runs.restore_config_file(workdir)  # a lost config.json comes back from the run, not the flags
   finished = _finished(config, workdir)
   if finished is not None:
     return finished
@@ -339,11 +351,22 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, max_epochs:
   if steps_per_epoch < 1:
     raise ValueError(f"the training split has {len(splits.train_y)} images, fewer than one "
                      f"batch of --batch-size {config.batch_size}; lower it.")
-  runs.write_config(config, workdir)
+  # The checkpoints pin the config and the data: a resume on other settings or other images
+  # is refused here, before anything is set aside or rewritten.
+  pinned = runs.pin(config, runs.data_fingerprint(splits))
+  runs.check_pinned(workdir, config, pinned["data"])
   model = runs.build_model(config, splits.num_classes)
-  eval_model = runs.build_model(config, splits.num_classes, for_evaluation=True)
-  keys = _keys(config.seed)
+  keys = stream_keys(config.seed)
   image_shape = tuple(splits.train_x.shape[1:])
+  warm_start = functools.partial(_warm_start, config, model, keys["init"], image_shape,
+                                 splits.num_classes)
+  # A fresh run reads its --init-from source before anything is written, so that a wrong source
+  # leaves no run directory behind; a resumed run needs it no more (its checkpoint says where it
+  # started).
+  start_from, origin = (None, {}) if checkpoint.saved_keys(workdir / runs.CHECKPOINT_DIR) \
+      else warm_start()
+  runs.write_config(config, workdir)
+  eval_model = runs.build_model(config, splits.num_classes, for_evaluation=True)
 
   replicated = parallel.replicated(mesh)
   batch_sharding = parallel.data_sharding(mesh)
@@ -366,10 +389,18 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, max_epochs:
         abstract, functools.partial(_check_position, config=config,
                                     steps_per_epoch=steps_per_epoch))
     if restored is None:
-      state = jax.jit(create, out_shardings=replicated)()
+      if config.init_from and start_from is None:  # every checkpoint found was damaged
+        start_from, origin = warm_start()
+      state = jax.jit(lambda v: create(variables=v), out_shardings=replicated)(start_from)
       meta = {"epoch": 0, "index": 0, "best": {"score": -1.0, "epoch": None}, "metrics": []}
+      if origin and parallel.is_primary():
+        print(
+            f"Starting every model from {origin['init_from']['path']} "
+            f"({origin['init_from']['kind']}).",
+            flush=True)
     else:
       state, meta = restored
+      origin = {"init_from": meta["init_from"]} if "init_from" in meta else {}
     start_epoch, start_index = meta["epoch"], meta.get("index", 0)
     best, records = meta["best"], meta["metrics"]
     saved_step = start_epoch * steps_per_epoch + start_index
@@ -471,7 +502,9 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, max_epochs:
                   "best": best,
                   "metrics": records,
                   "totals": _totals_record(totals),
-                  "epoch_seconds": round(time.time() - epoch_started, 2)
+                  "epoch_seconds": round(time.time() - epoch_started, 2),
+                  "pin": pinned,
+                  **origin
               })
           saved_step, last_commit = step, time.monotonic()
           stop.note = (f"saved nothing since checkpoint step {saved_step}; rerun the same "
@@ -519,13 +552,16 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, max_epochs:
             best = {"score": score, "epoch": epoch + 1, **val}
             run.save_best(epoch + 1, state.global_model, {"epoch": epoch + 1, **val})
       records = records + [record]
-      run.commit(step, state, {
-          "epoch": epoch + 1,
-          "index": 0,
-          "step": step,
-          "best": best,
-          "metrics": records
-      }, record)
+      run.commit(
+          step, state, {
+              "epoch": epoch + 1,
+              "index": 0,
+              "step": step,
+              "best": best,
+              "metrics": records,
+              "pin": pinned,
+              **origin
+          }, record)
       saved_step, last_commit = step, time.monotonic()
       stop.note = (f"saved nothing since checkpoint step {saved_step}; rerun the same command "
                    "to resume.")
@@ -558,7 +594,7 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, max_epochs:
             "steps": config.eval_pgd_steps
         },
         "method": config.method,
-        "best": best,
+        **origin, "best": best,
         "steps": int(state.step),
         "test_images": int(len(splits.test_y)),
         "train_seconds": round(sum(r["train_seconds"] for r in records), 1),

@@ -245,11 +245,32 @@ def parse_expert(text: str, *, defaults: Mapping[str, ExpertSpec]) -> ExpertSpec
   return dataclasses.replace(spec, **changes)
 
 
-def check_expert_specs(specs: Sequence[ExpertSpec]) -> None:
-  """ValueError unless the roles are distinct (two experts of one norm need `ROLE=` names)."""
+def _task_text(spec: ExpertSpec) -> str:
+  """A description of `spec`'s task that `parse_expert` reads back (without options)."""
+  if not spec.adversarial:
+    return NATURAL
+  return f"{spec.objective}:{spec.norm}:{spec.eps:g}:{spec.steps}"
+
+
+def check_expert_specs(specs: Sequence[ExpertSpec], texts: Sequence[str] | None = None) -> None:
+  """ValueError unless the roles are distinct (two experts of one norm need `ROLE=` names).
+
+  The message suggests a renamed entry that `parse_expert` accepts: the entry as written in
+  `texts` (the descriptions the specs were parsed from, same order) with a free role in front,
+  e.g. 'natural_2=natural'; without `texts`, a description rebuilt from the spec.
+  """
+  roles = [spec.role for spec in specs]
   seen = set()
-  for spec in specs:
+  for i, spec in enumerate(specs):
     if spec.role in seen:
+      free = (f"{spec.role}_{k}" for k in range(2, len(specs) + 2))
+      role = next(r for r in free if r not in roles)
+      task = _task_text(spec)
+      if texts is not None:
+        written = str(texts[i]).strip()
+        head, sep, tail = written.partition("=")
+        # "ROLE=TASK...": keep TASK... ("=" may also appear in options such as step=0.1).
+        task = tail.strip() if sep and ":" not in head else written
       raise ValueError(f"two experts have the role {spec.role!r}; name one of them with a "
-                       f"ROLE= prefix (e.g. '{spec.role}_2={spec.objective}:...').")
+                       f"ROLE= prefix (e.g. '{role}={task}').")
     seen.add(spec.role)

@@ -124,8 +124,12 @@ def _set_lr(opt_state, lr):
   return opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": lr})
 
 
-def create_train_state(config: Config, model: nn.Module, key: jax.Array, *,
-                       image_shape: tuple[int, int, int]) -> GeneralistState:
+def create_train_state(config: Config,
+                       model: nn.Module,
+                       key: jax.Array,
+                       *,
+                       image_shape: tuple[int, int, int],
+                       variables: Variables | None = None) -> GeneralistState:
   """Initialises the experts from the SAME weights (as the reference), teachers and global too.
 
   Args:
@@ -133,8 +137,11 @@ def create_train_state(config: Config, model: nn.Module, key: jax.Array, *,
     model: the linen module.
     key: PRNG key for the initial weights.
     image_shape: (H, W, C) of one image.
+    variables: start from these weights instead (a warm start, `--init-from`; see
+      `runs.load_init`), of the shapes `model` initialises; `key` is then unused.
   """
-  variables = init_variables(model, key, image_shape)
+  if variables is None:
+    variables = init_variables(model, key, image_shape)
   # Distinct buffers for every copy: the state is donated to the jitted step.
   copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)
   experts = {

@@ -1,0 +1,118 @@
+"""The mechanism diagnostic: clean fine-tunes of a PGD-AT model and their mixtures."""
+import dataclasses
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from gen_jax import config as cfg
+from gen_jax import finetune, models, runs, training
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+  """A tiny study: natural-s0 and pgd_at-s0, one epoch each (the compare.py layout)."""
+  root = tmp_path_factory.mktemp("study")
+  for method in ("natural", "pgd_at"):
+    config = dataclasses.replace(cfg.get_config("tiny"), method=method, epochs=1)
+    training.train_and_evaluate(config, root / f"{method}-s0", progress=False)
+  # Both tiny models sit at chance (10 %), where the chord score is undefined (no gap between
+  # the baselines); the natural baseline's figures are set apart by hand so that the program's
+  # chord scores are numbers to check. Only the baseline is edited, never a measured point.
+  path = root / "natural-s0" / "summary.json"
+  summary = json.loads(path.read_text())
+  summary["models"]["global"] = {"clean_acc": 0.9, "pgd_acc": 0.0}
+  path.write_text(json.dumps(summary))
+  return root
+
+
+def _robust(study_dir):
+  config = runs.read_config(study_dir / "pgd_at-s0")
+  splits = runs.load_splits(config)
+  network = runs.build_model(config, splits.num_classes)
+  abstract = jax.eval_shape(
+      lambda: models.init_variables(network, jax.random.key(0), tuple(splits.train_x.shape[1:])))
+  robust, _ = runs.load_init(study_dir / "pgd_at-s0", config, abstract, num_classes=10)
+  return config, splits, robust
+
+
+def test_finetune_resumes_from_its_saved_budgets_to_the_same_models(study_dir, tmp_path):
+  config, splits, robust = _robust(study_dir)
+  straight = dict(finetune.finetune(config, robust, splits, lr=0.05, at_steps=(1, 3)))
+  first = dict(
+      finetune.finetune(config, robust, splits, lr=0.05, at_steps=(1,), checkpoint_dir=tmp_path))
+  resumed = dict(
+      finetune.finetune(config, robust, splits, lr=0.05, at_steps=(1, 3), checkpoint_dir=tmp_path))
+  assert list(resumed) == [1, 3]
+  for k in (1, 3):
+    jax.tree_util.tree_map(np.testing.assert_array_equal, resumed[k], straight[k])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, first[1], straight[1])
+  # Training moved the weights (the comparison above can fail).
+  moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), straight[3]["params"],
+                                 robust["params"])
+  assert max(jax.tree_util.tree_leaves(moved)) > 0
+
+
+def test_the_program_reproduces_the_pgd_at_summary_at_beta_one_and_resumes(study_dir):
+  command = [
+      sys.executable,
+      str(ROOT / "experiments" / "finetune_mix.py"), "--study",
+      str(study_dir), "--lrs", "0.05", "--steps", "1,2", "--betas", "0,0.5,1"
+  ]
+  done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
+  assert done.returncode == 0, done.stderr[-3000:]
+  out = study_dir / "finetune-mix"
+  result = json.loads((out / "finetune_mix.json").read_text())
+  assert len(result["points"]) == 6  # 2 budgets x 3 betas, one seed
+  pgd_at = runs.read_summary(study_dir / "pgd_at-s0")["models"]["global"]
+  for p in result["points"]:
+    if p["beta"] == 1.0:  # the robust model itself, attacked as its run's summary was
+      assert (p["clean"], p["robust"]) == (pgd_at["clean_acc"], pgd_at["pgd_acc"])
+      assert p["chord"] == pytest.approx(1.0)
+  assert [r["steps"] for r in result["summary"]] == [1, 2]
+  assert (out / "finetune_mix.png").stat().st_size > 0
+  assert "| lr | steps |" in (out / "finetune_mix.md").read_text()
+  before = (out / "s0.json").read_text()
+  again = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "seed 0 lr" not in again.stdout  # nothing recomputed
+  assert (out / "s0.json").read_text() == before
+
+
+def test_a_missing_baseline_is_named_before_any_work(tmp_path):
+  done = subprocess.run(
+      [sys.executable,
+       str(ROOT / "experiments" / "finetune_mix.py"), "--study",
+       str(tmp_path)],
+      capture_output=True,
+      text=True,
+      timeout=300,
+      cwd=ROOT)
+  assert done.returncode != 0
+  assert "natural-s0 holds no finished run" in done.stderr
+
+
+def test_summary_picks_each_seeds_best_and_the_best_fixed_beta():
+  base = {"natural": {"clean": 0.6, "robust": 0.0}, "pgd_at": {"clean": 0.4, "robust": 0.4}}
+  points = []
+  for seed, figures in ((0, {
+      0.0: (0.6, 0.1),
+      1.0: (0.4, 0.4)
+  }), (1, {
+      0.0: (0.5, 0.0),
+      1.0: (0.45, 0.4)
+  })):
+    for beta, (c, r) in figures.items():
+      p = {"seed": seed, "lr": 0.1, "steps": 5, "beta": beta, "clean": c, "robust": r}
+      points.append({**p, "chord": finetune.chord(p, base)})
+  (row,) = finetune.summarize(points)
+  assert row["best"]["betas"] == [0.0, 1.0]  # seed 0: 1.25 at beta 0; seed 1: 1.25 at beta 1
+  assert row["best"]["mean"] == pytest.approx(1.25)
+  assert row["fixed"]["beta"] == 1.0  # mean chords: beta 0 0.875, beta 1 1.125
+  assert row["fixed"]["mean"] == pytest.approx(1.125)
