@@ -89,6 +89,12 @@ def _add_arguments(parser):
                       type=cli.positive_int,
                       default=None,
                       help="test images of the multi-norm evaluation (default: all)")
+  parser.add_argument("--only",
+                      type=cli.names_of(tuple),
+                      default=(),
+                      help="comma-separated run names (e.g. warm-start-s0,pgd_at-s1) to train; "
+                      "the study's other runs are read if finished, as with --report-only (to "
+                      "spread one study over several processes)")
   parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
   parser.add_argument("--report-only",
                       action="store_true",
@@ -108,6 +114,10 @@ def main():
       a for a in args.ablations.split(",") if a.strip()
   ]
   plan = study.plan_runs(args.seeds or [config.seed], ablations, args.ablation_seeds)
+  unknown = sorted(set(args.only) - {run.name for run in plan})
+  if unknown:
+    raise ValueError(f"--only names {unknown}, which this study does not plan; its runs are "
+                     f"{', '.join(run.name for run in plan)}.")
   rows = []
   steps_per_epoch = None
   for run in plan:
@@ -152,10 +162,10 @@ def main():
 def _summary(run_config, run_dir, name, args):
   """A run's summary: trained to the end (resuming), or with --report-only read back (None, and
   a line saying so, for a run that has not finished)."""
-  if args.report_only:
+  if args.report_only or (args.only and name not in args.only):
     summary = runs.read_summary(run_dir) if runs.check_config(run_config, run_dir) else None
     if summary is None:
-      print(f"== {name}: not finished, left out (--report-only)", flush=True)
+      print(f"== {name}: not finished, left out (not trained by this command)", flush=True)
     return summary
   print(f"== {name} ==", flush=True)
   return training.train_and_evaluate(run_config, run_dir, progress=not args.no_progress)
@@ -168,8 +178,8 @@ def _sweep(run_dir, args, file="sweep.json", name=""):
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
-  if args.report_only:
-    print(f"== sweep {name}: not computed yet, left out (--report-only)", flush=True)
+  if args.report_only or (args.only and name not in args.only):
+    print(f"== sweep {name}: not computed yet, left out (not computed by this command)", flush=True)
     return None
   print(f"== sweep {name} ==", flush=True)
   result = sweep.sweep_run(runs.restore_models(run_dir),

@@ -29,14 +29,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import pathlib
+import shutil
+import sys
 from collections.abc import Callable
 from typing import Any
 
+import flax
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from gen_jax import parallel
@@ -64,8 +69,57 @@ def open_manager(directory: str | os.PathLike,
                                item_names=("state", "meta"))
 
 
+CHECKSUMS = "checksums"  # the meta entry: SHA-256 of each top-level entry of the saved state
+
+
+def _host(leaf: Any) -> np.ndarray:
+  """A leaf's values on this host (one copy of a replicated array, as every process has)."""
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    leaf = leaf.addressable_data(0)
+  return np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+
+
+def checksums(state: Any) -> dict[str, str]:
+  """SHA-256 of each top-level entry of a state (its bytes, dtypes, shapes and leaf paths).
+
+  Saved in every checkpoint's meta record and compared after every restore, so that bytes
+  damaged after the save (bit rot, a torn copy, a value overwritten with NaN) are told from a
+  diverged run: the damaged checkpoint is set aside like an unreadable one and the previous
+  intact one is used. Paths are rendered like `keystr`, so that a state restored as plain dicts
+  (`restore_items`) hashes like the structured state it was saved from.
+  """
+  tree = flax.serialization.to_state_dict(state)
+  if not isinstance(tree, dict):
+    tree = {"": tree}
+  out = {}
+  for key, subtree in tree.items():
+    digest = hashlib.sha256()
+    flat, _ = jax.tree_util.tree_flatten_with_path(flax.serialization.to_state_dict(subtree))
+    for name, leaf in sorted(
+        (jax.tree_util.keystr(p, simple=True, separator="/"), leaf) for p, leaf in flat):
+      values = _host(leaf)
+      digest.update(f"{name}:{values.dtype}:{values.shape};".encode())
+      digest.update(values.tobytes())
+    out[str(key)] = digest.hexdigest()
+  return out
+
+
+def verify(state: Any, meta: dict[str, Any], keys: Any = None) -> None:
+  """ValueError unless each top-level entry of `state` (or those of `keys`) has the checksum
+  that `meta` saved for it; a meta record without checksums (an earlier version) passes."""
+  saved = meta.get(CHECKSUMS)
+  if not isinstance(saved, dict):
+    return
+  now = checksums(state)
+  for key in (keys if keys is not None else now):
+    if key in saved and saved[key] != now.get(key):
+      raise ValueError(f"its {key} does not match the checksum saved with it: the bytes were "
+                       "damaged after the save")
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any]) -> None:
-  """Saves `state` and `meta` at `step` and waits until they are committed.
+  """Saves `state` and `meta` (plus the state's `checksums`) at `step` and waits until they are
+  committed.
 
   Orbax writes the step into a temporary directory and renames it when complete, so a step is
   either wholly there or absent: this is the commit point of a training run. Saving is
@@ -75,6 +129,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, 
   """
   if step in manager.all_steps():
     manager.delete(step)
+  meta = {**meta, CHECKSUMS: checksums(state)}
   manager.save(step,
                args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                        meta=ocp.args.JsonSave(meta)),
@@ -165,6 +220,11 @@ def restore(manager: ocp.CheckpointManager,
     raise ValueError(f"cannot restore checkpoint step {step} from {manager.directory}: its meta "
                      f"record is {type(meta).__name__}, not a JSON object. The checkpoint is "
                      "corrupt.")
+  try:
+    verify(restored["state"], meta)
+  except ValueError as error:
+    raise ValueError(f"cannot restore checkpoint step {step} from {manager.directory}: {error}. "
+                     "The checkpoint is corrupt.") from error
   return restored["state"], dict(meta)
 
 
@@ -314,43 +374,76 @@ def restore_items(directory: str | os.PathLike,
                   step: int | None = None) -> tuple[dict[str, Any], dict[str, Any]] | None:
   """Restores only some top-level entries of a saved state (e.g. the models, not the optimiser).
 
+  Each restored entry is checked against the checksum saved with it (`verify`). Without `step`,
+  the newest checkpoint that restores intact is read: a damaged newer one is skipped with one
+  line on stderr naming it (evaluation programs fall back as training does; only training sets
+  damaged checkpoints aside).
+
   Args:
     directory: a checkpoint directory written through `open_manager` / `save`.
     names: a function from the saved state's top-level keys to the keys to restore (so that a
       caller can choose among layouts), or a collection of keys.
-    step: which checkpoint; None for the latest.
+    step: which checkpoint; None for the newest intact one.
 
   Returns:
     `({name: subtree}, meta)` with every array on the first local device, or None when the
     directory holds no checkpoint.
 
   Raises:
-    ValueError: unreadable checkpoint, or a requested key it does not hold.
+    ValueError: unreadable checkpoint (every one, without `step`), or a requested key it does not
+      hold.
   """
-  with _reading(directory, step) as (manager, step):
-    if manager is None:
+  if not os.path.isdir(directory):
+    return None
+  manager = _read_manager(directory)
+  try:
+    tried = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
+    if not tried:
       return None
-    try:
-      tree = manager.item_metadata(step)["state"]
-      keys = list(names(tuple(tree.keys())) if callable(names) else names)
-      missing = [k for k in keys if k not in tree]
-      if missing:
-        raise ValueError(f"it holds no {missing} (it has {sorted(tree.keys())})")
-      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      abstract = jax.tree_util.tree_map(
-          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-          {k: tree[k] for k in keys})
-      restored = manager.restore(
-          step,
-          args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-              item=abstract,
-              restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-              partial_restore=True),
-                                  meta=ocp.args.JsonRestore()))
-    except Exception as error:  # orbax raises many types; wrap them with the culprit's path.
-      raise ValueError(f"cannot restore checkpoint step {step} from {directory}: {error}. The "
-                       "checkpoint is corrupt or not of a gen_jax run.") from error
-    return dict(restored["state"]), dict(restored["meta"])
+    failures = []
+    for candidate in tried:
+      try:
+        result = _restore_items_at(manager, candidate, names)
+      except ValueError as error:
+        failures.append((candidate, error))
+        continue
+      if failures:
+        print(
+            f"{directory}: checkpoint step(s) {[s for s, _ in failures]} damaged "
+            f"({_short(failures[0][1], 200)}); read step {candidate}, the newest intact one.",
+            file=sys.stderr,
+            flush=True)
+      return result
+    raise failures[0][1]
+  finally:
+    manager.close()
+
+
+def _restore_items_at(manager: ocp.CheckpointManager, step: int,
+                      names: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+  try:
+    tree = manager.item_metadata(step)["state"]
+    keys = list(names(tuple(tree.keys())) if callable(names) else names)
+    missing = [k for k in keys if k not in tree]
+    if missing:
+      raise ValueError(f"it holds no {missing} (it has {sorted(tree.keys())})")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        {k: tree[k] for k in keys})
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=abstract,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True),
+                                meta=ocp.args.JsonRestore()))
+    state, meta = dict(restored["state"]), dict(restored["meta"])
+    verify(state, meta, keys)
+  except Exception as error:  # orbax raises many types; wrap them with the culprit's path.
+    raise ValueError(f"cannot restore checkpoint step {step} from {manager.directory}: {error}. "
+                     "The checkpoint is corrupt or not of a gen_jax run.") from error
+  return state, meta
 
 
 MODEL_RECORD = "model.json"
@@ -381,16 +474,40 @@ def save_model(directory: str | os.PathLike, variables: Any, record: dict[str,
     raise FileExistsError(f"{directory} already exists; a saved model is never overwritten. "
                           "Choose another path or delete it yourself.")
   text = json.dumps(record, indent=2) + "\n"  # TypeError before anything is written.
+  # Written in full under a hidden name, then renamed: a kill leaves no half-saved model under
+  # the real name (a rerun saves to the same name, and removes the partial one, saying so).
+  partial = partial_path(directory)
+  if parallel.is_primary():
+    remove_partial(partial)
+  parallel.barrier("gen_jax.checkpoint.save_model.cleaned")
   # Host copies: orbax writes numpy leaves from process 0 alone (all processes call this).
   variables = jax.device_get(variables)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(directory / _MODEL_ITEM, variables)
+  checkpointer.save(partial / _MODEL_ITEM, variables)
   checkpointer.wait_until_finished()
   checkpointer.close()
   if parallel.is_primary():
-    (directory / MODEL_RECORD).write_text(text)
+    (partial / MODEL_RECORD).write_text(text)
+    os.replace(partial, directory)
   parallel.barrier("gen_jax.checkpoint.save_model.recorded")
   return directory
+
+
+def partial_path(directory: str | os.PathLike) -> pathlib.Path:
+  """The hidden sibling `.NAME.partial` where an artefact is written before it is renamed into
+  place as `directory`."""
+  directory = pathlib.Path(directory)
+  return directory.with_name(f".{directory.name}.partial")
+
+
+def remove_partial(partial: str | os.PathLike) -> None:
+  """Deletes an unfinished artefact a killed run left at `partial`, with a line saying so."""
+  partial = pathlib.Path(partial)
+  if partial.exists():
+    shutil.rmtree(partial)
+    print(f"removed {partial}: an unfinished save that an interrupted run left behind.",
+          file=sys.stderr,
+          flush=True)
 
 
 def read_model_record(directory: str | os.PathLike) -> dict[str, Any]:

@@ -516,6 +516,37 @@ def test_earlier_export_is_not_overwritten_unless_asked(tmp_path):
     export.prepare_directory(tmp_path / "notes.txt")
 
 
+def test_a_killed_export_leaves_nothing_under_its_name_and_the_rerun_cleans_up(
+    tmp_path, monkeypatch, capsys):
+  model = models.create_model("smallcnn", 3)
+  variables = _variables(model, in_channels=1)
+  out = tmp_path / "export"
+
+  def killed(*args, **kwargs):
+    raise KeyboardInterrupt  # the kill arrives after model.onnx was written
+
+  with monkeypatch.context() as patch:
+    patch.setattr(torch_weights, "save_safetensors", killed)
+    with pytest.raises(KeyboardInterrupt):
+      export.export_model(model, variables, out, image_shape=(8, 8, 1), formats="both")
+  assert not out.exists()  # before: a folder with model.onnx, "an earlier export" to the rerun
+  partial = tmp_path / ".export.partial"
+  assert (partial / export.ONNX_FILE).exists()
+  record = export.export_model(model, variables, out, image_shape=(8, 8, 1), formats="both")
+  assert "removed" in capsys.readouterr().err and not partial.exists()
+  assert sorted(p.name for p in out.iterdir()) == sorted([*record["files"].values(), "model.json"])
+
+
+def test_a_killed_model_save_is_cleaned_and_saved_under_the_same_name(tmp_path, capsys):
+  from gen_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  target = tmp_path / "mix-beta0.30"
+  (tmp_path / ".mix-beta0.30.partial" / "variables").mkdir(parents=True)  # a kill mid-save
+  saved = checkpoint.save_model(target, {"params": {"w": np.ones(3, np.float32)}}, {"config": {}})
+  assert saved == target and (target / "model.json").exists()
+  assert not (tmp_path / ".mix-beta0.30.partial").exists()
+  assert "unfinished save" in capsys.readouterr().err
+
+
 def test_a_parity_failure_raises_after_recording_it(exported, tmp_path, monkeypatch):
   e = exported["resnet18"]
   # A PyTorch side that is off by 1e-3, as a wrong weight map would be (by far more).

@@ -196,12 +196,28 @@ def test_compare_command_runs_seeds_ablations_and_sweeps_and_resumes(tmp_path):
                           cwd=tmp_path,
                           timeout=600)
   assert report.returncode == 0, report.stderr[-3000:]
-  assert "natural-s1: not finished, left out (--report-only)" in report.stdout
+  assert "natural-s1: not finished, left out (not trained by this command)" in report.stdout
   assert "sweep no-redistribution-s0: not computed yet, left out" in report.stdout
   assert not (tmp_path / "natural-s1").exists()
   assert not (tmp_path / "no-redistribution-s0" / "eval" / "sweep.json").exists()
   partial = json.loads((tmp_path / "compare.json").read_text())
   assert partial["runs"] == result["runs"] and set(partial["sweeps"]) == {"generalist-s0"}
+  # --only trains the named runs and reads the others; a name the study does not plan is refused.
+  seeds_01 = args[:args.index("--seeds")] + ["--seeds", "0,1"] + args[args.index("--seeds") + 2:]
+  only = subprocess.run(seeds_01 + ["--only", "natural-s1"],
+                        capture_output=True,
+                        text=True,
+                        cwd=tmp_path,
+                        timeout=600)
+  assert only.returncode == 0, only.stderr[-3000:]
+  assert (tmp_path / "natural-s1" / "summary.json").exists()
+  assert not (tmp_path / "pgd_at-s1").exists()
+  bad = subprocess.run(args + ["--only", "nope-s0"],
+                       capture_output=True,
+                       text=True,
+                       cwd=tmp_path,
+                       timeout=600)
+  assert bad.returncode == 2 and "which this study does not plan" in bad.stderr, bad.stderr
 
 
 def _free_phases(mask):

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gen_jax import checkpoint
 from gen_jax.export import numpy_reference, onnx_graph, torch_weights
 from gen_jax.export.architecture import (TORCH_REFERENCES, Architecture, architecture_of,
                                          build_model)
@@ -80,6 +81,22 @@ def check_directory(out: str | os.PathLike, *, overwrite: bool = False) -> list[
                           "Choose another --out, or pass --overwrite (overwrite=True) to replace "
                           "it.")
   return present
+
+
+def _move_into_place(staged: pathlib.Path, out: pathlib.Path, *, overwrite: bool) -> pathlib.Path:
+  """Puts a complete export written in `staged` in place as `out`: one rename when `out` does
+  not exist; else (a directory of the user's, or an export being replaced) the earlier export's
+  files go, the new ones move in with model.json last, and `staged` is removed."""
+  if not out.exists():
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staged, out)
+    return out
+  prepare_directory(out, overwrite=overwrite)
+  names = sorted(p.name for p in staged.iterdir())
+  for name in [n for n in names if n != RECORD_FILE] + [RECORD_FILE]:
+    os.replace(staged / name, out / name)
+  staged.rmdir()
+  return out
 
 
 def prepare_directory(out: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
@@ -238,7 +255,10 @@ def export_model(model: nn.Module,
   variables = jax.device_get(variables)
   # Fail on variables of another network before anything is written.
   state = torch_weights.torch_state_dict(variables, arch)
-  out = prepare_directory(out, overwrite=overwrite)
+  check_directory(out, overwrite=overwrite)
+  final, out = pathlib.Path(out), checkpoint.partial_path(out)
+  checkpoint.remove_partial(out)
+  out.mkdir(parents=True)
 
   x = None if parity_images is None else _float_images(parity_images)
   reference = None if x is None else jax_logits(model, variables, x)
@@ -314,9 +334,8 @@ def export_model(model: nn.Module,
       "export_seconds": seconds,
       "versions": _versions(),
   }
-  tmp = out / (RECORD_FILE + ".tmp")
-  tmp.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
-  os.replace(tmp, out / RECORD_FILE)
+  (out / RECORD_FILE).write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
+  out = _move_into_place(out, final, overwrite=overwrite)
   failed = {name: p["max_abs_diff"] for name, p in parity.items() if not p["passed"]}
   if failed:
     scale = max(p["max_abs_logit"] for p in parity.values())

@@ -105,12 +105,28 @@ class _StopSignals:
 
   def _handle(self, signum, frame) -> None:
     del frame
-    if self.deferred and self.signum is None:
+    if self.signum is None:
       self.signum = signum
-      return
-    again = " (second signal)" if self.signum is not None else ""
-    raise TrainingInterrupted(signum, f"stopped by {signal.Signals(signum).name}{again}; "
-                              f"{self.note}")
+      if self.deferred:
+        return
+      raise self._interrupted(signum, "")
+    raise self._interrupted(signum, " (second signal)")
+
+  def _interrupted(self, signum: int, again: str) -> TrainingInterrupted:
+    return TrainingInterrupted(signum, f"stopped by {signal.Signals(signum).name}{again}; "
+                               f"{self.note}")
+
+  def check(self) -> None:
+    """Raises `TrainingInterrupted` if a signal arrived while not deferred.
+
+    Python runs a handler between bytecodes of whatever runs then; when that is a callback
+    whose exceptions Python only prints (e.g. JAX's `_xla_gc_callback` during start-up), the
+    handler's exception is lost. The signal is recorded first, so the next call of this method
+    (at the loop's safe points: after loading, after creating the state, around the final
+    evaluation) stops the run all the same.
+    """
+    if self.signum is not None and not self.deferred:
+      raise self._interrupted(self.signum, "")
 
 
 def _agree(stop: _StopSignals,
@@ -345,6 +361,7 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, max_epochs:
            stop: _StopSignals) -> dict[str, Any]:
   started = time.time()
   splits = runs.load_splits(config)
+  stop.check()
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   steps_per_epoch = len(splits.train_y) // config.batch_size
@@ -401,6 +418,7 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, max_epochs:
     else:
       state, meta = restored
       origin = {"init_from": meta["init_from"]} if "init_from" in meta else {}
+    stop.check()
     start_epoch, start_index = meta["epoch"], meta.get("index", 0)
     best, records = meta["best"], meta["metrics"]
     saved_step = start_epoch * steps_per_epoch + start_index
@@ -572,6 +590,7 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, max_epochs:
     stop.deferred = False
     if _agree(stop):  # arrived after the last check: the last commit holds all
       raise interrupted(saved_step)
+    stop.check()
 
     if end_epoch < config.epochs:
       return {"stopped_at_epoch": end_epoch}
@@ -585,6 +604,7 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, max_epochs:
                   where="the end of training",
                   saved=saved_note())
     final = evaluate(state, splits.test_x, splits.test_y, roles=roles)
+    stop.check()  # a signal during the final evaluation: no summary (the rerun evaluates again)
     summary = {
         "models": final,
         "pgd": {

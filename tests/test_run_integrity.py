@@ -1,14 +1,20 @@
-"""A run is pinned to its config and data: a lost config.json or changed images never let a
-resume continue another experiment under the same name."""
+"""A run is pinned to its config and data, and its checkpoints to their bytes: a lost
+config.json or changed images never let a resume continue another experiment under the same
+name, and a checkpoint damaged after its save is told from a diverged run."""
 import dataclasses
 import json
+import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
 from gen_jax import config as cfg
-from gen_jax import runs, training
+from gen_jax import checkpoint, runs, training
+from gen_jax.training import steps as steps_lib
 
 
 def _folder(root, per_class):
@@ -73,3 +79,51 @@ def test_images_added_between_a_kill_and_the_resume_are_noticed(tmp_path):
                      r"written \(42 -> 44 images; class 0: 14 -> 16"):
     training.train_and_evaluate(config, workdir, progress=False)
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2"]  # nothing set aside
+
+
+def _damage(run_dir, config, step):
+  """Overwrites the global model of checkpoint `step` with NaN, keeping its meta record (and the
+  checksums in it): bytes damaged after the save, as bit rot or a bad copy would."""
+  model = runs.build_model(config, 10)
+  abstract = jax.eval_shape(lambda: steps_lib.create_train_state(
+      config, model, jax.random.key(0), image_shape=(16, 16, 1)))
+  manager = checkpoint.open_manager(run_dir / "checkpoints", max_to_keep=None)
+  state, meta = checkpoint.restore(manager, abstract, step)
+  state = state.replace(
+      global_model=jax.tree_util.tree_map(lambda x: jnp.full_like(x, jnp.nan), state.global_model))
+  manager.delete(step)
+  manager.save(step,
+               args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                       meta=ocp.args.JsonSave(meta)),
+               force=True)
+  manager.wait_until_finished()
+  manager.close()
+
+
+def test_a_checkpoint_damaged_after_its_save_is_set_aside_and_the_previous_one_used(tmp_path):
+  config = dataclasses.replace(cfg.get_config("tiny"), epochs=3)
+  full = training.train_and_evaluate(config, tmp_path / "full", progress=False)
+  cut = tmp_path / "cut"
+  training.train_and_evaluate(config, cut, progress=False, max_epochs=2)  # steps 5 and 10
+  _damage(cut, config, 10)
+  # Evaluation reads the newest intact checkpoint (with a line naming the damaged one).
+  shutil.copytree(cut, tmp_path / "copy")
+  evaluated = runs.restore_models(tmp_path / "copy")
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(evaluated.models["global"]))
+  # Training sets it aside, resumes from step 5, and ends where the uninterrupted run ended
+  # (before checksums, the NaN model was reported as a diverged run).
+  resumed = training.train_and_evaluate(config, cut, progress=False)
+  assert resumed["models"] == full["models"]
+  assert (cut / "checkpoints" / "10.damaged").exists()
+
+
+def test_checksums_cover_every_entry_and_catch_one_changed_value():
+  state = {"a": {"w": np.arange(4.0, dtype=np.float32)}, "b": np.zeros(2, np.int32)}
+  sums = checkpoint.checksums(state)
+  assert set(sums) == {"a", "b"}
+  checkpoint.verify(state, {"checksums": sums})
+  flipped = {"a": {"w": np.array([0.0, 1.0, 2.0, 3.0000002], np.float32)}, "b": state["b"]}
+  with pytest.raises(ValueError, match="its a does not match the checksum"):
+    checkpoint.verify(flipped, {"checksums": sums})
+  checkpoint.verify(flipped, {"checksums": sums}, keys=["b"])  # only the entries restored
+  checkpoint.verify(flipped, {})  # a checkpoint of an earlier version: nothing to compare
