@@ -46,7 +46,7 @@ import jax  # noqa: E402
 
 from gen_jax import cli, runs, study, training  # noqa: E402
 from gen_jax.evaluation import ModelSet, report, sweep  # noqa: E402
-from gen_jax.training.methods import GLOBAL  # noqa: E402
+from gen_jax.experts import GLOBAL  # noqa: E402
 
 
 def _ints(text):

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from gen_jax import cli, parallel, runs  # noqa: E402
 from gen_jax.evaluation import catalogue, outputs, report  # noqa: E402
-from gen_jax.training.methods import ROLES  # noqa: E402
+from gen_jax.experts import ROLES  # noqa: E402
 
 
 def _parse(argv=None):

@@ -33,7 +33,7 @@ import re  # noqa: E402
 import sys  # noqa: E402
 
 from gen_jax import cli, config as cfg, models  # noqa: E402
-from gen_jax.training.methods import ROLES  # noqa: E402
+from gen_jax.experts import ROLES  # noqa: E402
 
 # Flags that only --from-torch reads (an export takes everything from its checkpoint).
 _IMPORT_FLAGS = ("--preset", "--network", "--dataset", "--data-dir", "--data_dir", "--num-classes",

@@ -216,12 +216,12 @@ def _basis(bench, model, dtype, batch, eval_batch):
 
 def _fixed_and_epoch(basis, load_seconds, n_train, n_val, n_test):
   """Seconds of the three runs outside the epochs (compile, data, evaluation) and of one epoch."""
-  from gen_jax.training import methods
+  from gen_jax import experts
   fixed, epoch, detail = 0.0, 0.0, {}
   pgd = basis["pgd20"]
   for method in METHOD_STEP:
     step = basis[method]
-    roles = len(methods.evaluated_roles(method))
+    roles = len(experts.evaluated_roles(method))
     # The last epoch's evaluation (1,000 test images and the validation split), then the final
     # one on the whole test split, clean + PGD-20.
     eval_images = roles * (min(1000, n_test) + n_test) + n_val
@@ -300,7 +300,7 @@ def plan(run_budget):
 def _estimates(bench):
   """Expected wall time of the paper's runs (120 epochs) from the measured steps, per model."""
   from gen_jax import config as cfg
-  from gen_jax.training import methods
+  from gen_jax import experts
   full = cfg.get_config("cifar10")
   steps = (50000 - int(full.validation_size)) // full.batch_size * full.epochs
   for model in sorted({r["model"] for r in bench if r["what"] in METHOD_STEP.values()}):
@@ -314,7 +314,7 @@ def _estimates(bench):
         # As experiments/reproduce.sh runs it: every epoch evaluates the run's models on 1,000
         # test images and the global model on the 1,000 validation images (clean + PGD-20),
         # the end all models on the 10,000 test images.
-        roles = len(methods.evaluated_roles(method))
+        roles = len(experts.evaluated_roles(method))
         evaluation = (full.epochs * (roles * 1000 + 1000) + roles * 10000) * 1.05 * pgd["seconds"]
         emit(
             {

@@ -27,7 +27,7 @@ from typing import Any, Optional
 from gen_jax.attacks.core import NORMS
 from gen_jax.data.sources import DATASET_NAMES
 from gen_jax.models import COMPUTE_DTYPES, CONV_IMPLS, MODEL_NAMES
-from gen_jax.training import methods
+from gen_jax import experts
 
 # The largest seed: data shuffling and subsetting (numpy, scikit-learn) take 32-bit seeds, and
 # `jax.random.key` would silently wrap a larger one onto a smaller seed's key.
@@ -97,7 +97,7 @@ class Config:
   redistribute_period: float = 5 / 120
   redistribute_duty: float = 1 / 5  # share of each period spent redistributing (one epoch of 5)
   # Several experts (Generalist++): one compact description per expert, in mixing order, e.g.
-  # ("natural", "pgd:linf:8/255:10", "pgd:l2:0.5:10") (grammar: gen_jax.training.methods); empty:
+  # ("natural", "pgd:linf:8/255:10", "pgd:l2:0.5:10") (grammar: gen_jax.experts); empty:
   # the method's classic experts, described by the flat fields above. `generalist` only.
   experts_spec: tuple[str, ...] = ()
   # The global model's weight of each expert at the end of training (same order, sum 1). Until
@@ -136,8 +136,8 @@ class Config:
 
   def validate(self) -> "Config":
     """Checks every field; raises `ConfigError` naming the field and the accepted values."""
-    _choice("method", self.method, methods.METHODS)
-    _choice("robust_loss", self.robust_loss, methods.ROBUST_LOSSES)
+    _choice("method", self.method, experts.METHODS)
+    _choice("robust_loss", self.robust_loss, experts.ROBUST_LOSSES)
     _choice("norm", self.norm, NORMS)
     _choice("compute_dtype", self.compute_dtype, tuple(COMPUTE_DTYPES))
     _choice("conv_impl", self.conv_impl, CONV_IMPLS)
@@ -216,14 +216,14 @@ class Config:
   def _validate_experts(self) -> None:
     """The expert list and its final weights (`experts_spec`, `expert_weights_final`)."""
     for name in ("experts_spec", "expert_weights_final"):
-      if getattr(self, name) and self.method != methods.MULTI_EXPERT_METHOD:
+      if getattr(self, name) and self.method != experts.MULTI_EXPERT_METHOD:
         raise ConfigError(
-            name, f"applies to --method {methods.MULTI_EXPERT_METHOD} only, got --method "
+            name, f"applies to --method {experts.MULTI_EXPERT_METHOD} only, got --method "
             f"{self.method}: a single-expert baseline is described by the flat fields (e.g. "
             "--method pgd_at --norm l2 --eps 0.5).")
     try:
-      specs = methods.expert_specs(self)
-      methods.check_expert_specs(specs, self.experts_spec or None)
+      specs = experts.expert_specs(self)
+      experts.check_expert_specs(specs, self.experts_spec or None)
     except ValueError as error:
       raise ConfigError("experts_spec", f"entry {error}") from None
     if self.experts_spec and len(specs) < 2:
@@ -245,9 +245,9 @@ class Config:
                           f"must sum to 1, got {sum(weights):.6g} ({weights}).")
 
   @property
-  def expert_specs(self) -> tuple[methods.ExpertSpec, ...]:
-    """Each expert the run trains (task and optimiser), in mixing order (`methods.ExpertSpec`)."""
-    return methods.expert_specs(self)
+  def expert_specs(self) -> tuple[experts.ExpertSpec, ...]:
+    """Each expert the run trains (task and optimiser), in mixing order (`experts.ExpertSpec`)."""
+    return experts.expert_specs(self)
 
   @property
   def experts(self) -> tuple[str, ...]:
@@ -257,7 +257,7 @@ class Config:
 
   @property
   def uses_trades(self) -> bool:
-    return methods.uses_trades(self.method, self.robust_loss)
+    return experts.uses_trades(self.method, self.robust_loss)
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -47,7 +47,7 @@ from gen_jax.config import Config
 from gen_jax.evaluation.accuracy import evaluate_models
 from gen_jax.training import steps as steps_lib
 from gen_jax.training.loop import stream_keys
-from gen_jax.training.methods import NATURAL
+from gen_jax.experts import NATURAL
 
 Variables = Any
 

@@ -72,7 +72,7 @@ import numpy as np
 
 from gen_jax import checkpoint, data, models, parallel, tensorboard
 from gen_jax.config import Config, config_from_record, config_record
-from gen_jax.training.methods import GLOBAL, NATURAL, ROBUST
+from gen_jax.experts import GLOBAL, NATURAL, ROBUST
 
 CONFIG_FILE = "config.json"
 GLOBAL_MODEL_KEY = "global_model"  # the state entry of the deployed model

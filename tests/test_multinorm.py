@@ -18,11 +18,11 @@ import numpy as np
 import optax
 import pytest
 
-from gen_jax import cli, mixing, models, study, training
+from gen_jax import cli, experts, mixing, models, study, training
 from gen_jax import config as cfg
 from gen_jax.data.augment import augment_batch
 from gen_jax.evaluation import ModelSet, report, sweep
-from gen_jax.training import losses, methods, schedules
+from gen_jax.training import losses, schedules
 from gen_jax.training import steps as steps_lib
 
 
@@ -300,17 +300,17 @@ def test_default_multinorm_weights_split_the_robust_share_equally():
 
 # --------------------------------------------------------------------- config grammar
 def test_expert_grammar():
-  defaults = methods.classic_experts(cfg.get_config("cifar10"))
-  spec = methods.parse_expert("pgd:l2:0.5:10", defaults=defaults)
+  defaults = experts.classic_experts(cfg.get_config("cifar10"))
+  spec = experts.parse_expert("pgd:l2:0.5:10", defaults=defaults)
   assert (spec.role, spec.objective, spec.norm, spec.eps, spec.steps) == ("robust_l2", "pgd", "l2",
                                                                           0.5, 10)
   assert spec.step_size == pytest.approx(0.125) and spec.lr == 0.01 and spec.weight_decay == 3.5e-3
-  spec = methods.parse_expert("big=trades:linf:16/255:7:step=0.01:lr=0.05:wd=5e-4",
+  spec = experts.parse_expert("big=trades:linf:16/255:7:step=0.01:lr=0.05:wd=5e-4",
                               defaults=defaults)
   assert (spec.role, spec.objective, spec.eps, spec.steps, spec.step_size, spec.lr,
           spec.weight_decay) == ("big", "trades", 16 / 255, 7, 0.01, 0.05, 5e-4)
-  assert methods.parse_expert("robust", defaults=defaults) == defaults["robust"]
-  assert methods.parse_expert("natural:lr=0.1", defaults=defaults).lr == 0.1
+  assert experts.parse_expert("robust", defaults=defaults) == defaults["robust"]
+  assert experts.parse_expert("natural:lr=0.1", defaults=defaults).lr == 0.1
   for text, message in [("pgd:l1:0.5:10", "norm 'l1'"), ("pgd:linf:2:10", "pixel range"),
                         ("pgd:l2:0.5", "NORM:EPS:STEPS"), ("pgd:l2:x:10", "not a number"),
                         ("pgd:l2:0.5:0", "STEPS"), ("adv:l2:0.5:10", "task 'adv'"),
@@ -318,7 +318,7 @@ def test_expert_grammar():
                         ("natural:step=0.1", "adversarial experts only"),
                         ("Global=natural", "role 'Global'"), ("global=natural", "role 'global'")]:
     with pytest.raises(ValueError, match=message):
-      methods.parse_expert(text, defaults=defaults)
+      experts.parse_expert(text, defaults=defaults)
 
 
 @pytest.mark.parametrize("changes,field,message", [

@@ -46,7 +46,7 @@ from gen_jax.evaluation import catalogue, outputs, report
 from gen_jax.evaluation.accuracy import evaluate_models
 from gen_jax.evaluation.modelset import ModelSet
 from gen_jax.models.common import BN_MOMENTUM
-from gen_jax.training.methods import GLOBAL, NATURAL, ROBUST
+from gen_jax.experts import GLOBAL, NATURAL, ROBUST
 
 METRICS = ("clean", "robust")
 DEFAULT_BETAS = tuple(round(b, 10) for b in np.linspace(0, 1, 11))

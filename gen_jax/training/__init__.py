@@ -1,10 +1,9 @@
-"""Generalist training: methods, expert states, pure expert steps, schedules and the loop.
+"""Generalist training: expert states, pure expert steps, schedules and the loop.
 
-Submodules load on first use, so that `gen_jax.config` can import the method vocabulary
-(`training.methods`) without importing the loop, orbax or the models.
+Submodules load on first use, so that importing the package does not import the loop, orbax or
+the models. The method and role vocabulary lives below it, in `gen_jax.experts`.
 
 Modules:
-  methods    the methods, the experts each trains and the role vocabulary (natural, robust, global)
   schedules  per-step tables: learning rates, beta, the redistribution mask
   losses     cross-entropy and the TRADES objective
   steps      the state, the pure expert steps, the Generalist update, the jitted step builder
@@ -24,7 +23,7 @@ Synopsis::
 """
 import importlib
 
-_SUBMODULES = ("methods", "schedules", "losses", "steps", "loop")
+_SUBMODULES = ("schedules", "losses", "steps", "loop")
 _NAMES = {
     "train_and_evaluate": "loop",
     "build_schedules": "schedules",

@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 from gen_jax import checkpoint, models, parallel, runs
 from gen_jax.config import Config, config_record
 from gen_jax.evaluation.accuracy import evaluate_models
-from gen_jax.training import methods
+from gen_jax import experts
 from gen_jax.training import steps as steps_lib
 
 _STREAMS = ("init", "data", "train", "eval")
@@ -208,9 +208,9 @@ def _check_position(state, meta: dict[str, Any], *, config: Config, steps_per_ep
 
 
 def _lr_flags(name: str) -> str:
-  if methods.NATURAL in name:
+  if experts.NATURAL in name:
     return "--lr-nat"
-  if methods.ROBUST in name:
+  if experts.ROBUST in name:
     return "--lr-rob"
   return "--lr-nat / --lr-rob"
 
@@ -441,7 +441,7 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, max_epochs:
                                  key=keys["eval"],
                                  sharding=batch_sharding)
     test_n = config.eval_test_size or len(splits.test_y)
-    roles = methods.evaluated_roles(config.method, config.experts)
+    roles = experts.evaluated_roles(config.method, config.experts)
     checkpoint_dir = workdir / runs.CHECKPOINT_DIR
 
     def saved_note() -> str:
@@ -563,8 +563,8 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, max_epochs:
                                   splits.test_y[:test_n],
                                   roles=roles)
         if len(splits.val_y):
-          val = evaluate(state, splits.val_x, splits.val_y, roles=(methods.GLOBAL,))[methods.GLOBAL]
-          record["validation"] = {methods.GLOBAL: val}
+          val = evaluate(state, splits.val_x, splits.val_y, roles=(experts.GLOBAL,))[experts.GLOBAL]
+          record["validation"] = {experts.GLOBAL: val}
           score = val["clean_acc"] + val["pgd_acc"]
           if val["clean_acc"] >= config.select_min_clean and score > best["score"]:
             best = {"score": score, "epoch": epoch + 1, **val}

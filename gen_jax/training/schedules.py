@@ -36,7 +36,7 @@ import numpy as np
 
 from gen_jax.config import Config
 from gen_jax.mixing import beta_schedule, schedule_knot, weight_schedule
-from gen_jax.training import methods
+from gen_jax import experts
 
 
 def epoch_of_step(step: np.ndarray, steps_per_epoch: int) -> np.ndarray:
@@ -146,7 +146,7 @@ def build_schedules(config: Config, steps_per_epoch: int) -> dict[str, Any]:
   total = config.epochs * steps_per_epoch
   specs = config.expert_specs
   weights = weights_table(config, steps_per_epoch)
-  if config.method == methods.MULTI_EXPERT_METHOD:
+  if config.method == experts.MULTI_EXPERT_METHOD:
     adversarial = np.asarray([s.adversarial for s in specs])
     beta = weights[:, adversarial].sum(axis=1, dtype=np.float32)
   else:

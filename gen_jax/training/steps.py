@@ -7,7 +7,7 @@ Each expert has its own state and its own pure step; the Generalist update mixes
     robust, m = robust_train_step(robust, x, y, key, hparams)             # PGD (inference BN)
     state = generalist_update(state with every expert, weights_t, redistribute_t)
 
-The experts are those of `config.expert_specs` (`training.methods.ExpertSpec`): the classic
+The experts are those of `config.expert_specs` (`gen_jax.experts.ExpertSpec`): the classic
 natural and robust ones, or any list of clean, PGD-AT and TRADES experts, each with its own norm,
 radius, steps and optimiser (Generalist++: e.g. natural, L-inf and L2 experts). One code path
 serves every N: the classic Generalist is the case N = 2, and its global model's target
@@ -19,7 +19,7 @@ project (the training loop and `experiments/bench.py` both run it): it takes one
 running totals. Every hyper-parameter that a schedule may change (learning rates, β, the
 redistribution flag, eps and step sizes) reaches it as a traced argument, so nothing recompiles.
 
-The state speaks the role vocabulary of `training.methods`: `experts` and `teachers` are keyed
+The state speaks the role vocabulary of `gen_jax.experts`: `experts` and `teachers` are keyed
 by role (`natural` / `robust`, or the roles of `experts_spec` such as `robust_l2`: only the
 experts the run trains), and `models()` adds `global`. The state is a dict of experts, not a
 stacked array of them: the experts differ in static settings (norm, PGD steps, PGD-AT or TRADES),
@@ -61,8 +61,9 @@ from gen_jax import attacks, mixing
 from gen_jax.config import Config
 from gen_jax.data.augment import augment_batch, flip_default
 from gen_jax.models import init_variables
-from gen_jax.training import losses, methods
-from gen_jax.training.methods import GLOBAL, NATURAL, ExpertSpec
+from gen_jax.training import losses
+from gen_jax.experts import (GLOBAL, MULTI_EXPERT_METHOD, NATURAL, ROBUST, ExpertSpec,
+                             classic_experts)
 from gen_jax.training.schedules import build_schedules
 
 Variables = dict[str, Any]  # {"params": ..., "batch_stats": ...}
@@ -104,7 +105,7 @@ def _sgd(learning_rate, momentum, weight_decay):
 
 def expert_spec(config: Config, role: str) -> ExpertSpec:
   """The expert of `role`: one of the run's experts, else the flat fields' natural or robust."""
-  specs = {**methods.classic_experts(config), **{s.role: s for s in config.expert_specs}}
+  specs = {**classic_experts(config), **{s.role: s for s in config.expert_specs}}
   if role not in specs:
     raise ValueError(f"the run has no expert {role!r}; its experts are "
                      f"{', '.join(config.experts)}.")
@@ -222,7 +223,7 @@ def adversarial_examples(variables: Variables,
   (default: the flat fields' robust expert) gives the objective, norm and steps; `hparams` the
   traced radius `eps` and `step_size`.
   """
-  spec = spec or expert_spec(config, methods.ROBUST)
+  spec = spec or expert_spec(config, ROBUST)
   logits_fn = lambda z: model.apply(variables, z, train=False)
   if spec.objective == "trades":
     x_adv = attacks.trades_attack(logits_fn,
@@ -270,7 +271,7 @@ def robust_train_step(state: ExpertState,
     config: static settings.
     spec: the expert (objective, norm, steps, optimiser); default the flat fields' robust one.
   """
-  spec = spec or expert_spec(config, methods.ROBUST)
+  spec = spec or expert_spec(config, ROBUST)
   variables = state.variables
   stats = variables["batch_stats"]
   x_adv = adversarial_examples(variables, x, y, key, hparams, model=model, config=config, spec=spec)
@@ -323,7 +324,7 @@ def generalist_update(state: GeneralistState,
       for role, expert in state.experts.items()
   }
   experts = state.experts
-  if config.method == methods.MULTI_EXPERT_METHOD:
+  if config.method == MULTI_EXPERT_METHOD:
     if weights is None:
       if beta is None or len(config.experts) != 2:
         raise ValueError(f"generalist_update needs `weights` (one per expert of "

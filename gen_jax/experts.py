@@ -7,6 +7,9 @@ expert has an EMA *teacher* of the same name, and the run deploys one *global* m
 names key the training state, the metrics, `summary.json` and the evaluation reports, so no
 caller translates between vocabularies.
 
+The module sits at the bottom of the package (it imports only `attacks.core`), so that `config`,
+`runs`, `training` and `evaluation` all speak this vocabulary without importing one another.
+
 Each expert is described by an `ExpertSpec`: its task (clean cross-entropy, Madry's PGD
 adversarial training or TRADES, with the attack's norm, radius, steps and step size) and its
 optimiser (base learning rate and weight decay; every expert follows the run's learning-rate
