@@ -9,7 +9,7 @@ A training run owns one directory::
     WORKDIR/summary.json     final test accuracy of the evaluated models
     WORKDIR/eval/            evaluation results (reports, sweeps, selected mixtures)
     WORKDIR/tensorboard/     TensorBoard event files: the metrics as curves (gen_jax.tensorboard)
-    WORKDIR/.lock            while a training process works in it: its PID and host
+    WORKDIR/.lock            while a training process works in it (`gen_jax.runlock`)
 
 The training loop (`gen_jax.training.loop`) writes it through `TrainingRun` and `lock`; the
 evaluation programs read it through `restore_models` and `load_model`, which restore only the
@@ -44,7 +44,7 @@ Synopsis::
     run = load_model("runs/pilot/best")        # the best global model of a run
     out = run.eval_dir                         # where its evaluation files go
 
-    with lock(workdir):                        # refuses a second training process
+    with runlock.lock(workdir):                # refuses a second training process
       run = TrainingRun(workdir, config)
       restored = run.resume(abstract_state)    # None, or (state, meta) of the newest intact
       run.save_best(epoch, variables, record)  # before the commit of that epoch
@@ -54,7 +54,6 @@ Synopsis::
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -62,9 +61,7 @@ import json
 import os
 import pathlib
 import re
-import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -81,7 +78,6 @@ SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
 BEST_DIR = "best"
 EVAL_DIR = "eval"
-LOCK_FILE = ".lock"
 MODEL_RECORD = checkpoint.MODEL_RECORD
 
 PathLike = str | os.PathLike
@@ -306,121 +302,6 @@ def check_layout(workdir: PathLike) -> None:
       kind = "directory" if want_dir else "file"
       raise ValueError(f"{path} should be a {kind} of the run directory but is not; move it "
                        "away (or use a new --workdir). Nothing was changed.")
-
-
-# ------------------------------------------------------------------------------ the lock
-def _process_start(pid: int) -> str | None:
-  """The start time of process `pid` (Linux /proc, in clock ticks since boot), which tells a
-  live lock holder from a later process that reuses its PID; None where unavailable."""
-  try:
-    return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-  except (OSError, IndexError):
-    return None
-
-
-def _process_alive(pid: int, start: str | None) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True  # it exists, under another user
-  try:
-    if pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-      return False  # killed, not yet reaped by its parent
-  except (OSError, IndexError):
-    pass
-  now = _process_start(pid)
-  return start is None or now is None or now == start
-
-
-def _lock_holder(path: pathlib.Path) -> dict[str, Any] | None:
-  try:
-    holder = json.loads(path.read_text())
-  except FileNotFoundError:
-    return None
-  except (OSError, ValueError):
-    return {}
-  return holder if isinstance(holder, dict) else {}
-
-
-def _create_exclusive(path: pathlib.Path, text: str) -> None:
-  """Creates `path` holding `text`, or raises FileExistsError; never a half-written lock.
-
-  The text goes to a private temporary file that is then hard-linked to `path` (link fails if
-  `path` exists), so a process killed at any instant leaves either no lock or a complete one.
-  """
-  temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-  with open(temporary, "w") as f:
-    f.write(text)
-  try:
-    os.link(temporary, path)
-  except FileExistsError:
-    raise
-  except OSError:  # a file system without hard links: exclusive create, then write
-    descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    with os.fdopen(descriptor, "w") as f:
-      f.write(text)
-  finally:
-    temporary.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def lock(workdir: PathLike) -> Iterator[None]:
-  """Holds `WORKDIR/.lock` (this process's PID, host and start time) while the block runs.
-
-  Two trainings on one workdir would interleave checkpoints and duplicate metric lines; the
-  second one is refused with the holder's PID. A lock whose process is gone (killed, machine
-  rebooted; same host) is stale: it is replaced, with a message. A lock of another host cannot
-  be checked from here, so the message says how to remove it. Creates `workdir` if needed; a
-  directory this call created and left empty (e.g. the data failed to load) is removed again.
-
-  Raises:
-    RuntimeError: another live process holds the lock, or the workdir is not writable.
-  """
-  workdir = pathlib.Path(workdir)
-  path = workdir / LOCK_FILE
-  created = not workdir.exists()
-  me = {
-      "pid": os.getpid(),
-      "host": socket.gethostname(),
-      "start": _process_start(os.getpid()),
-      "since": time.strftime("%Y-%m-%d %H:%M:%S")
-  }
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-    while True:
-      try:
-        _create_exclusive(path, json.dumps(me) + "\n")
-        break
-      except FileExistsError:
-        holder = _lock_holder(path)
-        if holder is None:
-          continue  # released meanwhile
-        pid, host = holder.get("pid"), holder.get("host")
-        if (isinstance(pid, int) and host == me["host"] and
-            not _process_alive(pid, holder.get("start"))):
-          if _lock_holder(path) == holder:  # still the same stale record: replace it
-            print(f"Removing the stale lock {path} of process {pid} (no longer running).")
-            path.unlink(missing_ok=True)
-          continue
-        who = (f"process {pid} on host {host} (since {holder.get('since')})"
-               if pid is not None else "an unknown process (unreadable lock file)")
-        raise RuntimeError(
-            f"{workdir} is in use by {who}: {path} exists. Two trainings on one workdir would "
-            "corrupt it; wait for that one to end. If no such process runs any more (e.g. its "
-            f"machine was rebooted), delete {path} and rerun.") from None
-  except OSError as error:
-    raise RuntimeError(f"cannot write in {workdir} ({error.strerror or error}); training needs "
-                       "a writable --workdir (a finished run is read without writing).") from error
-  try:
-    yield
-  finally:
-    if _lock_holder(path) == me:
-      path.unlink(missing_ok=True)
-    if created:
-      with contextlib.suppress(OSError):
-        workdir.rmdir()  # only succeeds if nothing was written
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from gen_jax import checkpoint, runs, training
+from gen_jax import checkpoint, runlock, runs, training
 from gen_jax import config as cfg
 from gen_jax.training import loop
 from gen_jax.training import steps as steps_lib
@@ -112,7 +112,7 @@ def _assert_same_run(workdir, reference_dir):
     assert (our_meta.get("best", our_meta) == their_meta.get("best", their_meta)), name
   assert sorted(os.listdir(workdir / runs.BEST_DIR)) == sorted(
       os.listdir(reference_dir / runs.BEST_DIR))
-  assert not (workdir / runs.LOCK_FILE).exists()
+  assert not (workdir / runlock.LOCK_FILE).exists()
 
 
 # --------------------------------------------------------------- kills at every write boundary
@@ -205,7 +205,7 @@ def test_a_kill_at_every_write_boundary_resumes_to_the_uninterrupted_result(
       _train(CHUNKED, workdir)
       break
     except _Killed:
-      assert not (workdir / runs.LOCK_FILE).exists()
+      assert not (workdir / runlock.LOCK_FILE).exists()
   assert not hooks.pending, f"boundaries never reached: {hooks.pending}"
   assert attempts == len(kills) + 1
   _assert_same_run(workdir, reference_dir)
@@ -311,7 +311,7 @@ def test_a_diverging_run_stops_naming_the_model_and_writes_nothing(compile_cache
     _train(config, tmp_path)
   assert not (tmp_path / runs.SUMMARY_FILE).exists()
   assert not _steps(tmp_path / runs.BEST_DIR) and not _steps(tmp_path / runs.CHECKPOINT_DIR)
-  assert not (tmp_path / runs.LOCK_FILE).exists()
+  assert not (tmp_path / runlock.LOCK_FILE).exists()
 
 
 def test_a_nan_in_epoch_two_keeps_the_epoch_one_files(compile_cache, tmp_path, monkeypatch):
@@ -425,35 +425,38 @@ def _lock_record(pid):
   return {
       "pid": pid,
       "host": socket.gethostname(),
-      "start": runs._process_start(pid),
+      "start": runlock._process_start(pid),
       "since": "earlier"
   }
 
 
 def test_a_second_process_on_a_locked_workdir_is_refused(tmp_path):
   holder = os.getppid()  # alive, and not this process
-  (tmp_path / runs.LOCK_FILE).write_text(json.dumps(_lock_record(holder)))
+  (tmp_path / runlock.LOCK_FILE).write_text(json.dumps(_lock_record(holder)))
   with pytest.raises(RuntimeError, match=rf"in use by process {holder} .*delete .*\.lock"):
     _train(TINY, tmp_path)
-  assert json.loads((tmp_path / runs.LOCK_FILE).read_text())["pid"] == holder  # untouched
+  assert json.loads((tmp_path / runlock.LOCK_FILE).read_text())["pid"] == holder  # untouched
   assert not (tmp_path / runs.CONFIG_FILE).exists()
 
 
 def test_a_stale_lock_is_replaced_and_released(tmp_path, capsys):
   gone = subprocess.Popen([sys.executable, "-c", "pass"])
   gone.wait()
-  (tmp_path / runs.LOCK_FILE).write_text(json.dumps(_lock_record(gone.pid)))
-  with runs.lock(tmp_path):
-    held = json.loads((tmp_path / runs.LOCK_FILE).read_text())
+  (tmp_path / runlock.LOCK_FILE).write_text(json.dumps(_lock_record(gone.pid)))
+  with runlock.lock(tmp_path):
+    held = json.loads((tmp_path / runlock.LOCK_FILE).read_text())
     assert held["pid"] == os.getpid()
     with pytest.raises(RuntimeError, match=f"in use by process {os.getpid()}"):
-      with runs.lock(tmp_path):
+      with runlock.lock(tmp_path):
         pass
-  assert f"stale lock {tmp_path / runs.LOCK_FILE} of process {gone.pid}" in capsys.readouterr().out
-  assert not (tmp_path / runs.LOCK_FILE).exists()
+  assert f"stale lock {tmp_path / runlock.LOCK_FILE} of process {gone.pid}" in capsys.readouterr(
+  ).out
+  assert not (tmp_path / runlock.LOCK_FILE).exists()
   # A live PID that a later process reuses (another start time) is stale too.
-  (tmp_path / runs.LOCK_FILE).write_text(json.dumps({**_lock_record(os.getppid()), "start": "1"}))
-  with runs.lock(tmp_path):
+  (tmp_path / runlock.LOCK_FILE).write_text(json.dumps({
+      **_lock_record(os.getppid()), "start": "1"
+  }))
+  with runlock.lock(tmp_path):
     pass
 
 

@@ -19,7 +19,7 @@ resumed run ends bit for bit where an uninterrupted one does. A run that already
 checkpoints and epoch ends.
 
 Reliability:
-  * one process per workdir (`runs.lock`);
+  * one process per workdir (`runlock.lock`);
   * SIGTERM / SIGINT (preemption, Ctrl-C) save a checkpoint at the next step boundary and raise
     `TrainingInterrupted` (one line; `experiments/train.py` exits 143 / 130);
   * numerics: at every logging step and before anything is saved, every model (both experts,
@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from gen_jax import checkpoint, models, parallel, runs
+from gen_jax import checkpoint, models, parallel, runlock, runs
 from gen_jax.config import Config, config_record
 from gen_jax.evaluation.accuracy import evaluate_models
 from gen_jax import experts
@@ -345,7 +345,7 @@ def train_and_evaluate(config: Config,
   if finished is not None:
     return finished
   # Every process of a multi-host job shares the workdir; the first one holds the lock.
-  lock = runs.lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  lock = runlock.lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock, _StopSignals() as stop, _debug_nans(config.debug_nans):
     finished = _finished(config, workdir)  # another process may have finished it meanwhile
     if finished is not None:
