@@ -163,7 +163,10 @@ def _old_train_step(state, images, labels, key, tables, *, model, config):
 
 def _old_tables(config, steps_per_epoch):
   built = schedules.build_schedules(config, steps_per_epoch)
-  tables = {k: jnp.asarray(built[k]) for k in ("lr_nat", "lr_rob", "beta", "redistribute")}
+  tables = {k: jnp.asarray(built[k]) for k in ("beta", "redistribute")}
+  for name in ("lr_nat", "lr_rob"):  # the two-expert code's own learning-rate tables
+    tables[name] = jnp.asarray(
+        schedules.learning_rate_table(getattr(config, name), config, steps_per_epoch))
   tables.update(eps=jnp.float32(config.eps),
                 step_size=jnp.float32(config.step_size),
                 trades_beta=jnp.float32(config.trades_beta))

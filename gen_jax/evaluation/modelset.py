@@ -4,6 +4,11 @@ Every analysis of `gen_jax.evaluation` (the attack table, sanity checks, boundar
 the mixing sweep) takes a `ModelSet` as its first argument, so the report can run them all with
 one loop and a user can hand any of them the same object.
 
+A user's own network gets gen_jax's fast CPU convolutions and max pooling
+(`gen_jax.ops.intercept.fast_cpu_ops`: same values and gradients, XLA's slow CPU gradient paths
+avoided) in every analysis; `fast_ops=False` applies it with the stock flax layers. gen_jax's own
+models are left as built: their `conv_impl` already says which convolution they use.
+
 Synopsis::
 
     models = ModelSet(model, {"natural": v_nat, "robust": v_rob, "global": v_mix})
@@ -19,9 +24,19 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from gen_jax.ops.intercept import fast_cpu_ops
 
-def _apply(module, variables, x):
-  return module.apply(variables, x, train=False)
+
+def _own_model(module: nn.Module) -> bool:
+  """Whether `module` is one of gen_jax's networks (whose `conv_impl` must not be overridden)."""
+  return type(module).__module__.split(".")[0] == "gen_jax"
+
+
+def _apply(module, fast_ops, variables, x):
+  # The context is opened here, inside the function that the attacks trace, so that the choice
+  # of layers is made at trace time (and on the backend being traced for).
+  with fast_cpu_ops(fast_ops and not _own_model(module)):
+    return module.apply(variables, x, train=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,9 +46,13 @@ class ModelSet:
   Attributes:
     module: the flax.linen network (applied in inference mode, float32 for evaluation).
     variables: name -> linen variables `{"params", "batch_stats"}`, in report order.
+    fast_ops: apply a user's network inside `gen_jax.ops.intercept.fast_cpu_ops` (2-D `nn.Conv`
+      and `nn.max_pool` with fast CPU gradients; a no-op off CPU); False: the stock layers.
+      gen_jax's own models ignore it and keep their `conv_impl`.
   """
   module: nn.Module
   variables: Mapping[str, Any]
+  fast_ops: bool = True
 
   def __post_init__(self):
     if not self.variables:
@@ -46,10 +65,11 @@ class ModelSet:
   def logits_fns(self) -> dict[str, jax.tree_util.Partial]:
     """name -> `x -> logits` in inference mode, as `Partial`s (new weights never retrace)."""
     return {
-        name: jax.tree_util.Partial(functools.partial(_apply, self.module), variables)
+        name:
+            jax.tree_util.Partial(functools.partial(_apply, self.module, self.fast_ops), variables)
         for name, variables in self.variables.items()
     }
 
   def subset(self, names: Sequence[str]) -> "ModelSet":
     """The same network with only the named variables."""
-    return ModelSet(self.module, {n: self.variables[n] for n in names})
+    return ModelSet(self.module, {n: self.variables[n] for n in names}, self.fast_ops)

@@ -645,7 +645,8 @@ def run_simplex(models: ModelSet,
                             l2_step_size=l2_step_size)
 
   def figures(variables):
-    return _simplex_figures(table(ModelSet(models.module, {"m": variables})), "m")
+    return _simplex_figures(
+        table(ModelSet(models.module, {"m": variables}, fast_ops=models.fast_ops)), "m")
 
   teachers = [models.variables[r] for r in roles]
   points = []

@@ -9,7 +9,7 @@ recompiles anything and the tables can be compared step by step with a hand-writ
 Synopsis::
 
     tables = build_schedules(config, steps_per_epoch=390)
-    tables["lr_rob"][t], tables["beta"][t], tables["redistribute"][t]
+    tables["experts"]["robust"]["lr"][t], tables["beta"][t], tables["redistribute"][t]
     tables["weights"][t]                 # [N]: each expert's weight in the global model's target
     tables["experts"]["robust_l2"]["lr"][t]   # any expert's learning rate, by role
 
@@ -134,11 +134,11 @@ def build_schedules(config: Config, steps_per_epoch: int) -> dict[str, Any]:
     steps_per_epoch: optimiser steps per epoch (training images // batch size).
 
   Returns:
-    A dict of numpy arrays of length T = `epochs * steps_per_epoch`: `lr_nat` and `lr_rob` (the
-    flat fields' learning rates), `beta` (the robust share of the global model's target: β for
-    the classic two experts, the adversarial experts' total weight for more, the reference β
-    table for a single-expert method), `weights` ([T, N], per expert in `config.experts` order),
-    `redistribute` (bool), and `experts`: role -> {"lr": that expert's learning rate}.
+    A dict of numpy arrays of length T = `epochs * steps_per_epoch`: `beta` (the robust share
+    of the global model's target: β for the classic two experts, the adversarial experts' total
+    weight for more, the reference β table for a single-expert method), `weights` ([T, N], per
+    expert in `config.experts` order), `redistribute` (bool), and `experts`: role -> {"lr": that
+    expert's learning rate}.
   """
   if steps_per_epoch < 1:
     raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}: the training split "
@@ -152,8 +152,6 @@ def build_schedules(config: Config, steps_per_epoch: int) -> dict[str, Any]:
   else:
     beta = beta_table(config, steps_per_epoch)
   return {
-      "lr_nat": learning_rate_table(config.lr_nat, config, steps_per_epoch),
-      "lr_rob": learning_rate_table(config.lr_rob, config, steps_per_epoch),
       "beta": beta,
       "weights": weights,
       "redistribute": redistribution_table(config, total),

@@ -298,8 +298,7 @@ def generalist_update(state: GeneralistState,
                       *,
                       redistribute: jax.Array,
                       config: Config,
-                      weights: jax.Array | None = None,
-                      beta: jax.Array | None = None) -> GeneralistState:
+                      weights: jax.Array | None = None) -> GeneralistState:
   """EMA teachers, the global model and redistribution, after the experts have stepped.
 
   With d_t = min(decay, (t + 1) / (t + 10)) (t = updates made so far) and the experts r_1..r_N
@@ -315,8 +314,8 @@ def generalist_update(state: GeneralistState,
     state: the state after the experts' steps.
     redistribute: traced bool, whether to copy the global model into the experts.
     config: static settings (method, experts, EMA decay).
-    weights: traced [N] weights of the experts in `config.experts` order (summing to 1).
-    beta: instead of `weights`, for the classic two experts: the robust weight β.
+    weights: traced [N] weights of the experts in `config.experts` order (summing to 1); for
+      the classic two experts `[1 - β, β]`. Unused by a single-expert method.
   """
   decay = mixing.ema_decay(state.step, config.ema_decay)
   teachers = {
@@ -326,11 +325,7 @@ def generalist_update(state: GeneralistState,
   experts = state.experts
   if config.method == MULTI_EXPERT_METHOD:
     if weights is None:
-      if beta is None or len(config.experts) != 2:
-        raise ValueError(f"generalist_update needs `weights` (one per expert of "
-                         f"{config.experts}); `beta` serves two experts only.")
-      beta = jnp.asarray(beta, jnp.float32)
-      weights = jnp.stack([1 - beta, beta])
+      raise ValueError(f"generalist_update needs `weights`, one per expert of {config.experts}.")
     # Mixing order is the config's, not the dict's (a jitted dict comes back key-sorted).
     target = mixing.mix_many([teachers[role] for role in config.experts], weights)
     global_model = mixing.ema_update(state.global_model, target, decay)
