@@ -45,6 +45,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # noqa: E402
 
 from gen_jax import cli, runs, study, training  # noqa: E402
+from gen_jax.attacks.threat import Threat  # noqa: E402
 from gen_jax.evaluation import ModelSet, report, sweep  # noqa: E402
 from gen_jax.experts import GLOBAL  # noqa: E402
 
@@ -216,12 +217,12 @@ def _threat_models(config):
     raise ValueError(f"the multi-norm comparison evaluates L-inf PGD-20 at --eps; the config has "
                      f"--norm {config.norm}. Describe the experts with --experts-spec and keep "
                      "--norm linf.")
-  l2_eps = report.l2_radius(config)
+  threat, l2 = Threat.of(config), Threat.of(config, norm="l2")
   return {
-      "eps": config.eps,
-      "step_size": config.eval_step_size,
-      "l2_eps": l2_eps,
-      "l2_step_size": config.eval_step_size * l2_eps / config.eps if l2_eps else None,
+      "eps": threat.eps,
+      "step_size": threat.step_size,
+      "l2_eps": l2.eps if l2 else None,
+      "l2_step_size": l2.step_size if l2 else None,
   }
 
 

@@ -68,21 +68,22 @@ def _lrs(values):
   return tuple(values)
 
 
-def _budgets(text):
+def _ints(text, what):
   try:
-    values = [int(t) for t in text.split(",") if t.strip()]
+    return [int(t) for t in text.split(",") if t.strip()]
   except ValueError:
-    raise ValueError(f"expected comma-separated step counts, got {text!r}") from None
+    raise ValueError(f"expected comma-separated {what}, got {text!r}") from None
+
+
+def _budgets(text):
+  values = _ints(text, "step counts")
   if not values or values != sorted(set(values)) or values[0] < 1:
     raise ValueError(f"step counts must increase from 1 or more, got {values}")
   return tuple(values)
 
 
 def _seeds(text):
-  try:
-    values = [int(t) for t in text.split(",") if t.strip()]
-  except ValueError:
-    raise ValueError(f"expected comma-separated seeds, got {text!r}") from None
+  values = _ints(text, "seeds")
   if not values or min(values) < 0 or len(set(values)) != len(values):
     raise ValueError(f"seeds must be distinct and >= 0, got {values}")
   return tuple(values)

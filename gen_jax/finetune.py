@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gen_jax import checkpoint, mixing, parallel, runs, study
+from gen_jax.attacks.threat import Threat
 from gen_jax.config import Config
 from gen_jax.evaluation.accuracy import evaluate_models
 from gen_jax.training import steps as steps_lib
@@ -163,17 +164,18 @@ def evaluate_mixtures(config: Config, tuned: Variables, robust: Variables, split
     `[{"beta", "clean", "robust"}]` in the order of `betas` (fractions).
   """
   mesh = parallel.make_mesh()
+  threat = Threat.of(config)
   candidates = {f"{b:g}": mixing.mix(tuned, robust, float(b)) for b in betas}
   results = evaluate_models(parallel.replicate(candidates, mesh),
                             splits.test_x,
                             splits.test_y,
                             model=runs.build_model(config, splits.num_classes, for_evaluation=True),
                             key=stream_keys(config.seed)["eval"],
-                            eps=config.eps,
-                            step_size=config.eval_step_size,
-                            steps=config.eval_pgd_steps,
+                            eps=threat.eps,
+                            step_size=threat.step_size,
+                            steps=threat.steps,
                             batch_size=config.eval_batch_size,
-                            norm=config.norm,
+                            norm=threat.norm,
                             sharding=parallel.data_sharding(mesh))
   return [{
       "beta": float(b),

@@ -272,7 +272,8 @@ def load_splits(config: Config) -> Splits:
     tx, ty, vx, vy = data.train_validation_split(ds.train_images,
                                                  ds.train_labels,
                                                  validation_size=size,
-                                                 seed=config.seed)
+                                                 seed=config.seed,
+                                                 class_names=ds.class_names)
   else:
     tx, ty, vx, vy = ds.train_images, ds.train_labels, ds.train_images[:0], ds.train_labels[:0]
   return Splits(tx, ty.astype(np.int32), vx, vy.astype(np.int32), ds.test_images,
@@ -652,11 +653,6 @@ class EvalRun:
     """The first `n` test images and labels (all when None or more than there are)."""
     n = min(n or len(self.test_y), len(self.test_y))
     return self.test_x[:n], self.test_y[:n]
-
-  def attack_settings(self, eps: float | None = None) -> tuple[float, float]:
-    """(eps, PGD step) of an evaluation: the run's, or `eps` with the step scaled alike."""
-    eps = eps or self.config.eps
-    return eps, self.config.eval_step_size * eps / self.config.eps
 
   def training_images(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The first `n` images and labels of the run's training split (loaded on demand)."""

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from gen_jax.attacks.threat import Threat
 from gen_jax.config import MAX_SEED
 
 BASELINES = ("generalist", "pgd_at", "natural")
@@ -548,7 +549,7 @@ def multinorm_baselines(config: Any) -> dict[str, dict[str, Any]]:
   One run per expert of `config.expert_specs`: `natural` for a clean expert, `pgd_at_<norm>`
   (or `trades_<norm>`) for an adversarial one, with that expert's attack and optimiser in the
   flat fields (`--method pgd_at --norm l2 --eps 0.5 ...`) and no expert list. The evaluation step
-  of a baseline scales with its radius as the run's does (`eval_step_size * eps / config.eps`).
+  of a baseline scales with its radius as the run's does (`attacks.threat.Threat.of`).
   Two experts of one norm get their role in the name (`pgd_at_robust_big`).
   """
   variants: dict[str, dict[str, Any]] = {}
@@ -578,8 +579,7 @@ def multinorm_baselines(config: Any) -> dict[str, dict[str, Any]]:
         **common
     }
     if spec.eps != config.eps:
-      variants[name]["eval_step_size"] = float(
-          f"{config.eval_step_size * spec.eps / config.eps:.10g}")
+      variants[name]["eval_step_size"] = float(f"{Threat.of(config, eps=spec.eps).step_size:.10g}")
   return variants
 
 

@@ -404,11 +404,20 @@ def test_split_zero_and_errors():
     data.train_validation_split(images, labels, validation_size=2, seed=0)
   with pytest.raises(ValueError, match="same first"):
     data.train_validation_split(images[:5], labels, validation_size=3, seed=0)
-  with pytest.raises(ValueError, match="single example"):
+  with pytest.raises(ValueError, match="class 2 has a single training example"):
     data.train_validation_split(images[:10],
                                 np.array([0] * 5 + [1] * 4 + [2]),
                                 validation_size=3,
                                 seed=0)
+  # With the classes' names (an image folder) the class is named, and the fixes are given.
+  with pytest.raises(ValueError,
+                     match=r"class 'zebra' \(label 2\) has a single training "
+                     r"example.*Add images.*--validation-size 0"):
+    data.train_validation_split(images[:10],
+                                np.array([0] * 5 + [1] * 4 + [2]),
+                                validation_size=3,
+                                seed=0,
+                                class_names=("cat", "dog", "zebra"))
 
 
 # ---------------------------------------------------------------------------------------------

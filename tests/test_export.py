@@ -453,6 +453,20 @@ def test_import_refuses_a_pickle(tmp_path):
     export.load_torch_weights(tmp_path / "missing.safetensors", arch)
 
 
+def test_import_refuses_nan_weights_and_names_a_missing_package(tmp_path, monkeypatch):
+  path = torch_weights.save_safetensors({"conv1.weight": np.full((2, 2), np.nan, np.float32)},
+                                        tmp_path / "nan.safetensors")
+  with pytest.raises(ValueError, match="tensor conv1.weight holds NaN or inf"):
+    torch_weights.load_safetensors(path)
+
+  def missing():
+    raise ImportError("reading and writing PyTorch weights needs safetensors: pip install ...")
+
+  monkeypatch.setattr(torch_weights, "_safetensors_numpy", missing)
+  with pytest.raises(ImportError, match="needs safetensors"):  # not "not a safetensors file"
+    torch_weights.load_safetensors(path)
+
+
 # ----------------------------------------------------------------------------------- bad input
 def test_unknown_format_and_layout():
   with pytest.raises(ValueError, match="unknown export format 'tflite'"):

@@ -163,8 +163,14 @@ def first_per_class(labels: np.ndarray, max_per_class: int | None) -> np.ndarray
   return np.flatnonzero(keep)
 
 
-def train_validation_split(images: np.ndarray, labels: np.ndarray, *, validation_size: int | float,
-                           seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def train_validation_split(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    validation_size: int | float,
+    seed: int,
+    class_names: Sequence[str] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """Splits a training set into train and validation parts, stratified by class.
 
   Used for model selection on held-out training data instead of the test set. The same `seed`
@@ -176,6 +182,7 @@ def train_validation_split(images: np.ndarray, labels: np.ndarray, *, validation
     validation_size: an int count of validation examples, or a float fraction in [0, 1).
       0 returns an empty validation split (shape (0, ...)).
     seed: seed of the split's shuffle.
+    class_names: the classes' names by label, to name a class in an error (else its index).
 
   Returns:
     `(train_images, train_labels, val_images, val_labels)`.
@@ -211,8 +218,12 @@ def train_validation_split(images: np.ndarray, labels: np.ndarray, *, validation
                      f"{n - count} training examples; a stratified split of {classes.size} "
                      "classes needs at least one per class on each side.")
   if counts.min() < 2:
-    raise ValueError(f"class {classes[counts.argmin()]} has a single example; a stratified "
-                     "split needs at least two per class.")
+    label = int(classes[counts.argmin()])
+    name = (f"'{class_names[label]}' (label {label})"
+            if class_names is not None and label < len(class_names) else str(label))
+    raise ValueError(f"class {name} has a single training example; a stratified validation split "
+                     "needs at least two per class. Add images to that class, remove it, or "
+                     "train with --validation-size 0 (no held-out model selection).")
   # scikit-learn's stratified shuffle split handles the rounding of per-class quotas exactly.
   from sklearn.model_selection import train_test_split  # pylint: disable=import-outside-toplevel
   train_idx, val_idx = train_test_split(np.arange(n),

@@ -41,6 +41,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from gen_jax.attacks.threat import Threat
 from gen_jax.data import to_float
 from gen_jax.evaluation import boundary, catalogue, corruptions, outputs, plots, sanity
 from gen_jax.evaluation.modelset import ModelSet
@@ -296,16 +297,16 @@ def evaluate_run(run: Any,
   L2 expert beside its L-inf evaluation (a multi-norm run) also gets L2 PGD-20 at that expert's
   radius next to PGD-20, and the union of the two (`attack_table`).
   """
-  eps, step_size = run.attack_settings(eps)
   config = run.config
-  l2_eps = l2_radius(config) if config.norm == "linf" else None
-  if l2_eps and "pgd20" in attacks and "pgd20-l2" not in attacks:
+  threat = Threat.of(config, eps=eps)
+  l2 = Threat.of(config, norm="l2") if config.norm == "linf" else None
+  if l2 and "pgd20" in attacks and "pgd20-l2" not in attacks:
     attacks = tuple(attacks) + ("pgd20-l2",)
   return evaluate(ModelSet(run.model, run.models),
                   *run.test_split(n),
                   key=jax.random.key(seed),
-                  eps=eps,
-                  step_size=step_size,
+                  eps=threat.eps,
+                  step_size=threat.step_size,
                   attacks=attacks,
                   analyses=analyses,
                   analysis_n=analysis_n,
@@ -317,16 +318,8 @@ def evaluate_run(run: Any,
                       }
                   },
                   progress=progress,
-                  l2_eps=l2_eps,
-                  l2_step_size=config.eval_step_size * l2_eps / config.eps if l2_eps else None)
-
-
-def l2_radius(config: Any) -> float | None:
-  """The L2 radius a run was trained for: its first L2 expert's eps (None without one)."""
-  for spec in config.expert_specs:
-    if spec.adversarial and spec.norm == "l2":
-      return float(spec.eps)
-  return None
+                  l2_eps=l2.eps if l2 else None,
+                  l2_step_size=l2.step_size if l2 else None)
 
 
 def to_markdown(report: Mapping[str, Any]) -> str:

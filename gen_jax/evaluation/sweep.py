@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gen_jax import attacks, mixing, runs
+from gen_jax.attacks.threat import Threat
 from gen_jax.data import to_float
 from gen_jax.evaluation import catalogue, outputs, report
 from gen_jax.evaluation.accuracy import evaluate_models
@@ -388,7 +389,8 @@ def sweep_run(eval_run: runs.EvalRun,
                         seed=seed,
                         batch_size=batch_size,
                         progress=progress)
-  eps, step_size = eval_run.attack_settings(eps)
+  threat = Threat.of(eval_run.config, eps=eps)
+  eps, step_size = threat.eps, threat.step_size
   recalibrate = None
   if bn_recalibrate:
     train_x, train_y = eval_run.training_images(recalibration_n)
@@ -691,8 +693,8 @@ def _simplex_run(eval_run: runs.EvalRun, *, grid_step, n, eps, bn_recalibrate, r
     raise ValueError(f"--bn-recalibrate {bn_recalibrate} weighs clean and PGD images by beta, "
                      "which two experts define; a run of more experts takes 'clean' only.")
   config = eval_run.config
-  eps, step_size = eval_run.attack_settings(eps)
-  l2_eps = report.l2_radius(config) if config.norm == "linf" else None
+  threat = Threat.of(config, eps=eps)
+  l2 = Threat.of(config, norm="l2") if config.norm == "linf" else None
   recalibrate = None
   if bn_recalibrate:
     train_x, _ = eval_run.training_images(recalibration_n)
@@ -701,10 +703,10 @@ def _simplex_run(eval_run: runs.EvalRun, *, grid_step, n, eps, bn_recalibrate, r
                      *eval_run.test_split(n),
                      roles=config.experts,
                      key=jax.random.key(seed),
-                     eps=eps,
-                     step_size=step_size,
-                     l2_eps=l2_eps,
-                     l2_step_size=config.eval_step_size * l2_eps / config.eps if l2_eps else None,
+                     eps=threat.eps,
+                     step_size=threat.step_size,
+                     l2_eps=l2.eps if l2 else None,
+                     l2_step_size=l2.step_size if l2 else None,
                      grid_step=grid_step,
                      recalibrate=recalibrate,
                      recalibration=bn_recalibrate,

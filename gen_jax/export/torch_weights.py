@@ -252,11 +252,17 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no such file.")
+  reader = _safetensors_numpy()  # a missing package is named as such, not blamed on the file
   try:
-    return dict(_safetensors_numpy().load_file(str(path)))
+    state = dict(reader.load_file(str(path)))
   except Exception as error:  # safetensors raises its own SafetensorError; name the culprit.
     raise ValueError(
         f"{path} is not a readable safetensors file ({error}). A PyTorch checkpoint saved with "
         "torch.save is a pickle, which gen_jax never loads: convert it where PyTorch is "
         "installed with safetensors.torch.save_file(torch.load(PATH, weights_only=True), "
         "'model.safetensors') (take the state dict out first if it is nested).") from error
+  for key, value in state.items():
+    if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
+      raise ValueError(f"{path}: tensor {key} holds NaN or inf, so these weights are damaged or "
+                       "come from a diverged run; gen_jax does not import them.")
+  return state

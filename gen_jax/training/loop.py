@@ -37,6 +37,7 @@ Synopsis::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import pathlib
@@ -51,6 +52,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gen_jax import checkpoint, models, parallel, runlock, runs
+from gen_jax.attacks.threat import Threat
 from gen_jax.config import Config, config_record
 from gen_jax.evaluation.accuracy import evaluate_models
 from gen_jax import experts
@@ -274,16 +276,17 @@ def _debug_nans(enabled: bool):
 
 def _evaluate(state, xs, ys, *, model, config, key, sharding, roles):
   candidates = state.models()
+  threat = Threat.of(config)
   return evaluate_models({r: candidates[r] for r in roles},
                          xs,
                          ys,
                          model=model,
                          key=key,
-                         eps=config.eps,
-                         step_size=config.eval_step_size,
-                         steps=config.eval_pgd_steps,
+                         eps=threat.eps,
+                         step_size=threat.step_size,
+                         steps=threat.steps,
                          batch_size=config.eval_batch_size,
-                         norm=config.norm,
+                         norm=threat.norm,
                          sharding=sharding)
 
 
@@ -607,12 +610,7 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, max_epochs:
     stop.check()  # a signal during the final evaluation: no summary (the rerun evaluates again)
     summary = {
         "models": final,
-        "pgd": {
-            "norm": config.norm,
-            "eps": config.eps,
-            "step_size": config.eval_step_size,
-            "steps": config.eval_pgd_steps
-        },
+        "pgd": dataclasses.asdict(Threat.of(config)),
         "method": config.method,
         **origin, "best": best,
         "steps": int(state.step),

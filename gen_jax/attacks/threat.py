@@ -1,0 +1,71 @@
+"""The threat model of an evaluation, derived once from a run's config.
+
+A figure called "PGD-20" must be one measurement wherever it is printed: the same norm, radius,
+step size and number of steps. `Threat.of(config)` is the one place that turns a config (and an
+optional other radius or norm) into those numbers; the training loop's test figures, the
+report, the sweeps, the study and the mechanism diagnostic all take it from here.
+
+The evaluation step scales with the radius, as the run's own does: a run evaluated at eps with
+step s attacks radius r with step s * r / eps (PGD-20 at 8/255 with step 2/255 becomes step
+0.125 at L2 radius 0.5 when the run's L2 expert is at 0.5, and step 4/255 at 16/255).
+
+Synopsis::
+
+    threat = Threat.of(config)                      # the run's own: linf, 8/255, 2/255, 20 steps
+    threat.eps, threat.step_size, threat.steps, threat.norm
+    Threat.of(config, eps=16 / 255)                 # another radius, the step scaled alike
+    Threat.of(config, norm="l2")                    # at the run's L2 expert's radius (or None)
+    str(threat)                                     # "PGD-20 linf eps 0.03137 (8.00/255), step ..."
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from gen_jax.attacks.core import NORMS
+
+
+@dataclasses.dataclass(frozen=True)
+class Threat:
+  """One evaluation attack: PGD with a random start (hashable: a key of results)."""
+  norm: str
+  eps: float
+  step_size: float
+  steps: int
+  attack: str = "pgd"
+  restarts: int = 1
+
+  def __post_init__(self):
+    if self.norm not in NORMS:
+      raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}.")
+    if not self.eps > 0 or not self.step_size > 0 or self.steps < 0 or self.restarts < 1:
+      raise ValueError(f"a threat needs eps > 0, step_size > 0, steps >= 0 and restarts >= 1; "
+                       f"got {self}.")
+
+  @classmethod
+  def of(cls, config: Any, *, eps: float | None = None, norm: str | None = None) -> Threat | None:
+    """The threat of a run's evaluation (`config.eval_pgd_steps` steps), at `config.eps` or
+    another radius `eps`; with `norm="l2"` for an L-inf run, at its L2 expert's radius (None when
+    it has no L2 expert). The step is `config.eval_step_size` scaled by radius / `config.eps`."""
+    norm = norm or config.norm
+    if eps is None:
+      eps = config.eps if norm == config.norm else l2_radius(config)
+      if eps is None:
+        return None
+    # At the run's own radius exactly its step (no rounding through the ratio), so that every
+    # program reproduces the training loop's figures bit for bit.
+    step = config.eval_step_size if eps == config.eps else config.eval_step_size * eps / config.eps
+    return cls(norm=norm, eps=float(eps), step_size=float(step), steps=int(config.eval_pgd_steps))
+
+  def __str__(self) -> str:
+    radius = f" ({255 * self.eps:.2f}/255)" if self.norm == "linf" else ""
+    return (f"{self.attack.upper()}-{self.steps} {self.norm} eps {self.eps:.5g}{radius}, step "
+            f"{self.step_size:.5g}" + (f", {self.restarts} restarts" if self.restarts > 1 else ""))
+
+
+def l2_radius(config: Any) -> float | None:
+  """The L2 radius a run was trained for: its first L2 expert's eps (None without one)."""
+  for spec in config.expert_specs:
+    if spec.adversarial and spec.norm == "l2":
+      return float(spec.eps)
+  return None
