@@ -242,7 +242,7 @@ PROGRAM_CASES = [
     ("compare-repeated-seed", "compare", [*TRAIN, "--seeds", "0,0", "--workdir",
                                           "{base}/c1"], r"seeds repeats a seed"),
     ("compare-negative-seed", "compare", [*TRAIN, "--seeds", "-1", "--workdir",
-                                          "{base}/c2"], r"seeds must be >= 0"),
+                                          "{base}/c2"], r"seeds must lie in \[0, 2\*\*32 - 1\]"),
     ("compare-unknown-ablation", "compare",
      [*TRAIN, "--ablations", "nope", "--workdir", "{base}/c3"], r"unknown ablation 'nope'"),
 ]
