@@ -51,7 +51,7 @@ def as_pytree_fn(logits_fn: Callable[..., jax.Array]) -> jax.tree_util.Partial:
     logits_fn: a callable, or a `jax.tree_util.Partial`.
 
   Returns:
-    A `jax.tree_util.Partial` equivalent to `logits_fn`.
+    A `jax.tree_util.Partial` that computes what `logits_fn` computes.
 
   Raises:
     TypeError: if `logits_fn` is not callable.
