@@ -47,7 +47,7 @@ from gen_jax.attacks.threat import Threat
 from gen_jax.config import Config
 from gen_jax.evaluation.accuracy import evaluate_models
 from gen_jax.training import steps as steps_lib
-from gen_jax.training.loop import stream_keys
+from gen_jax.training.loop import epoch_order, stream_keys
 from gen_jax.experts import NATURAL
 
 Variables = Any
@@ -131,8 +131,7 @@ def finetune(config: Config,
     while todo:
       epoch, index = divmod(step, steps_per_epoch)
       if epoch != order_epoch:  # the training loop's data order of this seed
-        order = np.asarray(
-            jax.random.permutation(jax.random.fold_in(keys["data"], epoch), len(splits.train_y)))
+        order = epoch_order(keys["data"], epoch, len(splits.train_y))
         order_epoch = epoch
       rows = order[index * tuned.batch_size:(index + 1) * tuned.batch_size]
       images, labels = parallel.global_batch((splits.train_x, splits.train_y), rows, batch_sharding)

@@ -158,6 +158,12 @@ def stream_keys(seed: int) -> dict[str, jax.Array]:
   return dict(zip(_STREAMS, jax.random.split(jax.random.key(seed), len(_STREAMS))))
 
 
+def epoch_order(data_key: jax.Array, epoch: int, n: int) -> np.ndarray:
+  """The order of the `n` training examples in `epoch` (host indices), the same on every
+  process: a run's data order, which a resumed run and `gen_jax.finetune` reproduce."""
+  return np.asarray(jax.random.permutation(jax.random.fold_in(data_key, epoch), n))
+
+
 def _read_totals(totals) -> dict[str, dict[str, float]]:
   """Per expert role, the epoch's mean training loss and accuracy."""
   host = jax.device_get(totals)
@@ -472,8 +478,7 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, max_epochs:
       carried = meta.get("epoch_seconds", 0.0) if first else 0.0
       epoch_started = time.time() - carried
       # The epoch's order, identical on every process (indices only, on the host).
-      order = np.asarray(
-          jax.random.permutation(jax.random.fold_in(keys["data"], epoch), len(splits.train_y)))
+      order = epoch_order(keys["data"], epoch, len(splits.train_y))
       totals = (_totals_from_record(meta["totals"], config)
                 if first else steps_lib.zero_totals(config))
       totals = parallel.replicate(totals, mesh)
