@@ -42,11 +42,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import jax  # noqa: E402
-
 from gen_jax import cli, runs, study, training  # noqa: E402
 from gen_jax.attacks.threat import Threat  # noqa: E402
-from gen_jax.evaluation import ModelSet, report, sweep  # noqa: E402
+from gen_jax.evaluation import ModelSet, engine, report, sweep  # noqa: E402
 from gen_jax.experts import GLOBAL  # noqa: E402
 
 
@@ -226,11 +224,16 @@ def _threat_models(config):
   }
 
 
-def _norm_figures(run_dir, threat, args):
+def _norm_figures(run_dir, run_seed, threat, args):
   """Clean, L-inf, L2 and union accuracy of a run's global model: read back from
-  RUN/eval/norms.json when it holds these settings, else computed and written."""
+  RUN/eval/norms.json when it holds these settings, else computed and written.
+
+  The attacks are the correctness engine's with the run's own evaluation key
+  (`engine.attack_key(seed)`), so the L-inf figure is the run's `summary.json` figure when its
+  evaluation is PGD-20 on the same images; "keys" marks figures of per-example keys, so that a
+  file of the earlier per-batch keys is recomputed, not reused."""
   path = os.path.join(run_dir, runs.EVAL_DIR, "norms.json")
-  settings = {**threat, "n": args.eval_n, "seed": 0}
+  settings = {**threat, "n": args.eval_n, "seed": run_seed, "keys": "per-example"}
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
@@ -243,7 +246,7 @@ def _norm_figures(run_dir, threat, args):
   attacks = ("clean", "pgd20") + (("pgd20-l2",) if threat["l2_eps"] else ())
   table = report.attack_table(ModelSet(run.model, run.models),
                               *run.test_split(args.eval_n),
-                              key=jax.random.key(settings["seed"]),
+                              key=engine.attack_key(run_seed),
                               eps=threat["eps"],
                               step_size=threat["step_size"],
                               attacks=attacks,
@@ -274,7 +277,7 @@ def _multinorm(args, config, workdir):
                                                                             {})).validate()
     run_dir = os.path.join(workdir, run.name)
     summary = _summary(run_config, run_dir, run.name, args)
-    figures = None if summary is None else _norm_figures(run_dir, threat, args)
+    figures = None if summary is None else _norm_figures(run_dir, run.seed, threat, args)
     if figures is None:
       continue
     rows.append({

@@ -8,6 +8,9 @@ For each seed, the final model of `STUDY/pgd_at-s<seed>` (a finished `compare.py
 at each constant learning rate of `--lrs` (SGD with momentum 0.9 and the natural expert's
 weight decay: `gen_jax.finetune`), and `mix(fine-tuned, robust, β)` is evaluated for each β of
 `--betas` on the whole test split with the PGD-AT run's own final attack (PGD-20, its keys).
+A mixture's BatchNorm statistics are averaged as its weights are (`--bn mixed`), or re-estimated
+on training images (`--bn clean`, `--bn matched`: `sweep_mix.py --bn-recalibrate`'s modes);
+`--bn mixed,clean` evaluates both from the same fine-tunes.
 Each mixture's chord score is taken against `STUDY/natural-s<seed>` and `STUDY/pgd_at-s<seed>`:
 above 1, that mixture beats the straight line between natural training and PGD-AT.
 
@@ -55,6 +58,18 @@ def _parser():
                       type=cli.floats_of(lambda b: tuple(sweep.check_betas(b))),
                       default=DEFAULT_BETAS,
                       help="robust weights of the mixtures (default 0,0.2,...,1)")
+  parser.add_argument("--bn",
+                      type=cli.parsed_by(_bn_modes),
+                      default=("mixed",),
+                      help="BatchNorm statistics of the mixtures, comma-separated: mixed (averaged "
+                      "as the weights, the default), clean (re-estimated on training images), "
+                      "matched (clean and PGD statistics weighted by β; as sweep_mix.py "
+                      "--bn-recalibrate)")
+  parser.add_argument(
+      "--recalibration-n",
+      type=cli.positive_int,
+      default=2000,
+      help="training images (drawn at random) for --bn clean/matched (default 2000)")
   parser.add_argument("--out", default=None, help="output directory (default STUDY/finetune-mix)")
   parser.add_argument("--report-only",
                       action="store_true",
@@ -66,6 +81,15 @@ def _lrs(values):
   if not values or any(not 0 < v < float("inf") for v in values):
     raise ValueError(f"learning rates must be positive numbers, got {values}")
   return tuple(values)
+
+
+def _bn_modes(text):
+  values = tuple(t.strip() for t in text.split(",") if t.strip())
+  unknown = [v for v in values if v not in finetune.BN_MODES]
+  if not values or unknown or len(set(values)) != len(values):
+    raise ValueError(f"--bn takes distinct modes among {', '.join(finetune.BN_MODES)}; "
+                     f"got {text!r}")
+  return values
 
 
 def _ints(text, what):
@@ -123,9 +147,9 @@ def _seed(args, out, seed):
   baselines = _baselines(args.study, seed)
   path = os.path.join(out, f"s{seed}.json")
   record = _read(path, {"seed": seed, "baselines": baselines, "points": []})
-  done = {(p["lr"], p["steps"], p["beta"]) for p in record["points"]}
-  missing = {(lr, k) for lr in args.lrs for k in args.steps if any((lr, k, b) not in done
-                                                                   for b in args.betas)}
+  done = {(finetune.bn_mode(p), p["lr"], p["steps"], p["beta"]) for p in record["points"]}
+  missing = {(bn, lr, k) for bn in args.bn for lr in args.lrs for k in args.steps if any(
+      (bn, lr, k, b) not in done for b in args.betas)}
   if not missing or args.report_only:
     return record
   source = os.path.join(args.study, f"pgd_at-s{seed}")
@@ -135,8 +159,11 @@ def _seed(args, out, seed):
   abstract = jax.eval_shape(
       lambda: models.init_variables(network, jax.random.key(0), tuple(splits.train_x.shape[1:])))
   robust, _ = runs.load_init(source, config, abstract, num_classes=splits.num_classes)
+  recalibrate = {
+      bn: finetune.recalibrator(config, splits, bn, n=args.recalibration_n) for bn in args.bn
+  }
   for lr in args.lrs:
-    budgets = [k for k in args.steps if (lr, k) in missing]
+    budgets = [k for k in args.steps if any((bn, lr, k) in missing for bn in args.bn)]
     if not budgets:
       continue
     tuned_states = finetune.finetune(config,
@@ -146,19 +173,26 @@ def _seed(args, out, seed):
                                      at_steps=args.steps,
                                      checkpoint_dir=os.path.join(out, f"s{seed}", f"lr{lr:g}"))
     for k, tuned in tuned_states:
-      if (lr, k) not in missing:
-        continue
-      betas = [b for b in args.betas if (lr, k, b) not in done]
-      for point in finetune.evaluate_mixtures(config, tuned, robust, splits, betas=betas):
-        point.update(seed=seed, lr=lr, steps=k, chord=finetune.chord(point, baselines))
-        record["points"].append(point)
-      _write(path, record)
-      best = max((p for p in record["points"] if p["lr"] == lr and p["steps"] == k),
-                 key=finetune.chord_key)
-      print(
-          f"seed {seed} lr {lr:g} K {k}: best chord {best['chord']:.3f} at β {best['beta']:g} "
-          f"({100 * best['clean']:.2f} / {100 * best['robust']:.2f} %)",
-          flush=True)
+      for bn in args.bn:
+        if (bn, lr, k) not in missing:
+          continue
+        betas = [b for b in args.betas if (bn, lr, k, b) not in done]
+        for point in finetune.evaluate_mixtures(config,
+                                                tuned,
+                                                robust,
+                                                splits,
+                                                betas=betas,
+                                                recalibrate=recalibrate[bn]):
+          point.update(seed=seed, bn=bn, lr=lr, steps=k, chord=finetune.chord(point, baselines))
+          record["points"].append(point)
+        _write(path, record)
+        best = max((p for p in record["points"]
+                    if (finetune.bn_mode(p), p["lr"], p["steps"]) == (bn, lr, k)),
+                   key=finetune.chord_key)
+        print(
+            f"seed {seed} BatchNorm {bn} lr {lr:g} K {k}: best chord {best['chord']:.3f} at "
+            f"β {best['beta']:g} ({100 * best['clean']:.2f} / {100 * best['robust']:.2f} %)",
+            flush=True)
   return record
 
 
@@ -171,8 +205,8 @@ def main():
   names = sorted(f for f in os.listdir(out) if f.startswith("s") and f.endswith(".json"))
   records = {r["seed"]: r for r in [_read(os.path.join(out, f), None) for f in names] + records}
   points = [
-      p for r in records.values() for p in r["points"]
-      if p["lr"] in args.lrs and p["steps"] in args.steps and p["beta"] in args.betas
+      p for r in records.values() for p in r["points"] if p["lr"] in args.lrs and
+      p["steps"] in args.steps and p["beta"] in args.betas and finetune.bn_mode(p) in args.bn
   ]
   if not points:
     raise ValueError(f"no evaluated point in {out} yet; run without --report-only.")
@@ -182,6 +216,7 @@ def main():
       os.path.join(out, "finetune_mix.json"), {
           "study": os.path.abspath(args.study),
           "betas": list(args.betas),
+          "bn": list(args.bn),
           "baselines": baselines,
           "summary": rows,
           "points": points

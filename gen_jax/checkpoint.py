@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -117,6 +118,60 @@ def verify(state: Any, meta: dict[str, Any], keys: Any = None) -> None:
                        "damaged after the save")
 
 
+class DiskFull(OSError):
+  """A checkpoint write failed because its disk is full; the message names the directory and the
+  way out. Raised from the storage layer's own error (kept as `__cause__`)."""
+
+
+def _is_disk_full(error: BaseException) -> bool:
+  """Whether `error` or anything in its chain is a full disk (ENOSPC, in any wrapping)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+class _DropWriteFailureLogs(logging.Filter):
+  """Drops the storage layer's error records with a traceback (orbax logs a failed write once per
+  background thread, each with the whole traceback); the failure itself is raised to the caller."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and record.exc_info)
+
+
+class _DropDiskFullTasks(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for a write that failed on a full
+  disk: the failure was raised as `DiskFull`; the writer's other tasks fail the same way."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not (str(record.msg).startswith("Task exception was never retrieved") and
+                error is not None and _is_disk_full(error))
+
+
+@contextlib.contextmanager
+def _writing(directory: str | os.PathLike, what: str):
+  """Runs an orbax write: a full disk becomes one `DiskFull` naming `directory` and the fix."""
+  quiet, absl_logger = _DropWriteFailureLogs(), logging.getLogger("absl")
+  absl_logger.addFilter(quiet)
+  try:
+    yield
+  except Exception as error:
+    if _is_disk_full(error):
+      # The writer's unfinished tasks report the same failure once more when they are collected.
+      logging.getLogger("asyncio").addFilter(_DropDiskFullTasks())
+      raise DiskFull(f"the disk holding {directory} is full (no space left on device) while "
+                     f"saving {what}. Free space there and rerun the same command: a run resumes "
+                     "from its last complete checkpoint, and the incomplete one is discarded "
+                     "(nothing complete was overwritten).") from error
+    raise
+  finally:
+    absl_logger.removeFilter(quiet)
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any]) -> None:
   """Saves `state` and `meta` (plus the state's `checksums`) at `step` and waits until they are
   committed.
@@ -130,11 +185,12 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, 
   if step in manager.all_steps():
     manager.delete(step)
   meta = {**meta, CHECKSUMS: checksums(state)}
-  manager.save(step,
-               args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                       meta=ocp.args.JsonSave(meta)),
-               force=True)
-  manager.wait_until_finished()
+  with _writing(manager.directory, f"the checkpoint of step {step}"):
+    manager.save(step,
+                 args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                         meta=ocp.args.JsonSave(meta)),
+                 force=True)
+    manager.wait_until_finished()
 
 
 def steps(manager: ocp.CheckpointManager) -> list[int]:
@@ -483,11 +539,14 @@ def save_model(directory: str | os.PathLike, variables: Any, record: dict[str,
   # Host copies: orbax writes numpy leaves from process 0 alone (all processes call this).
   variables = jax.device_get(variables)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(partial / _MODEL_ITEM, variables)
-  checkpointer.wait_until_finished()
-  checkpointer.close()
-  if parallel.is_primary():
-    (partial / MODEL_RECORD).write_text(text)
+  with _writing(directory.parent, f"the model {directory.name}"):
+    try:
+      checkpointer.save(partial / _MODEL_ITEM, variables)
+      checkpointer.wait_until_finished()
+    finally:
+      checkpointer.close()
+    if parallel.is_primary():
+      (partial / MODEL_RECORD).write_text(text)
     os.replace(partial, directory)
   parallel.barrier("gen_jax.checkpoint.save_model.recorded")
   return directory

@@ -180,8 +180,10 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--attack-seed",
                       "--seed",
                       type=seed_int,
-                      default=0,
-                      help="seed of the attacks' random starts (default 0; --seed: old spelling)")
+                      default=None,
+                      help="seed of the attacks' random starts (default: the run's seed, whose key "
+                      "its training loop evaluated with, so the PGD figures agree with its "
+                      "summary.json; --seed: old spelling)")
 
 
 def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
@@ -316,8 +318,12 @@ def main_guard(fn: Callable[[], Any]) -> None:
   training saved its state, `training.loop.TrainingInterrupted`) exit 130/143 with the message
   saying how to resume; a Ctrl-C before anything was under way exits 130. With `--traceback`
   on the command line or `GEN_JAX_TRACEBACK=1` in the environment, the full traceback of such an
-  error is printed before its line (the exit code stays 2).
+  error is printed before its line (the exit code stays 2). Without it, asyncio's "Event loop is
+  closed" notices from the checkpoint writer's callbacks are not printed (harmless: see
+  `_drop_closed_loop_callbacks`).
   """
+  if not show_traceback():
+    sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
   try:
     fn()
   except (ValueError, OSError, RuntimeError, FloatingPointError) as error:
@@ -329,6 +335,24 @@ def main_guard(fn: Callable[[], Any]) -> None:
     code = getattr(stopped, "exit_code", 130)
     print(str(stopped) or "stopped by SIGINT; rerun the same command to resume.", file=sys.stderr)
     sys.exit(code)
+
+
+def _drop_closed_loop_callbacks(default: Callable[[Any], None]) -> Callable[[Any], None]:
+  """An unraisable-exception hook that drops "Event loop is closed" from asyncio callbacks.
+
+  The checkpoint writer's storage layer completes its futures on an asyncio loop; when a write
+  fails (a full disk) or the program ends while a background write winds down, the remaining
+  callbacks find that loop closed. Python prints each one as an ignored exception with its
+  traceback (dozens of them), although nothing is lost: the write's own error is raised to the
+  caller. Every other unraisable exception goes to `default`.
+  """
+
+  def hook(unraisable: Any) -> None:
+    if not (isinstance(unraisable.exc_value, RuntimeError) and
+            str(unraisable.exc_value) == "Event loop is closed"):
+      default(unraisable)
+
+  return hook
 
 
 def show_traceback(argv: Sequence[str] | None = None) -> bool:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -45,6 +45,7 @@ import numpy as np
 from gen_jax import checkpoint, mixing, parallel, runs, study
 from gen_jax.attacks.threat import Threat
 from gen_jax.config import Config
+from gen_jax.evaluation import sweep
 from gen_jax.evaluation.accuracy import evaluate_models
 from gen_jax.training import steps as steps_lib
 from gen_jax.training.loop import epoch_order, stream_keys
@@ -152,12 +153,53 @@ def _copy(tree: Variables) -> Variables:
   return jax.tree_util.tree_map(jnp.copy, tree)
 
 
-def evaluate_mixtures(config: Config, tuned: Variables, robust: Variables, splits: runs.Splits, *,
-                      betas: Sequence[float]) -> list[dict[str, float]]:
+BN_MODES = ("mixed",) + sweep.RECALIBRATION_MODES
+
+
+def recalibrator(config: Config,
+                 splits: runs.Splits,
+                 mode: str,
+                 *,
+                 n: int = 2000) -> Callable[[Variables, float], Variables] | None:
+  """How a mixture's BatchNorm statistics are set; None for "mixed" (averaged as the weights).
+
+  "clean" and "matched" re-estimate them on `n` training images drawn at random (seeded by the
+  run's seed), as `sweep_mix.py --bn-recalibrate` does (`evaluation.sweep.recalibrator`), in
+  batches of the training batch size (the batches whose statistics BatchNorm saw in training);
+  the matched mode attacks with the run's training threat and a key of its own.
+  """
+  if mode not in BN_MODES:
+    raise ValueError(f"unknown BatchNorm mode {mode!r}; choose from {BN_MODES}.")
+  if mode == "mixed":
+    return None
+  images, labels = runs.training_subset(splits.train_x, splits.train_y, n, seed=config.seed)
+  return sweep.recalibrator(runs.build_model(config, splits.num_classes, for_evaluation=True),
+                            images,
+                            mode=mode,
+                            labels=labels,
+                            key=jax.random.fold_in(stream_keys(config.seed)["eval"], 1),
+                            eps=config.eps,
+                            step_size=config.step_size,
+                            steps=config.pgd_steps,
+                            batch_size=min(config.batch_size, len(labels)))
+
+
+def evaluate_mixtures(
+    config: Config,
+    tuned: Variables,
+    robust: Variables,
+    splits: runs.Splits,
+    *,
+    betas: Sequence[float],
+    recalibrate: Callable[[Variables, float], Variables] | None = None) -> list[dict[str, float]]:
   """Clean and PGD accuracy of `mix(tuned, robust, β)` for each β, on the whole test split.
 
   The attack is the run's final evaluation (`config`'s eps, evaluation step size and steps, its
-  evaluation key and batch size), so β = 1 reproduces the figures of the robust run's summary.
+  evaluation key and batch size), so β = 1 reproduces the figures of the robust run's summary
+  (with `recalibrate` None: BatchNorm statistics averaged as the weights are).
+
+  Args:
+    recalibrate: `(variables, β) -> variables` applied to each mixture (`recalibrator`).
 
   Returns:
     `[{"beta", "clean", "robust"}]` in the order of `betas` (fractions).
@@ -165,6 +207,8 @@ def evaluate_mixtures(config: Config, tuned: Variables, robust: Variables, split
   mesh = parallel.make_mesh()
   threat = Threat.of(config)
   candidates = {f"{b:g}": mixing.mix(tuned, robust, float(b)) for b in betas}
+  if recalibrate is not None:
+    candidates = {name: recalibrate(v, float(name)) for name, v in candidates.items()}
   results = evaluate_models(parallel.replicate(candidates, mesh),
                             splits.test_x,
                             splits.test_y,
@@ -205,23 +249,32 @@ def chord_key(point: Mapping[str, Any]) -> float:
   return -math.inf if math.isnan(point["chord"]) else point["chord"]
 
 
+def bn_mode(point: Mapping[str, Any]) -> str:
+  """A point's BatchNorm mode; "mixed" for points written before the mode was recorded."""
+  return point.get("bn", "mixed")
+
+
 def summarize(points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-  """Per (lr, steps): the best mixture of each seed and the best fixed β over seeds.
+  """Per (BatchNorm mode, lr, steps): the best mixture of each seed and the best fixed β.
 
   Args:
-    points: `{"seed", "lr", "steps", "beta", "clean", "robust", "chord"}` rows.
+    points: `{"seed", "lr", "steps", "beta", "clean", "robust", "chord"}` rows, with "bn" (the
+      BatchNorm mode of `BN_MODES`; "mixed" when absent).
 
   Returns:
-    One row per (lr, steps), by lr then steps: `best` (the spread over seeds of each seed's best
-    chord, `study.spread`, with `betas` the β that gave it per seed: optimistic, since β is chosen
-    on the test figures), `fixed` (the β whose chord averages highest over the seeds, and that
-    spread: one β for every seed, the less biased estimate), and the seeds.
+    One row per (bn, lr, steps), in that order: `bn`, `lr`, `steps`, `best` (the spread over
+    seeds of each seed's best chord, `study.spread`, with `betas` the β that gave it per seed:
+    optimistic, since β is chosen on the test figures), `fixed` (the β whose chord averages
+    highest over the seeds, and that spread: one β for every seed, the less biased estimate),
+    and the seeds.
   """
-  cells: dict[tuple[float, int], dict[int, list[Mapping[str, Any]]]] = {}
+  cells: dict[tuple[str, float, int], dict[int, list[Mapping[str, Any]]]] = {}
   for p in points:
-    cells.setdefault((float(p["lr"]), int(p["steps"])), {}).setdefault(int(p["seed"]), []).append(p)
+    cell = (bn_mode(p), float(p["lr"]), int(p["steps"]))
+    cells.setdefault(cell, {}).setdefault(int(p["seed"]), []).append(p)
   rows = []
-  for (lr, k), by_seed in sorted(cells.items()):
+  for (bn, lr, k), by_seed in sorted(cells.items(),
+                                     key=lambda c: (BN_MODES.index(c[0][0]),) + c[0][1:]):
     seeds = sorted(by_seed)
     best = {s: max(by_seed[s], key=chord_key) for s in seeds}
     betas = sorted({float(p["beta"]) for s in seeds for p in by_seed[s]})
@@ -232,6 +285,7 @@ def summarize(points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         fixed.append((float(np.mean([p["chord"] for p in at_b])), b, at_b))
     _, fixed_beta, fixed_points = max(fixed, key=lambda t: -math.inf if math.isnan(t[0]) else t[0])
     rows.append({
+        "bn": bn,
         "lr": lr,
         "steps": k,
         "seeds": seeds,
@@ -252,7 +306,8 @@ def summarize(points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def to_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-  """The table of `summarize`: per (lr, steps) the best chord per seed and the best fixed β."""
+  """The table of `summarize`: per (BatchNorm mode, lr, steps) the best chord per seed and the
+  best fixed β."""
 
   def interval(s):
     if s["n"] < 2:
@@ -260,12 +315,12 @@ def to_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     return f"{s['mean']:.3f} ± {s['std']:.3f} [{s['low']:.3f}, {s['high']:.3f}]"
 
   lines = [
-      "| lr | steps | seeds | best chord per seed | its β | best fixed β | its chord | "
-      "its clean / PGD (%) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"
+      "| BatchNorm | lr | steps | seeds | best chord per seed | its β | best fixed β | its chord | "
+      "its clean / PGD (%) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
   ]
   for r in rows:
     b, f = r["best"], r["fixed"]
-    lines.append(f"| {r['lr']:g} | {r['steps']} | {','.join(map(str, r['seeds']))} | "
+    lines.append(f"| {r['bn']} | {r['lr']:g} | {r['steps']} | {','.join(map(str, r['seeds']))} | "
                  f"{interval(b)} | {', '.join(f'{x:g}' for x in b['betas'])} | {f['beta']:g} | "
                  f"{interval(f)} | {100 * f['clean']:.2f} / {100 * f['robust']:.2f} |")
   return "\n".join(lines)
@@ -279,9 +334,9 @@ def plot(rows: Sequence[Mapping[str, Any]],
   """The diagnostic's figure; saves a PNG.
 
   Left: the best chord score per seed (mean and the seeds' spread) against the clean budget K,
-  one line per learning rate, with the line at 1. Right: the plane of the first seed: its
-  natural and PGD-AT models, their chord, and the mixtures `mix(fine-tuned, robust, β)` of each
-  K at the learning rate whose best chord is highest.
+  one line per learning rate and BatchNorm mode, with the line at 1. Right: the plane of the
+  first seed: its natural and PGD-AT models, their chord, and the mixtures
+  `mix(fine-tuned, robust, β)` of each K at the learning rate and mode whose best chord is highest.
   """
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
 
@@ -289,12 +344,13 @@ def plot(rows: Sequence[Mapping[str, Any]],
 
   fig = Figure(figsize=(13, 5.5), layout="constrained")
   budget, plane = fig.subplots(1, 2)
-  for lr in sorted({r["lr"] for r in rows}):
-    mine = [r for r in rows if r["lr"] == lr and not math.isnan(r["best"]["mean"])]
+  for bn, lr in sorted({(r["bn"], r["lr"]) for r in rows},
+                       key=lambda c: (BN_MODES.index(c[0]), c[1])):
+    mine = [r for r in rows if (r["bn"], r["lr"]) == (bn, lr) and not math.isnan(r["best"]["mean"])]
     ks = [r["steps"] for r in mine]
     means = [r["best"]["mean"] for r in mine]
     stds = [0.0 if r["best"]["n"] < 2 else r["best"]["std"] for r in mine]
-    budget.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=f"lr {lr:g}")
+    budget.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=f"lr {lr:g}, BatchNorm {bn}")
   budget.axhline(1.0, color="k", linestyle="--", linewidth=1, label="the natural / PGD-AT line")
   budget.set_xscale("log")
   budget.set_xlabel("clean fine-tuning steps K")
@@ -305,7 +361,8 @@ def plot(rows: Sequence[Mapping[str, Any]],
 
   seed = min(baselines)
   base = baselines[seed]
-  best_lr = max(rows, key=lambda r: chord_key({"chord": r["best"]["mean"]}))["lr"]
+  best_row = max(rows, key=lambda r: chord_key({"chord": r["best"]["mean"]}))
+  best_bn, best_lr = best_row["bn"], best_row["lr"]
   nat, at = base["natural"], base["pgd_at"]
   plane.plot([100 * nat["clean"], 100 * at["clean"]], [100 * nat["robust"], 100 * at["robust"]],
              "k--",
@@ -314,16 +371,17 @@ def plot(rows: Sequence[Mapping[str, Any]],
   plane.plot(100 * nat["clean"], 100 * nat["robust"], "gs", label="natural")
   plane.plot(100 * at["clean"], 100 * at["robust"], "rs", label="PGD-AT (β = 1)")
   for k in sorted({int(p["steps"]) for p in points}):
-    curve = sorted(
-        (p for p in points if p["seed"] == seed and p["lr"] == best_lr and int(p["steps"]) == k),
-        key=lambda p: p["beta"])
+    curve = sorted((p for p in points if p["seed"] == seed and p["lr"] == best_lr and
+                    int(p["steps"]) == k and bn_mode(p) == best_bn),
+                   key=lambda p: p["beta"])
     if curve:
       plane.plot([100 * p["clean"] for p in curve], [100 * p["robust"] for p in curve],
                  marker=".",
                  label=f"K = {k}")
   plane.set_xlabel("clean accuracy (%)")
   plane.set_ylabel(f"{robust_name} accuracy (%)")
-  plane.set_title(f"Seed {seed}, lr {best_lr:g}: mixtures from β = 0 (fine-tuned) to 1 (robust)")
+  plane.set_title(f"Seed {seed}, lr {best_lr:g}, BatchNorm {best_bn}: mixtures from β = 0 "
+                  "(fine-tuned) to 1 (robust)")
   plane.grid(True, alpha=0.3)
   plane.legend(fontsize=8)
   return outputs.save_figure(fig, path)

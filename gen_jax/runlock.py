@@ -78,6 +78,21 @@ def _create_exclusive(path: pathlib.Path, text: str) -> None:
     temporary.unlink(missing_ok=True)
 
 
+def this_process() -> dict[str, Any]:
+  """This process as a lock names its holder: PID, host and start time (`process_ended`)."""
+  return {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid())}
+
+
+def process_ended(record: Any) -> bool:
+  """Whether the process of a `this_process` record is known to have ended: it ran on this host
+  and no longer runs (a later process reusing its PID does not count). A process of another
+  host cannot be checked from here: False."""
+  if not isinstance(record, dict) or record.get("host") != socket.gethostname():
+    return False
+  pid = record.get("pid")
+  return isinstance(pid, int) and not _process_alive(pid, record.get("start"))
+
+
 @contextlib.contextmanager
 def lock(workdir: PathLike) -> Iterator[None]:
   """Holds `WORKDIR/.lock` (this process's PID, host and start time) while the block runs.

@@ -655,9 +655,23 @@ class EvalRun:
     return self.test_x[:n], self.test_y[:n]
 
   def training_images(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The first `n` images and labels of the run's training split (loaded on demand)."""
+    """`n` images and labels of the run's training split (all when None), loaded on demand.
+
+    A random subset, seeded by the run's seed (`training_subset`): an image-folder split is
+    stored class by class, so its first `n` rows may hold two or three classes only.
+    """
     splits = load_splits(self.config)
-    return splits.train_x[:n], splits.train_y[:n]
+    return training_subset(splits.train_x, splits.train_y, n, seed=self.config.seed)
+
+
+def training_subset(images: np.ndarray, labels: np.ndarray, n: int | None, *,
+                    seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """`n` rows drawn without replacement (seeded), in a random order; all rows when `n` is None
+  or at least their number. For BatchNorm recalibration and other estimates on a sample."""
+  rows = np.random.default_rng(seed).permutation(len(labels))
+  if n is not None:
+    rows = rows[:n]
+  return images[rows], labels[rows]
 
 
 def check_finite_models(models: dict[str, Any], source: PathLike) -> None:

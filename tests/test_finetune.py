@@ -77,12 +77,28 @@ def test_the_program_reproduces_the_pgd_at_summary_at_beta_one_and_resumes(study
       assert p["chord"] == pytest.approx(1.0)
   assert [r["steps"] for r in result["summary"]] == [1, 2]
   assert (out / "finetune_mix.png").stat().st_size > 0
-  assert "| lr | steps |" in (out / "finetune_mix.md").read_text()
+  assert "| BatchNorm | lr | steps |" in (out / "finetune_mix.md").read_text()
+  assert {p["bn"] for p in result["points"]} == {"mixed"}
   before = (out / "s0.json").read_text()
   again = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
   assert again.returncode == 0, again.stderr[-3000:]
-  assert "seed 0 lr" not in again.stdout  # nothing recomputed
+  assert "seed 0 BatchNorm" not in again.stdout  # nothing recomputed
   assert (out / "s0.json").read_text() == before
+  # A second BatchNorm mode adds its points from the saved fine-tunes; the first mode's stay.
+  both = subprocess.run(command + ["--bn", "mixed,clean", "--recalibration-n", "64"],
+                        capture_output=True,
+                        text=True,
+                        timeout=900,
+                        cwd=ROOT)
+  assert both.returncode == 0, both.stderr[-3000:]
+  assert "BatchNorm mixed" not in both.stdout and "BatchNorm clean" in both.stdout
+  result = json.loads((out / "finetune_mix.json").read_text())
+  old = json.loads(before)["points"]
+  assert [p for p in result["points"] if p["bn"] == "mixed"] == old
+  clean = [p for p in result["points"] if p["bn"] == "clean"]
+  assert len(clean) == 6 and all(0.0 <= p["clean"] <= 1.0 for p in clean)
+  assert [(r["bn"], r["steps"]) for r in result["summary"]] == [("mixed", 1), ("mixed", 2),
+                                                                ("clean", 1), ("clean", 2)]
 
 
 def test_a_missing_baseline_is_named_before_any_work(tmp_path):
@@ -111,8 +127,23 @@ def test_summary_picks_each_seeds_best_and_the_best_fixed_beta():
     for beta, (c, r) in figures.items():
       p = {"seed": seed, "lr": 0.1, "steps": 5, "beta": beta, "clean": c, "robust": r}
       points.append({**p, "chord": finetune.chord(p, base)})
-  (row,) = finetune.summarize(points)
+  recalibrated = [{**p, "bn": "clean", "chord": 0.5} for p in points]
+  (row, other) = finetune.summarize(points + recalibrated)  # a point without "bn" is "mixed"
+  assert (row["bn"], other["bn"]) == ("mixed", "clean") and other["best"]["mean"] == 0.5
   assert row["best"]["betas"] == [0.0, 1.0]  # seed 0: 1.25 at beta 0; seed 1: 1.25 at beta 1
   assert row["best"]["mean"] == pytest.approx(1.25)
   assert row["fixed"]["beta"] == 1.0  # mean chords: beta 0 0.875, beta 1 1.125
   assert row["fixed"]["mean"] == pytest.approx(1.125)
+
+
+def test_recalibration_replaces_the_mixtures_batchnorm_statistics(study_dir):
+  config, splits, robust = _robust(study_dir)
+  assert finetune.recalibrator(config, splits, "mixed") is None
+  with pytest.raises(ValueError, match="unknown BatchNorm mode"):
+    finetune.recalibrator(config, splits, "adversarial")
+  recalibrate = finetune.recalibrator(config, splits, "clean", n=64)
+  out = recalibrate(robust, 1.0)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, out["params"], robust["params"])
+  changed = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), out["batch_stats"],
+                                   robust["batch_stats"])
+  assert max(jax.tree_util.tree_leaves(changed)) > 0

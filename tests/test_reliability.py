@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import typing
 
 import jax
@@ -26,7 +27,7 @@ import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from gen_jax import checkpoint, runlock, runs, training
+from gen_jax import checkpoint, cli, runlock, runs, training
 from gen_jax import config as cfg
 from gen_jax.training import loop
 from gen_jax.training import steps as steps_lib
@@ -603,3 +604,55 @@ def test_a_run_checkpointed_in_the_earlier_state_layout_resumes_exactly(referenc
   summary = _train(CHUNKED, legacy_dir)
   assert summary["models"] == runs.read_summary(reference_dir)["models"]
   assert _metrics(legacy_dir) == _metrics(reference_dir)
+
+
+def test_a_full_disk_under_a_checkpoint_write_is_one_error_naming_the_directory(tmp_path):
+  storage_error = ValueError("RESOURCE_EXHAUSTED: Error writing \"x/0\" in OCDBT database: "
+                             "Failed to write 2145814 bytes to file 17: No space left on device "
+                             "[os_error_code='28']")
+  with pytest.raises(checkpoint.DiskFull, match=f"the disk holding {tmp_path} is full") as caught:
+    with checkpoint._writing(tmp_path, "the checkpoint of step 5"):
+      raise RuntimeError("save failed") from storage_error
+  assert "rerun the same command" in str(caught.value) and "step 5" in str(caught.value)
+  assert isinstance(caught.value, OSError)
+  with pytest.raises(ValueError, match="another failure"):  # anything else passes unchanged
+    with checkpoint._writing(tmp_path, "the checkpoint of step 5"):
+      raise ValueError("another failure")
+
+
+def test_only_closed_loop_notices_are_dropped_from_unraisable_exceptions():
+  seen = []
+  hook = cli._drop_closed_loop_callbacks(seen.append)
+  closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+  other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
+  hook(closed)
+  hook(other)
+  assert seen == [other]
+
+
+def test_a_full_disk_ends_a_run_with_one_line(tmp_path):
+  # A 3 MB file system: the tiny run's first checkpoint (step 5) does not fit.
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs",
+                            str(disk)],
+                           capture_output=True,
+                           text=True)
+  if mounted.returncode != 0:
+    pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+  try:
+    done = subprocess.run([
+        sys.executable,
+        str(ROOT / "experiments" / "train.py"), "--preset", "tiny", "--workdir",
+        str(disk / "run"), "--no-progress"
+    ],
+                          capture_output=True,
+                          text=True,
+                          timeout=600,
+                          cwd=ROOT)
+  finally:
+    subprocess.run(["umount", str(disk)], check=False)
+  assert done.returncode == 2, done.stderr[-3000:]
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 1, done.stderr[-3000:]
+  assert lines[0].startswith(f"error: the disk holding {disk / 'run'}")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from gen_jax.evaluation import catalogue, sanity
+from gen_jax.evaluation import engine, sanity
 
 EPS = 0.1
 STEP = 0.025
@@ -161,7 +161,7 @@ def test_eps_curve_compiles_once(digits):
   params, x, y = digits
   # A fresh function object, so nothing is cached for it yet.
   fn = jax.tree_util.Partial(lambda p, z: _mlp(p, z), params)
-  before = catalogue._pgd_batch._cache_size()  # pylint: disable=protected-access
+  before = engine._batch_correct._cache_size()  # pylint: disable=protected-access
   known = {k: 0.0 for k in sanity.FIGURES if not k.startswith("pgd20")}
   result = sanity.sanity_checks(fn,
                                 x[:20],
@@ -171,7 +171,7 @@ def test_eps_curve_compiles_once(digits):
                                 step_size=STEP,
                                 known=known)
   assert result["computed"] == ["pgd20@0.25x", "pgd20@0.5x", "pgd20", "pgd20@2x", "pgd20@4x"]
-  assert catalogue._pgd_batch._cache_size() - before == 1  # pylint: disable=protected-access
+  assert engine._batch_correct._cache_size() - before == 1  # pylint: disable=protected-access
 
 
 def test_markdown_table(natural_result, masked_result):

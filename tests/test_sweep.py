@@ -103,6 +103,22 @@ def test_bn_recalibration_averages_each_batch_statistics():
     sweep.recalibrate_batch_norm(model, variables, images, batch_size=128)
 
 
+def test_recalibration_sample_covers_every_class_of_a_class_sorted_split():
+  # An image-folder training split is stored class by class: its first rows are one class.
+  labels = np.repeat(np.arange(10), 100)
+  images = np.arange(1000)[:, None] * np.ones((1, 3), np.int64)
+  x, y = runs.training_subset(images, labels, 200, seed=3)
+  assert len(y) == 200 and np.all(np.bincount(y, minlength=10) > 5)
+  np.testing.assert_array_equal(x[:, 0], images[x[:, 0], 0])  # rows stay paired with labels
+  assert np.all(labels[x[:, 0]] == y) and len(set(x[:, 0])) == 200
+  again, _ = runs.training_subset(images, labels, 200, seed=3)
+  other, _ = runs.training_subset(images, labels, 200, seed=4)
+  np.testing.assert_array_equal(x, again)
+  assert not np.array_equal(x, other)
+  whole, _ = runs.training_subset(images, labels, None, seed=3)
+  assert sorted(whole[:, 0]) == list(range(1000))
+
+
 def test_matched_recalibration_weights_clean_and_adversarial_statistics():
   model = _InputNorm()
   rng = np.random.default_rng(1)

@@ -218,6 +218,42 @@ def project(x_adv: jax.Array, x: jax.Array, eps: Any, norm: str) -> jax.Array:
   return project_l2(x_adv, x, eps)
 
 
+def is_key_batch(key: jax.Array) -> bool:
+  """Whether `key` holds one PRNG key per example, not one key: a [B] array of typed keys
+  (`jax.random.key`), or [B, 2] of raw uint32 keys (`jax.random.PRNGKey`, whose one key is [2])."""
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key.ndim == 1
+  return jnp.ndim(key) == 2
+
+
+def split_keys(key: jax.Array, num: int) -> jax.Array:
+  """`num` keys from `key`: [num] for one key, [num, B] for a [B] batch of per-example keys.
+
+  Each example's keys are split from its own key only, so the runs of an example (restarts) do
+  not depend on the batch it is in.
+  """
+  if is_key_batch(key):
+    return jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, num))(key), 0, 1)
+  return jax.random.split(key, num)
+
+
+def noise(key: jax.Array, x: jax.Array, distribution: str) -> jax.Array:
+  """Standard "uniform" (in [-1, 1]) or "normal" noise of the shape and dtype of `x` [B, ...].
+
+  With one key, the batch's noise is one draw of the whole shape (the attacks' historic
+  behaviour). With a [B] batch of keys, example i's noise is drawn from its key i alone: the same
+  whatever the batch size, the padding or the other examples, which is what makes a per-example
+  figure reproducible across programs (`gen_jax.evaluation.engine`).
+  """
+  draw = {
+      "uniform": lambda k, shape: jax.random.uniform(k, shape, x.dtype, -1.0, 1.0),
+      "normal": lambda k, shape: jax.random.normal(k, shape, x.dtype)
+  }[distribution]
+  if is_key_batch(key):
+    return jax.vmap(lambda k: draw(k, x.shape[1:]))(key)
+  return draw(key, x.shape)
+
+
 def random_start(key: jax.Array, x: jax.Array, eps: Any, norm: str) -> jax.Array:
   """Random starting point in the ball around `x`, clipped to the box.
 
@@ -225,7 +261,8 @@ def random_start(key: jax.Array, x: jax.Array, eps: Any, norm: str) -> jax.Array
   normal, i.e. a uniformly random direction at radius eps (as the reference AutoAttack).
 
   Args:
-    key: PRNG key.
+    key: PRNG key, or one key per example ([B]; each example's start then depends on its own
+      key only: see `noise`).
     x: clean images [B, H, W, C] in [0, 1].
     eps: radius (scalar or [B]).
     norm: "linf" or "l2".
@@ -236,10 +273,8 @@ def random_start(key: jax.Array, x: jax.Array, eps: Any, norm: str) -> jax.Array
   check_norm(norm)
   eps = _per_example(eps, x)
   if norm == "linf":
-    u = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0)
-    return jnp.clip(x + eps * u, 0.0, 1.0)
-  g = jax.random.normal(key, x.shape, x.dtype)
-  return jnp.clip(x + eps * normalize(g, "l2"), 0.0, 1.0)
+    return jnp.clip(x + eps * noise(key, x, "uniform"), 0.0, 1.0)
+  return jnp.clip(x + eps * normalize(noise(key, x, "normal"), "l2"), 0.0, 1.0)
 
 
 def ce_loss(logits: jax.Array, y: jax.Array) -> jax.Array:

@@ -50,7 +50,7 @@ def _start(key, x, eps, norm, start):
   if start == "uniform":
     return core.random_start(key, x, eps, norm)
   if start == "normal":
-    return core.project(x + _TRADES_NOISE * jax.random.normal(key, x.shape, x.dtype), x, eps, norm)
+    return core.project(x + _TRADES_NOISE * core.noise(key, x, "normal"), x, eps, norm)
   return x
 
 
@@ -59,8 +59,9 @@ def _pgd_engine(logits_fn: jax.tree_util.Partial, x: jax.Array, y: jax.Array, ke
                 start: str, restarts: int, decay: Optional[float]) -> jax.Array:
   """Projected gradient ascent on `loss(logits, y)`; `decay` set turns it into MIM.
 
-  `y` is the loss's target: labels, or the clean logits for the "kl" loss. See `pgd`, `mim`,
-  `trades_attack`.
+  `y` is the loss's target: labels, or the clean logits for the "kl" loss. `key` is one key, or
+  one per example ([B]: each example's start and restarts then come from its own key alone). See
+  `pgd`, `mim`, `trades_attack`.
   """
   loss_fn = core.get_loss_fn(loss)
   grad_fn = jax.grad(lambda xa: jnp.sum(loss_fn(logits_fn(xa), y)))
@@ -96,7 +97,7 @@ def _pgd_engine(logits_fn: jax.tree_util.Partial, x: jax.Array, y: jax.Array, ke
       return (best, found | fooled), None
 
     init = (x, jnp.zeros(x.shape[:1], bool))
-    (x_adv, _), _ = jax.lax.scan(restart, init, jax.random.split(key, restarts))
+    (x_adv, _), _ = jax.lax.scan(restart, init, core.split_keys(key, restarts))
   # The final projection makes the ball and box constraints hold whatever happened above.
   x_adv = core.project(x_adv, x, eps, norm)
   return jax.lax.stop_gradient(x_adv).astype(x.dtype)
@@ -165,7 +166,9 @@ def pgd(logits_fn: LogitsFn,
     logits_fn: `x -> logits [B, C]`, jit-able.
     x: clean images [B, H, W, C] in [0, 1].
     y: integer labels [B].
-    key: PRNG key of the random start(s) (may be None only without random start and restarts).
+    key: PRNG key of the random start(s) (may be None only without random start and restarts),
+      or one key per example ([B] typed keys): example i then starts from its key i alone, the
+      same in any batch (`gen_jax.evaluation.engine` evaluates this way).
     eps: radius of the ball (may be traced); scalar or [B].
     step_size: step length (may be traced); default eps / 4.
     steps: iterations (static, >= 1).
@@ -262,7 +265,7 @@ def mim(logits_fn: LogitsFn,
     logits_fn: `x -> logits [B, C]`, jit-able.
     x: clean images [B, H, W, C] in [0, 1].
     y: integer labels [B].
-    key: PRNG key; needed only with `random_start=True`.
+    key: PRNG key, or one per example ([B], as in `pgd`); needed only with `random_start=True`.
     eps: radius (may be traced).
     step_size: step length (may be traced); default eps / 4.
     steps: iterations (static).
@@ -311,7 +314,7 @@ def cw(logits_fn: LogitsFn,
     logits_fn: `x -> logits [B, C]`, jit-able.
     x: clean images [B, H, W, C] in [0, 1].
     y: integer labels [B].
-    key: PRNG key of the random start(s).
+    key: PRNG key of the random start(s), or one per example ([B], as in `pgd`).
     eps: radius (may be traced).
     step_size: step length (may be traced); default eps / 4.
     steps: iterations (static).

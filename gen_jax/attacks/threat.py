@@ -16,18 +16,39 @@ Synopsis::
     Threat.of(config, eps=16 / 255)                 # another radius, the step scaled alike
     Threat.of(config, norm="l2")                    # at the run's L2 expert's radius (or None)
     str(threat)                                     # "PGD-20 linf eps 0.03137 (8.00/255), step ..."
+    threat.id                                       # stable 31-bit integer: its attack keys' salt
+
+`Threat.id` names a threat across processes and programs (a CRC-32 of its fields written out, not
+Python's `hash`, which is salted per process for strings): the evaluation engine folds it into
+its key, so each threat has its own random starts and every program that evaluates the same
+threat draws the same ones.
 """
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from typing import Any
 
 from gen_jax.attacks.core import NORMS
 
+# The attacks a threat may name: the PGD family (`gen_jax.attacks.pgd`), each with one key per
+# example in the evaluation engine. "pgd" and "cw" start at a random point of the ball; "mim" and
+# "fgsm" start at the clean image (deterministic).
+ATTACKS = ("pgd", "mim", "cw", "fgsm")
+
 
 @dataclasses.dataclass(frozen=True)
 class Threat:
-  """One evaluation attack: PGD with a random start (hashable: a key of results)."""
+  """One evaluation attack of the PGD family (hashable: a key of results).
+
+  Attributes:
+    norm: "linf" or "l2".
+    eps: the radius.
+    step_size: the step ("fgsm" ignores it: its one step is eps).
+    steps: iterations.
+    attack: one of `ATTACKS` ("pgd": cross-entropy PGD with a random start).
+    restarts: independent runs of "pgd" or "cw" (an example counts as fooled if one run fools it).
+  """
   norm: str
   eps: float
   step_size: float
@@ -38,6 +59,10 @@ class Threat:
   def __post_init__(self):
     if self.norm not in NORMS:
       raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}.")
+    if self.attack not in ATTACKS:
+      raise ValueError(f"attack must be one of {ATTACKS}, got {self.attack!r}.")
+    if self.restarts > 1 and self.attack not in ("pgd", "cw"):
+      raise ValueError(f"only pgd and cw take restarts; got {self}.")
     if not self.eps > 0 or not self.step_size > 0 or self.steps < 0 or self.restarts < 1:
       raise ValueError(f"a threat needs eps > 0, step_size > 0, steps >= 0 and restarts >= 1; "
                        f"got {self}.")
@@ -56,6 +81,15 @@ class Threat:
     # program reproduces the training loop's figures bit for bit.
     step = config.eval_step_size if eps == config.eps else config.eval_step_size * eps / config.eps
     return cls(norm=norm, eps=float(eps), step_size=float(step), steps=int(config.eval_pgd_steps))
+
+  @property
+  def id(self) -> int:
+    """A stable integer in [0, 2**31) naming this threat: the CRC-32 of its fields written out
+    (floats by `repr`, exact), the same in every process and program. Two threats differing in
+    any field (even eps by one ulp) get different ids, barring a CRC collision."""
+    text = (f"{self.attack}|{self.norm}|{float(self.eps)!r}|{float(self.step_size)!r}|"
+            f"{int(self.steps)}|{int(self.restarts)}")
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF
 
   def __str__(self) -> str:
     radius = f" ({255 * self.eps:.2f}/255)" if self.norm == "linf" else ""

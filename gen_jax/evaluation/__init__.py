@@ -2,7 +2,8 @@
 
 Modules (loaded on first use):
   modelset     `ModelSet`: one network and named variables, what every analysis evaluates
-  accuracy     exact clean / PGD accuracy of several models (`evaluate_models`)
+  engine       per-example clean / PGD-family correctness (`correctness`): every such figure
+  accuracy     exact clean / PGD accuracy of several models (`evaluate_models`, on the engine)
   catalogue    the named attacks of the report and the sanity checks, and how to run them
   report       the whole report (`evaluate`, `evaluate_run`): attack table + analyses
   sanity       gradient-masking sanity checks
@@ -25,8 +26,8 @@ Synopsis::
 """
 import importlib
 
-_SUBMODULES = ("modelset", "accuracy", "catalogue", "report", "sanity", "boundary", "corruptions",
-               "sweep", "outputs")
+_SUBMODULES = ("modelset", "engine", "accuracy", "catalogue", "report", "sanity", "boundary",
+               "corruptions", "sweep", "outputs")
 _NAMES = {
     "ModelSet": "modelset",
     "evaluate_models": "accuracy",

@@ -4,7 +4,9 @@ The robustness report and the sanity checks both name their attacks from here, s
 added in one place: an entry of `ATTACKS` (its kind, norm and settings). `run_attack` runs any
 entry on a set of images in batches and returns adversarial images verified to lie in the eps-ball
 and the [0, 1] box; `robust_correct` says which images the model still classifies right on them,
-and `robust_accuracy` is its mean.
+and `robust_accuracy` is its mean. The "clean" and "pgd" entries are threats of the correctness
+engine (`threat_of` gives the `Threat`; `evaluation.engine`): their answers and images use its
+per-example keys, so they equal the training loop's and the sweeps' for the same key.
 
 Every attack is L-inf except those named for another norm ("pgd20-l2"), which run at the L2
 radius the caller gives. `NORM_ATTACKS` names the PGD-20 attack of each norm: the per-norm
@@ -12,8 +14,9 @@ columns of the union (multi-norm) robustness of `evaluation.report`.
 
 Kinds:
   "clean"       no attack.
-  "pgd"         the PGD engine (`attacks.pgd`, `mim`, `cw`, `fgsm`): one jitted batch function per
-                (attack, steps); eps and the step size are traced, so every eps reuses it.
+  "pgd"         the PGD family (`attacks.pgd`, `mim`, `cw`, `fgsm`) through the correctness engine:
+                one compiled batch function per (network, attack, steps); eps and the step size
+                are traced, so every eps reuses it.
   "square"      `attacks.square` alone, with a query budget (the sanity checks' black-box probe).
   "autoattack"  stages of `attacks.autoattack` (APGD-CE/DLR/T, FAB-T, Square, or all of
                 AutoAttack 'standard'), which attack only the points still robust.
@@ -39,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gen_jax import attacks
+from gen_jax.attacks.threat import Threat
+from gen_jax.evaluation import engine
 from gen_jax.evaluation.accuracy import correct_predictions
 
 
@@ -102,13 +107,26 @@ def check_names(names: Sequence[str], allowed: Sequence[str] = REPORT_ATTACKS) -
   return tuple(names)
 
 
-@functools.partial(jax.jit, static_argnames=("variant", "steps", "norm"))
-def _pgd_batch(logits_fn, x, y, key, eps, step_size, *, variant, steps, norm):
-  """One batch of a PGD-engine attack; eps and step_size traced (one compile per variant, steps)."""
-  if variant == "fgsm":
-    return attacks.fgsm(logits_fn, x, y, eps=eps, norm=norm)
-  fn = {"pgd": attacks.pgd, "mim": attacks.mim, "cw": attacks.cw}[variant]
-  return fn(logits_fn, x, y, key=key, eps=eps, step_size=step_size, steps=steps, norm=norm)
+def threat_of(name: str,
+              *,
+              eps: float,
+              step_size: float,
+              norm: str | None = None,
+              steps: int | None = None) -> Threat | None:
+  """The engine's `Threat` of a "pgd"-kind entry at radius `eps` (None for any other kind).
+
+  FGSM's one step is eps whatever `step_size` says, so its threat records eps as its step: the
+  same FGSM is then one threat (one key) whatever step the caller passed.
+  """
+  spec = ATTACKS[name]
+  if spec.kind != "pgd":
+    return None
+  step = eps if spec.variant == "fgsm" else step_size
+  return Threat(norm or spec.norm,
+                float(eps),
+                float(step),
+                int(spec.steps if steps is None else steps),
+                attack=spec.variant)
 
 
 @functools.partial(jax.jit, static_argnames=("queries", "norm"))
@@ -134,7 +152,8 @@ def run_attack(name: str,
     logits_fn: `x -> logits [B, C]` over float images in [0, 1] (a `jax.tree_util.Partial` over
       the variables avoids recompiling for each model).
     x: float32 images in [0, 1], NHWC; y: int32 labels.
-    key: PRNG key (batch i uses `fold_in(key, i)`).
+    key: PRNG key: "pgd" kinds attack example i from `fold_in(fold_in(key, threat.id), i)` (the
+      engine's keys, `engine.adversarial`); the others use `fold_in(key, b)` for batch b.
     eps: the radius; step_size: the step of "pgd" attacks.
     batch_size: images per compiled call.
     norm: "linf" or "l2", instead of the entry's (`AttackSpec.norm`).
@@ -160,21 +179,23 @@ def run_attack(name: str,
                                        attacks=None if spec.stages is None else list(spec.stages),
                                        batch_size=batch_size)
     extra = {"stages": report["stages"]}
+  elif spec.kind == "pgd":
+    x_adv = engine.adversarial(logits_fn,
+                               x,
+                               y,
+                               threat=threat_of(name,
+                                                eps=eps,
+                                                step_size=step_size,
+                                                norm=norm,
+                                                steps=spec.steps),
+                               key=key,
+                               batch_size=batch_size)
   else:
-    if spec.kind == "square":
-      batch = functools.partial(_square_batch,
-                                logits_fn,
-                                eps=jnp.float32(eps),
-                                queries=spec.steps,
-                                norm=norm)
-    else:
-      batch = functools.partial(_pgd_batch,
-                                logits_fn,
-                                eps=jnp.float32(eps),
-                                step_size=jnp.float32(step_size),
-                                variant=spec.variant,
-                                steps=spec.steps,
-                                norm=norm)
+    batch = functools.partial(_square_batch,
+                              logits_fn,
+                              eps=jnp.float32(eps),
+                              queries=spec.steps,
+                              norm=norm)
     x_adv = attacks.attack_in_batches(lambda xb, yb, key: batch(xb, yb, key),
                                       x,
                                       y,
@@ -196,7 +217,23 @@ def robust_correct(name: str,
                    norm: str | None = None,
                    steps: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
   """Per image, whether the model classifies it right under the named attack (host bool [N]),
-  and the attack's extra report (see `run_attack`)."""
+  and the attack's extra report (see `run_attack`).
+
+  "clean" and "pgd" kinds are answered by the correctness engine (`engine.correctness`, its
+  per-example keys and on-device ball and box check); the others classify the verified images
+  of `run_attack`.
+  """
+  spec = ATTACKS[name]
+  if spec.kind in ("clean", "pgd"):
+    threat = threat_of(name, eps=eps, step_size=step_size, norm=norm, steps=steps)
+    threats = [threat] if threat is not None else []
+    correct = engine.correctness({"m": logits_fn},
+                                 x,
+                                 y,
+                                 threats=threats,
+                                 key=key,
+                                 batch_size=batch_size)["m"]
+    return correct[threat if threat is not None else engine.CLEAN], {}
   x_adv, extra = run_attack(name,
                             logits_fn,
                             x,

@@ -17,7 +17,6 @@ Synopsis::
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,11 +31,23 @@ def _own_model(module: nn.Module) -> bool:
   return type(module).__module__.split(".")[0] == "gen_jax"
 
 
-def _apply(module, fast_ops, variables, x):
-  # The context is opened here, inside the function that the attacks trace, so that the choice
-  # of layers is made at trace time (and on the backend being traced for).
-  with fast_cpu_ops(fast_ops and not _own_model(module)):
-    return module.apply(variables, x, train=False)
+@dataclasses.dataclass(frozen=True)
+class _Apply:
+  """`(variables, x) -> logits` of one network in inference mode.
+
+  A frozen dataclass, not a `functools.partial`: jit compares the function inside a `Partial`
+  by equality, and partials are equal only to themselves, so every model (and every call of
+  `logits_fns`) would compile its attacks anew. Two `_Apply` of the same network are equal, so
+  a program compiles once per network and batch shape however many models it evaluates.
+  """
+  module: nn.Module
+  fast_ops: bool
+
+  def __call__(self, variables, x):
+    # The context is opened here, inside the function that the attacks trace, so that the
+    # choice of layers is made at trace time (and on the backend being traced for).
+    with fast_cpu_ops(self.fast_ops and not _own_model(self.module)):
+      return self.module.apply(variables, x, train=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,11 +74,12 @@ class ModelSet:
     return tuple(self.variables)
 
   def logits_fns(self) -> dict[str, jax.tree_util.Partial]:
-    """name -> `x -> logits` in inference mode, as `Partial`s (new weights never retrace)."""
+    """name -> `x -> logits` in inference mode, as `Partial`s (new weights never retrace; all
+    share one function, so the models of a set, or of several sets of the same network, share
+    their compiled programs)."""
+    apply = _Apply(self.module, self.fast_ops)
     return {
-        name:
-            jax.tree_util.Partial(functools.partial(_apply, self.module, self.fast_ops), variables)
-        for name, variables in self.variables.items()
+        name: jax.tree_util.Partial(apply, variables) for name, variables in self.variables.items()
     }
 
   def subset(self, names: Sequence[str]) -> "ModelSet":

@@ -8,9 +8,18 @@ first `analysis_n` points, every one called with the same shape
 (`gen_jax.runs.EvalRun`), with the run's eps and PGD step. `write_report` writes `report.json`,
 `report.md` and the analyses' figures.
 
-Every robust accuracy is recomputed on the host from adversarial images that were verified to lie
-in the eps-ball and the [0, 1] box (`attacks.verify_adversarial`); no attack's internal success
-flag is trusted. Unlike the reference code, "PGD-20" really runs 20 steps.
+Every robust accuracy is recomputed from adversarial images that were verified to lie in the
+eps-ball and the [0, 1] box (on the device by the correctness engine, on the host by
+`attacks.verify_adversarial` for AutoAttack and Square); no attack's internal success flag is
+trusted. Unlike the reference code, "PGD-20" really runs 20 steps.
+
+Keys: the clean and PGD-family entries ("pgd20", "pgd100", "mim", "cw", "fgsm", "pgd20-l2") are
+the correctness engine's (`evaluation.engine`): example i under threat t uses
+`fold_in(fold_in(key, t.id), i)` with the report's own `key`, so for `evaluate_run`'s default key
+(the run's `engine.attack_key(seed)`) the PGD-20 figure is the one of the run's `summary.json`,
+its sweep and its comparison. AutoAttack, its stages and Square keep their batch keys:
+`fold_in(fold_in(key, 0), a)` for attack a of the table, batch by batch (they attack only the
+points still robust, which no per-example key can make independent of the batch).
 
 Union robustness (multi-norm runs, Generalist++): with an L2 radius (`l2_eps`; `evaluate_run`
 takes the run's L2 expert's) the table adds L2 PGD-20 ("pgd20-l2") beside L-inf PGD-20, and
@@ -43,7 +52,7 @@ import numpy as np
 
 from gen_jax.attacks.threat import Threat
 from gen_jax.data import to_float
-from gen_jax.evaluation import boundary, catalogue, corruptions, outputs, plots, sanity
+from gen_jax.evaluation import boundary, catalogue, corruptions, engine, outputs, plots, sanity
 from gen_jax.evaluation.modelset import ModelSet
 
 
@@ -57,7 +66,8 @@ class Analysis:
   figure: str | None = None  # file name of the plot
 
 
-# In report order. Analysis i (from 1) uses the key `fold_in(key, i)`; the attack table uses 0.
+# In report order. Analysis i (from 1) uses the key `fold_in(key, i)`; the attack table uses 0
+# for its batch-keyed attacks and `key` itself for the engine's (which fold in the threat's id).
 ANALYSES: dict[str, Analysis] = {
     "sanity":
         Analysis(sanity.run, "Gradient-masking sanity checks", sanity.to_markdown),
@@ -131,7 +141,11 @@ def attack_table(models: ModelSet,
                  progress: Callable[[str], None] | None = None,
                  l2_eps: float | None = None,
                  l2_step_size: float | None = None) -> dict[str, Any]:
-  """Accuracy of each model under each attack; attack i uses `fold_in(key, i)`.
+  """Accuracy of each model under each attack.
+
+  Keys: "clean" and the PGD-family entries are answered by the correctness engine with `key`
+  (example i under threat t: `fold_in(fold_in(key, t.id), i)`, independent of the batch size);
+  any other attack i of `attacks` uses `fold_in(fold_in(key, 0), i)`, batch by batch.
 
   Attacks are L-inf at `eps` (PGD step `step_size`), except the L2 ones of the catalogue
   ("pgd20-l2"), which run at `l2_eps` (step `l2_step_size`, default `step_size * l2_eps / eps`,
@@ -157,6 +171,7 @@ def attack_table(models: ModelSet,
   per_norm = [n for n in catalogue.NORM_ATTACKS.values() if n in names]
   union_names = per_norm if len(per_norm) > 1 else []
   x, y = to_float(np.asarray(images)), np.asarray(labels).astype(np.int32)
+  batch_keyed = jax.random.fold_in(key, 0)
   results, unions = {}, {}
   for role, logits_fn in models.logits_fns().items():
     results[role], correct = {}, {}
@@ -165,14 +180,16 @@ def attack_table(models: ModelSet,
         progress(f"{role}/{name}")
       started = time.time()
       l2 = catalogue.ATTACKS[name].norm == "l2"
-      hits, extra = catalogue.robust_correct(name,
-                                             logits_fn,
-                                             x,
-                                             y,
-                                             key=jax.random.fold_in(key, i),
-                                             eps=l2_eps if l2 else eps,
-                                             step_size=l2_step_size if l2 else step_size,
-                                             batch_size=batch_size)
+      engine_kind = catalogue.ATTACKS[name].kind in ("clean", "pgd")
+      hits, extra = catalogue.robust_correct(
+          name,
+          logits_fn,
+          x,
+          y,
+          key=key if engine_kind else jax.random.fold_in(batch_keyed, i),
+          eps=l2_eps if l2 else eps,
+          step_size=l2_step_size if l2 else step_size,
+          batch_size=batch_size)
       if name in union_names:
         correct[name] = hits
       results[role][name] = {
@@ -216,7 +233,8 @@ def evaluate(models: ModelSet,
   Args:
     models: the models.
     images, labels: the test points (uint8 NHWC or floats in [0, 1]; converted once here).
-    key: PRNG key: the attack table uses `fold_in(key, 0)`, analysis i `fold_in(key, i)`.
+    key: PRNG key: the attack table uses `key` (see `attack_table`), analysis i
+      `fold_in(key, i)`.
     eps, step_size: L-inf radius and PGD step of the evaluation.
     attacks: names from `catalogue.TABLE_ATTACKS` (the L2 ones need `l2_eps`).
     analyses: names from `ANALYSES`, run on the first `analysis_n` points.
@@ -239,7 +257,7 @@ def evaluate(models: ModelSet,
   report = attack_table(models,
                         x,
                         y,
-                        key=jax.random.fold_in(key, 0),
+                        key=key,
                         eps=eps,
                         step_size=step_size,
                         attacks=attacks,
@@ -288,23 +306,26 @@ def evaluate_run(run: Any,
                  analysis_n: int = 500,
                  eps: float | None = None,
                  batch_size: int = 250,
-                 seed: int = 0,
+                 seed: int | None = None,
                  progress: Callable[[str, bool], None] | None = None) -> dict[str, Any]:
   """`evaluate` on a `gen_jax.runs.EvalRun` (a run's models or a saved model) and its test split.
 
   Uses the first `n` test images (default all), the run's eps (or `eps`, with the PGD step scaled
   alike), and CIFAR-10-C from TFDS for runs on TFDS CIFAR-10 when it is prepared. A run with an
   L2 expert beside its L-inf evaluation (a multi-norm run) also gets L2 PGD-20 at that expert's
-  radius next to PGD-20, and the union of the two (`attack_table`).
+  radius next to PGD-20, and the union of the two (`attack_table`). The key is
+  `engine.attack_key(seed)`, by default of the run's own seed: the key of its `summary.json`, so
+  the PGD-20 figures agree with it (for a run whose evaluation is PGD-20, on the same images).
   """
   config = run.config
+  seed = config.seed if seed is None else seed
   threat = Threat.of(config, eps=eps)
   l2 = Threat.of(config, norm="l2") if config.norm == "linf" else None
   if l2 and "pgd20" in attacks and "pgd20-l2" not in attacks:
     attacks = tuple(attacks) + ("pgd20-l2",)
   return evaluate(ModelSet(run.model, run.models),
                   *run.test_split(n),
-                  key=jax.random.key(seed),
+                  key=engine.attack_key(seed),
                   eps=threat.eps,
                   step_size=threat.step_size,
                   attacks=attacks,

@@ -8,10 +8,13 @@ from the run's number of experts.
 
 For each beta, `gen_jax.mix(teacher_nat, teacher_rob, beta)` (beta weights the robust expert, as in
 the reference code) is evaluated for clean and PGD accuracy; the experts (beta 0 and 1) and the
-trained global model are evaluated on the same images with the same attack keys. Optionally the
-BatchNorm statistics of every mixture are re-estimated on training images (weight interpolation
-shifts the activation statistics, so averaged running statistics no longer match the averaged
-weights: Jordan et al., "REPAIR", ICLR 2023).
+trained global model are evaluated on the same images with the same attack keys. Every figure is
+the correctness engine's (`evaluation.engine`, per-example keys): `sweep_run` uses the run's own
+evaluation key by default, so beta = 1 (exactly the robust teacher) and the global model show
+the PGD figures of the run's `summary.json` when the sweep's attack is the run's evaluation.
+Optionally the BatchNorm statistics of every mixture are re-estimated on training images (weight
+interpolation shifts the activation statistics, so averaged running statistics no longer match the
+averaged weights: Jordan et al., "REPAIR", ICLR 2023).
 
 Synopsis::
 
@@ -43,8 +46,7 @@ import numpy as np
 from gen_jax import attacks, mixing, runs
 from gen_jax.attacks.threat import Threat
 from gen_jax.data import to_float
-from gen_jax.evaluation import catalogue, outputs, report
-from gen_jax.evaluation.accuracy import evaluate_models
+from gen_jax.evaluation import catalogue, engine, outputs, report
 from gen_jax.evaluation.modelset import ModelSet
 from gen_jax.models.common import BN_MOMENTUM
 from gen_jax.experts import GLOBAL, NATURAL, ROBUST
@@ -266,6 +268,7 @@ def run(models: ModelSet,
         step_size: float,
         betas: Sequence[float],
         steps: int = 20,
+        norm: str = "linf",
         recalibrate: Callable[[dict[str, Any], float], dict[str, Any]] | None = None,
         recalibration: str | None = None,
         batch_size: int = 250,
@@ -276,10 +279,11 @@ def run(models: ModelSet,
     models: the "natural" and "robust" teachers of a run (and its "global" model, evaluated
       alongside when present).
     images, labels: the test images (uint8 NHWC or floats in [0, 1]) and labels.
-    key: PRNG key of PGD's random start (the same for every model).
-    eps, step_size: the L-inf PGD attack.
+    key: the evaluation key (`engine.correctness`: per example, the same for every model).
+    eps, step_size: the PGD attack's radius and step.
     betas: mixing weights of the robust expert, in [0, 1].
     steps: PGD steps.
+    norm: the PGD attack's norm, "linf" or "l2".
     recalibrate: `(variables, beta) -> variables` (from `recalibrator`); when given, every
       mixture's BatchNorm statistics are re-estimated with it before it is evaluated.
     recalibration: the name of the recalibration, recorded in the result (e.g. "clean").
@@ -301,19 +305,16 @@ def run(models: ModelSet,
     raise ValueError(f"the sweep mixes a natural and a robust expert; the models have no "
                      f"{missing} (they have {', '.join(models.names)}). Sweep a generalist run.")
   betas = check_betas(betas)
-  evaluate = functools.partial(evaluate_models,
-                               images=to_float(np.asarray(images)),
-                               labels=np.asarray(labels),
-                               model=models.module,
-                               key=key,
-                               eps=eps,
-                               step_size=step_size,
-                               steps=steps,
-                               batch_size=batch_size)
+  x, y = to_float(np.asarray(images)), np.asarray(labels)
+  threat = Threat(norm, float(eps), float(step_size), int(steps))
 
   def figures(variables):
-    result = evaluate({"m": variables})["m"]
-    return {"clean": result["clean_acc"], "robust": result["pgd_acc"]}
+    one = ModelSet(models.module, {"m": variables}, fast_ops=models.fast_ops)
+    correct = engine.correctness(one, x, y, threats=[threat], key=key, batch_size=batch_size)["m"]
+    return {
+        "clean": float(np.mean(correct[engine.CLEAN])),
+        "robust": float(np.mean(correct[threat]))
+    }
 
   teacher_nat, teacher_rob = models.variables[NATURAL], models.variables[ROBUST]
   points = []
@@ -355,7 +356,7 @@ def sweep_run(eval_run: runs.EvalRun,
               bn_recalibrate: str | None = None,
               recalibration_n: int = 2000,
               select: Rule | tuple[str, float] | None = None,
-              seed: int = 0,
+              seed: int | None = None,
               batch_size: int = 250,
               progress: Callable[[str], None] | None = None,
               grid_step: float = 0.25) -> dict[str, Any]:
@@ -371,9 +372,11 @@ def sweep_run(eval_run: runs.EvalRun,
   attack for "matched"). With `select` (from `parse_rule`), saves the chosen mixture as a model
   checkpoint in a new directory `EVAL_DIR/mix-beta0.30[-bn-MODE]` and records it under
   `result["selected"]`; a target that no mixture reaches is recorded under
-  `result["selection_error"]` (the sweep itself is still returned).
+  `result["selection_error"]` (the sweep itself is still returned). The attack key is
+  `engine.attack_key(seed)`, by default of the run's own seed (the key of its `summary.json`).
   """
   config = eval_run.config
+  seed = config.seed if seed is None else seed
   if config.method != "generalist":
     raise ValueError(
         f"{eval_run.source} was trained with --method {config.method}, which trains one "
@@ -405,11 +408,12 @@ def sweep_run(eval_run: runs.EvalRun,
                                batch_size=batch_size)
   result = run(ModelSet(eval_run.model, eval_run.models),
                *eval_run.test_split(n),
-               key=jax.random.key(seed),
+               key=engine.attack_key(seed),
                eps=eps,
                step_size=step_size,
                betas=betas,
                steps=steps,
+               norm=threat.norm,
                recalibrate=recalibrate,
                recalibration=bn_recalibrate,
                batch_size=batch_size,
@@ -702,7 +706,7 @@ def _simplex_run(eval_run: runs.EvalRun, *, grid_step, n, eps, bn_recalibrate, r
   return run_simplex(ModelSet(eval_run.model, eval_run.models),
                      *eval_run.test_split(n),
                      roles=config.experts,
-                     key=jax.random.key(seed),
+                     key=engine.attack_key(seed),
                      eps=threat.eps,
                      step_size=threat.step_size,
                      l2_eps=l2.eps if l2 else None,

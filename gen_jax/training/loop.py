@@ -44,6 +44,7 @@ import pathlib
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -59,6 +60,8 @@ from gen_jax import experts
 from gen_jax.training import steps as steps_lib
 
 _STREAMS = ("init", "data", "train", "eval")
+# `on_epoch(epoch, record)` of `train_and_evaluate`: told of each epoch as it is committed.
+EpochFn = Callable[[int, dict[str, Any]], None]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -322,7 +325,8 @@ def train_and_evaluate(config: Config,
                        workdir: str | pathlib.Path,
                        *,
                        progress: bool = True,
-                       max_epochs: int | None = None) -> dict[str, Any]:
+                       max_epochs: int | None = None,
+                       on_epoch: EpochFn | None = None) -> dict[str, Any]:
   """Trains a run to the end (resuming if possible) and returns its summary.
 
   Args:
@@ -331,6 +335,14 @@ def train_and_evaluate(config: Config,
     progress: show tqdm progress bars.
     max_epochs: train at most this many epochs in this call, then return after checkpointing
       (for time-boxed sessions such as Colab; the next call resumes). None: run to the end.
+    on_epoch: called as `on_epoch(epoch, record)` after each epoch that this call trains, once
+      its checkpoint is committed: `epoch` counts from 1 and `record` is the epoch's line of
+      metrics.jsonl (`record["validation"]["global"]` holds the global model's validation
+      `clean_acc` and `pgd_acc` on evaluated epochs). For a caller that follows a run as it
+      trains (e.g. `gen_jax.tune` reports to a hyperparameter search and prunes). Epochs trained
+      by an earlier call are not replayed (read `runs.read_metrics`). An exception it raises
+      stops the run at that epoch, which is saved: calling again resumes after it. In a
+      multi-process job every process calls it.
 
   Returns:
     `{"stopped_at_epoch": e}` when stopped by `max_epochs` before the end; otherwise the
@@ -363,11 +375,12 @@ def train_and_evaluate(config: Config,
                   workdir,
                   progress=progress and parallel.is_primary(),
                   max_epochs=max_epochs,
-                  stop=stop)
+                  stop=stop,
+                  on_epoch=on_epoch)
 
 
 def _train(config: Config, workdir: pathlib.Path, *, progress: bool, max_epochs: int | None,
-           stop: _StopSignals) -> dict[str, Any]:
+           stop: _StopSignals, on_epoch: EpochFn | None) -> dict[str, Any]:
   started = time.time()
   splits = runs.load_splits(config)
   stop.check()
@@ -593,6 +606,8 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, max_epochs:
                    "to resume.")
       if parallel.is_primary():
         print(_epoch_line(record), flush=True)
+      if on_epoch is not None:
+        on_epoch(epoch + 1, record)
       if _agree(stop):
         raise interrupted(step)
     stop.deferred = False
