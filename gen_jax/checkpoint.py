@@ -152,6 +152,9 @@ class _DropDiskFullTasks(logging.Filter):
                 error is not None and _is_disk_full(error))
 
 
+_DROP_DISK_FULL_TASKS = _DropDiskFullTasks()
+
+
 @contextlib.contextmanager
 def _writing(directory: str | os.PathLike, what: str):
   """Runs an orbax write: a full disk becomes one `DiskFull` naming `directory` and the fix."""
@@ -162,7 +165,7 @@ def _writing(directory: str | os.PathLike, what: str):
   except Exception as error:
     if _is_disk_full(error):
       # The writer's unfinished tasks report the same failure once more when they are collected.
-      logging.getLogger("asyncio").addFilter(_DropDiskFullTasks())
+      logging.getLogger("asyncio").addFilter(_DROP_DISK_FULL_TASKS)  # once: same instance
       raise DiskFull(f"the disk holding {directory} is full (no space left on device) while "
                      f"saving {what}. Free space there and rerun the same command: a run resumes "
                      "from its last complete checkpoint, and the incomplete one is discarded "

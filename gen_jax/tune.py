@@ -985,18 +985,7 @@ def plot_front(result: Mapping[str, Any], path: PathLike, *, base: Config) -> pa
                color="gray",
                label="pruned (last validation)",
                zorder=2)
-  if result["front"]:
-    fx, fy = zip(*sorted((pct(p["clean"]), pct(p["robust"])) for p in result["front"]))
-    ax.plot(fx,
-            fy,
-            "--",
-            color="black",
-            linewidth=1.2,
-            marker="o",
-            markerfacecolor="none",
-            markersize=11,
-            label="Pareto front",
-            zorder=3)
+  sweep.draw_front(ax, [(pct(p["clean"]), pct(p["robust"])) for p in result["front"]])
   baselines = result["baselines"]
   if set(baselines) == set(BASELINES):
     ends = [baselines["natural"], baselines["pgd_at"]]

@@ -172,6 +172,24 @@ def recalibrator(model: nn.Module,
   return recalibrate
 
 
+def draw_front(ax: Any, xy: Sequence[tuple[float, float]]) -> None:
+  """Draws a Pareto front (points in the plot's units) as the dashed, ringed line of
+  `tradeoff.png`, by clean accuracy; nothing when `xy` is empty. The search's plot shares it."""
+  if not xy:
+    return
+  fx, fy = zip(*sorted(xy))
+  ax.plot(fx,
+          fy,
+          "--",
+          color="black",
+          linewidth=1.2,
+          marker="o",
+          markerfacecolor="none",
+          markersize=11,
+          label="Pareto front",
+          zorder=3)
+
+
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
   """Indices of the points no other point dominates (>= in both figures, > in one), by clean.
 
@@ -493,18 +511,7 @@ def plot_tradeoff(result: dict[str, Any], path) -> pathlib.Path:
     else:
       figures = next(p for p in result["points"] if p["beta"] == item)
     front_xy.append((pct(figures["clean"]), pct(figures["robust"])))
-  if front_xy:
-    fx, fy = zip(*sorted(front_xy))
-    ax.plot(fx,
-            fy,
-            "--",
-            color="black",
-            linewidth=1.2,
-            marker="o",
-            markerfacecolor="none",
-            markersize=11,
-            label="Pareto front",
-            zorder=3)
+  draw_front(ax, front_xy)
   markers = [("natural", "s", 80, "tab:green", "natural expert (EMA teacher)"),
              ("robust", "^", 90, "tab:orange", "robust expert (EMA teacher)"),
              ("global", "*", 260, "tab:red", "trained global model")]
