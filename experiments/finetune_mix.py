@@ -11,8 +11,10 @@ weight decay: `gen_jax.finetune`), and `mix(fine-tuned, robust, β)` is evaluate
 A mixture's BatchNorm statistics are averaged as its weights are (`--bn mixed`), or re-estimated
 on training images (`--bn clean`, `--bn matched`: `sweep_mix.py --bn-recalibrate`'s modes);
 `--bn mixed,clean` evaluates both from the same fine-tunes.
-Each mixture's chord score is taken against `STUDY/natural-s<seed>` and `STUDY/pgd_at-s<seed>`:
-above 1, that mixture beats the straight line between natural training and PGD-AT.
+Each mixture's chord score is taken against the final models of `STUDY/natural-s<seed>` and
+`STUDY/pgd_at-s<seed>`, measured here by the same engine, threat and keys as the mixtures (so
+β = 1 is the PGD-AT baseline itself): above 1, that mixture beats the straight line between
+natural training and PGD-AT.
 
 Files (in `--out`, default `STUDY/finetune-mix`): `s<seed>.json` (every evaluated point of that
 seed, rewritten after each fine-tuning budget), `finetune_mix.json` (all points, the baselines
@@ -113,19 +115,24 @@ def _seeds(text):
   return tuple(values)
 
 
-def _baselines(study_dir, seed):
-  """{"natural": {"clean", "robust"}, "pgd_at": {...}} of a seed from the runs' summaries."""
-  out = {}
-  for method in ("natural", "pgd_at"):
-    run_dir = os.path.join(study_dir, f"{method}-s{seed}")
-    summary = runs.read_summary(run_dir) if os.path.isdir(run_dir) else None
-    if summary is None:
-      raise FileNotFoundError(f"--study {study_dir}: {run_dir} holds no finished run; train it "
-                              f"first (experiments/compare.py --seeds {seed}, or train.py "
-                              f"--method {method} --seed {seed} --workdir {run_dir}).")
-    final = summary["models"]["global"]
-    out[method] = {"clean": final["clean_acc"], "robust": final["pgd_acc"]}
-  return out
+def _run_dir(study_dir, method, seed):
+  """`STUDY/<method>-s<seed>`, checked to hold a finished run before any work."""
+  run_dir = os.path.join(study_dir, f"{method}-s{seed}")
+  if not os.path.isdir(run_dir) or runs.read_summary(run_dir) is None:
+    raise FileNotFoundError(f"--study {study_dir}: {run_dir} holds no finished run; train it "
+                            f"first (experiments/compare.py --seeds {seed}, or train.py "
+                            f"--method {method} --seed {seed} --workdir {run_dir}).")
+  return run_dir
+
+
+def _baselines(config, splits, natural, robust):
+  """{"natural": {"clean", "robust"}, "pgd_at": {...}}: both final models, by the one engine.
+
+  Measured here rather than read from the runs' summaries, so that a baseline and a mixture of
+  the seed are one measurement (same code, threat and keys) whenever the runs were trained.
+  """
+  figures = finetune.evaluate(config, {"natural": natural, "pgd_at": robust}, splits)
+  return {method: figures[method] for method in ("natural", "pgd_at")}
 
 
 def _read(path, default):
@@ -144,21 +151,29 @@ def _write(path, value):
 
 def _seed(args, out, seed):
   """Every point of one seed: read back, the missing ones computed (and saved as they come)."""
-  baselines = _baselines(args.study, seed)
+  sources = {m: _run_dir(args.study, m, seed) for m in ("natural", "pgd_at")}
   path = os.path.join(out, f"s{seed}.json")
-  record = _read(path, {"seed": seed, "baselines": baselines, "points": []})
-  done = {(finetune.bn_mode(p), p["lr"], p["steps"], p["beta"]) for p in record["points"]}
+  record = _read(path, None)
+  if args.report_only:
+    return record
+  done = set() if record is None else {
+      (finetune.bn_mode(p), p["lr"], p["steps"], p["beta"]) for p in record["points"]
+  }
   missing = {(bn, lr, k) for bn in args.bn for lr in args.lrs for k in args.steps if any(
       (bn, lr, k, b) not in done for b in args.betas)}
-  if not missing or args.report_only:
+  if not missing:
     return record
-  source = os.path.join(args.study, f"pgd_at-s{seed}")
-  config = runs.read_config(source)
+  config = runs.read_config(sources["pgd_at"])
   splits = runs.load_splits(config)
   network = runs.build_model(config, splits.num_classes)
   abstract = jax.eval_shape(
       lambda: models.init_variables(network, jax.random.key(0), tuple(splits.train_x.shape[1:])))
-  robust, _ = runs.load_init(source, config, abstract, num_classes=splits.num_classes)
+  robust, natural = (runs.load_init(sources[m], config, abstract, num_classes=splits.num_classes)[0]
+                     for m in ("pgd_at", "natural"))
+  if record is None:
+    record = {"seed": seed, "baselines": _baselines(config, splits, natural, robust), "points": []}
+    _write(path, record)
+  baselines = record["baselines"]
   recalibrate = {
       bn: finetune.recalibrator(config, splits, bn, n=args.recalibration_n) for bn in args.bn
   }
@@ -203,7 +218,10 @@ def main():
   records = [_seed(args, out, seed) for seed in args.seeds]
   # The summary covers every seed whose file exists in --out (other processes' seeds too).
   names = sorted(f for f in os.listdir(out) if f.startswith("s") and f.endswith(".json"))
-  records = {r["seed"]: r for r in [_read(os.path.join(out, f), None) for f in names] + records}
+  records = {
+      r["seed"]: r for r in [_read(os.path.join(out, f), None)
+                             for f in names] + records if r is not None
+  }
   points = [
       p for r in records.values() for p in r["points"] if p["lr"] in args.lrs and
       p["steps"] in args.steps and p["beta"] in args.betas and finetune.bn_mode(p) in args.bn

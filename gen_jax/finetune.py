@@ -16,10 +16,10 @@ momentum 0.9 and the natural expert's weight decay), momentum starting at zero, 
 learning rate, and the data order of the robust run's seed. The fine-tuned model is the raw
 expert after K steps, not its EMA teacher, which would lag behind the K steps being measured.
 
-Mixtures are evaluated by `evaluation.evaluate_models` with the robust run's own evaluation key
-(`training.loop.stream_keys(seed)["eval"]`), batch size and threat model, as its final summary
-was: β = 1 reproduces the PGD-AT run's `summary.json` figures, and every mixture of a seed is
-attacked with the same keys.
+Mixtures and the two baselines (the natural and the PGD-AT run's final models) are evaluated
+by the one correctness engine (`evaluate`: `evaluation.evaluate_models`) with the robust run's
+evaluation key, batch size and threat model, as a run's final summary is: every model of a seed
+meets the same per-example keys, and β = 1 is exactly the PGD-AT baseline.
 
 Synopsis::
 
@@ -195,8 +195,8 @@ def evaluate_mixtures(
   """Clean and PGD accuracy of `mix(tuned, robust, β)` for each β, on the whole test split.
 
   The attack is the run's final evaluation (`config`'s eps, evaluation step size and steps, its
-  evaluation key and batch size), so β = 1 reproduces the figures of the robust run's summary
-  (with `recalibrate` None: BatchNorm statistics averaged as the weights are).
+  evaluation key and batch size: `evaluate`), so β = 1 is the robust model's own figure (with
+  `recalibrate` None: BatchNorm statistics averaged as the weights are).
 
   Args:
     recalibrate: `(variables, β) -> variables` applied to each mixture (`recalibrator`).
@@ -204,12 +204,25 @@ def evaluate_mixtures(
   Returns:
     `[{"beta", "clean", "robust"}]` in the order of `betas` (fractions).
   """
-  mesh = parallel.make_mesh()
-  threat = Threat.of(config)
   candidates = {f"{b:g}": mixing.mix(tuned, robust, float(b)) for b in betas}
   if recalibrate is not None:
     candidates = {name: recalibrate(v, float(name)) for name, v in candidates.items()}
-  results = evaluate_models(parallel.replicate(candidates, mesh),
+  results = evaluate(config, candidates, splits)
+  return [dict(beta=float(b), **results[f"{b:g}"]) for b in betas]
+
+
+def evaluate(config: Config, candidates: Mapping[str, Variables],
+             splits: runs.Splits) -> dict[str, dict[str, float]]:
+  """`{name: {"clean", "robust"}}` of each model on the whole test split, by the one engine.
+
+  The threat is `Threat.of(config)` (the run's final PGD), the key the run's evaluation key
+  (`training.loop.stream_keys(seed)["eval"]`, per-example keys inside the engine) and the batch
+  size `config.eval_batch_size`: a run's final summary measured by the same code gives the same
+  figures, and every model of a seed (baselines and mixtures) meets the same perturbation keys.
+  """
+  mesh = parallel.make_mesh()
+  threat = Threat.of(config)
+  results = evaluate_models(parallel.replicate(dict(candidates), mesh),
                             splits.test_x,
                             splits.test_y,
                             model=runs.build_model(config, splits.num_classes, for_evaluation=True),
@@ -220,11 +233,7 @@ def evaluate_mixtures(
                             batch_size=config.eval_batch_size,
                             norm=threat.norm,
                             sharding=parallel.data_sharding(mesh))
-  return [{
-      "beta": float(b),
-      "clean": results[f"{b:g}"]["clean_acc"],
-      "robust": results[f"{b:g}"]["pgd_acc"]
-  } for b in betas]
+  return {name: {"clean": r["clean_acc"], "robust": r["pgd_acc"]} for name, r in results.items()}
 
 
 def chord(point: Mapping[str, float], baselines: Mapping[str, Mapping[str, float]]) -> float:
@@ -264,9 +273,10 @@ def summarize(points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
   Returns:
     One row per (bn, lr, steps), in that order: `bn`, `lr`, `steps`, `best` (the spread over
     seeds of each seed's best chord, `study.spread`, with `betas` the β that gave it per seed:
-    optimistic, since β is chosen on the test figures), `fixed` (the β whose chord averages
-    highest over the seeds, and that spread: one β for every seed, the less biased estimate),
-    and the seeds.
+    optimistic, since β is chosen on the test figures), `mixture` (the same over the proper
+    mixtures, β < 1: `best` is never below 1, since β = 1 is the PGD-AT model itself, while a
+    proper mixture can fall below the line), `fixed` (the β whose chord averages highest over
+    the seeds, and that spread: one β for every seed, the less biased estimate), and the seeds.
   """
   cells: dict[tuple[str, float, int], dict[int, list[Mapping[str, Any]]]] = {}
   for p in points:
@@ -277,6 +287,8 @@ def summarize(points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                                      key=lambda c: (BN_MODES.index(c[0][0]),) + c[0][1:]):
     seeds = sorted(by_seed)
     best = {s: max(by_seed[s], key=chord_key) for s in seeds}
+    proper = {s: [p for p in by_seed[s] if float(p["beta"]) < 1.0] for s in seeds}
+    mixture = [max(proper[s], key=chord_key)["chord"] for s in seeds if proper[s]]
     betas = sorted({float(p["beta"]) for s in seeds for p in by_seed[s]})
     fixed = []
     for b in betas:
@@ -296,6 +308,11 @@ def summarize(points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "clean": float(np.mean([best[s]["clean"] for s in seeds])),
             "robust": float(np.mean([best[s]["robust"] for s in seeds]))
         },
+        "mixture": {
+            **study.spread(mixture if len(mixture) == len(seeds) else [math.nan]), "betas": [
+                max(proper[s], key=chord_key)["beta"] if proper[s] else math.nan for s in seeds
+            ]
+        },
         "fixed": {
             **study.spread([p["chord"] for p in fixed_points]), "beta": fixed_beta,
             "clean": float(np.mean([p["clean"] for p in fixed_points])),
@@ -306,8 +323,8 @@ def summarize(points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def to_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-  """The table of `summarize`: per (BatchNorm mode, lr, steps) the best chord per seed and the
-  best fixed β."""
+  """The table of `summarize`: per (BatchNorm mode, lr, steps) the best chord per seed (β = 1,
+  the PGD-AT model, included), the best proper mixture's (β < 1) and the best fixed β."""
 
   def interval(s):
     if s["n"] < 2:
@@ -315,13 +332,15 @@ def to_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     return f"{s['mean']:.3f} ± {s['std']:.3f} [{s['low']:.3f}, {s['high']:.3f}]"
 
   lines = [
-      "| BatchNorm | lr | steps | seeds | best chord per seed | its β | best fixed β | its chord | "
-      "its clean / PGD (%) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+      "| BatchNorm | lr | steps | seeds | best chord per seed | its β | best with β < 1 | its β | "
+      "best fixed β | its chord | its clean / PGD (%) |",
+      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
   ]
   for r in rows:
-    b, f = r["best"], r["fixed"]
+    b, m, f = r["best"], r["mixture"], r["fixed"]
     lines.append(f"| {r['bn']} | {r['lr']:g} | {r['steps']} | {','.join(map(str, r['seeds']))} | "
-                 f"{interval(b)} | {', '.join(f'{x:g}' for x in b['betas'])} | {f['beta']:g} | "
+                 f"{interval(b)} | {', '.join(f'{x:g}' for x in b['betas'])} | {interval(m)} | "
+                 f"{', '.join(f'{x:g}' for x in m['betas'])} | {f['beta']:g} | "
                  f"{interval(f)} | {100 * f['clean']:.2f} / {100 * f['robust']:.2f} |")
   return "\n".join(lines)
 
@@ -333,8 +352,9 @@ def plot(rows: Sequence[Mapping[str, Any]],
          robust_name: str = "PGD-20") -> pathlib.Path:
   """The diagnostic's figure; saves a PNG.
 
-  Left: the best chord score per seed (mean and the seeds' spread) against the clean budget K,
-  one line per learning rate and BatchNorm mode, with the line at 1. Right: the plane of the
+  Left: the best proper mixture's chord score per seed (β < 1; mean and the seeds' spread)
+  against the clean budget K, one line per learning rate and BatchNorm mode, with the line at 1
+  (where β = 1, the PGD-AT model, always is). Right: the plane of the
   first seed: its natural and PGD-AT models, their chord, and the mixtures
   `mix(fine-tuned, robust, β)` of each K at the learning rate and mode whose best chord is highest.
   """
@@ -346,22 +366,31 @@ def plot(rows: Sequence[Mapping[str, Any]],
   budget, plane = fig.subplots(1, 2)
   for bn, lr in sorted({(r["bn"], r["lr"]) for r in rows},
                        key=lambda c: (BN_MODES.index(c[0]), c[1])):
-    mine = [r for r in rows if (r["bn"], r["lr"]) == (bn, lr) and not math.isnan(r["best"]["mean"])]
+    mine = [
+        r for r in rows if (r["bn"], r["lr"]) == (bn, lr) and not math.isnan(r["mixture"]["mean"])
+    ]
     ks = [r["steps"] for r in mine]
-    means = [r["best"]["mean"] for r in mine]
-    stds = [0.0 if r["best"]["n"] < 2 else r["best"]["std"] for r in mine]
+    means = [r["mixture"]["mean"] for r in mine]
+    stds = [0.0 if r["mixture"]["n"] < 2 else r["mixture"]["std"] for r in mine]
     budget.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=f"lr {lr:g}, BatchNorm {bn}")
   budget.axhline(1.0, color="k", linestyle="--", linewidth=1, label="the natural / PGD-AT line")
-  budget.set_xscale("log")
+  if any(not math.isnan(r["mixture"]["mean"]) for r in rows):
+    budget.set_xscale("log")
+  else:  # every chord undefined: the baselines have no clean or no robust gap
+    budget.text(0.5,
+                0.5,
+                "no chord score: the baselines' gap is zero",
+                ha="center",
+                transform=budget.transAxes)
   budget.set_xlabel("clean fine-tuning steps K")
-  budget.set_ylabel("best chord score of mix(fine-tuned, robust, β)")
-  budget.set_title("Best mixture against the clean budget (mean ± sd over seeds)")
+  budget.set_ylabel("best chord score of mix(fine-tuned, robust, β), β < 1")
+  budget.set_title("Best mixture against the clean budget\n(mean ± sd over seeds)")
   budget.grid(True, alpha=0.3)
   budget.legend(fontsize=8)
 
   seed = min(baselines)
   base = baselines[seed]
-  best_row = max(rows, key=lambda r: chord_key({"chord": r["best"]["mean"]}))
+  best_row = max(rows, key=lambda r: chord_key({"chord": r["mixture"]["mean"]}))
   best_bn, best_lr = best_row["bn"], best_row["lr"]
   nat, at = base["natural"], base["pgd_at"]
   plane.plot([100 * nat["clean"], 100 * at["clean"]], [100 * nat["robust"], 100 * at["robust"]],
@@ -380,7 +409,7 @@ def plot(rows: Sequence[Mapping[str, Any]],
                  label=f"K = {k}")
   plane.set_xlabel("clean accuracy (%)")
   plane.set_ylabel(f"{robust_name} accuracy (%)")
-  plane.set_title(f"Seed {seed}, lr {best_lr:g}, BatchNorm {best_bn}: mixtures from β = 0 "
+  plane.set_title(f"Seed {seed}, lr {best_lr:g}, BatchNorm {best_bn}:\nmixtures from β = 0 "
                   "(fine-tuned) to 1 (robust)")
   plane.grid(True, alpha=0.3)
   plane.legend(fontsize=8)

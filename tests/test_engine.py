@@ -2,6 +2,7 @@
 the devices, and one PGD-20 figure for one model whichever program asks (the training loop's
 summary, the report, the sweep, the comparison)."""
 import contextlib
+import dataclasses
 import io
 import json
 import pathlib
@@ -14,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gen_jax import attacks, parallel, runs
+from gen_jax import attacks, parallel, runs, training
+from gen_jax import config as cfg
 from gen_jax.attacks import core
 from gen_jax.attacks.threat import Threat
 from gen_jax.evaluation import ModelSet, engine, evaluate_models, report
@@ -208,3 +210,31 @@ def test_one_pgd20_figure_from_summary_report_sweep_and_compare(tmp_path):
   other = engine.correctness(robust, *run.test_split(), threats=[threat],
                              key=engine.attack_key(1))["robust"]
   assert (other[threat] != by_32["robust"][threat]).any()
+
+
+def test_an_l2_run_is_reported_at_its_l2_radius_and_the_standard_linf_threat(tmp_path):
+  # An L2 PGD-AT run that learns a little; its summary's PGD figure is L2 PGD-20 at radius 1.
+  config = dataclasses.replace(cfg.get_config("tiny"),
+                               method="pgd_at",
+                               norm="l2",
+                               eps=1.0,
+                               step_size=0.25,
+                               eval_step_size=0.25,
+                               eval_pgd_steps=20,
+                               epochs=2,
+                               batch_size=16,
+                               max_train_per_class=40,
+                               max_test_per_class=20,
+                               lr_nat=0.2,
+                               lr_rob=0.2)
+  training.train_and_evaluate(config, tmp_path / "l2", progress=False)
+  summary = runs.read_summary(tmp_path / "l2")["models"]["global"]
+  run = runs.restore_models(tmp_path / "l2")
+  table = report.evaluate_run(run, attacks=("clean", "pgd20"), analyses=(), batch_size=32)
+  assert table["eps"] == pytest.approx(8 / 255) and table["l2_eps"] == 1.0
+  row = table["models"]["global"]
+  assert 0 < summary["pgd_acc"] < summary["clean_acc"], summary
+  assert row["pgd20-l2"]["accuracy"] == summary["pgd_acc"]
+  assert row["clean"]["accuracy"] == summary["clean_acc"]
+  # L-inf PGD-20 at 8/255, not at the L2 radius 1.0 (which would leave almost nothing standing).
+  assert row["pgd20"]["accuracy"] > 0

@@ -17,18 +17,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def study_dir(tmp_path_factory):
-  """A tiny study: natural-s0 and pgd_at-s0, one epoch each (the compare.py layout)."""
+  """A tiny study: natural-s0 and pgd_at-s0 (the compare.py layout).
+
+  The natural run gets 8 epochs so that its model leaves chance (PGD-AT's one epoch stays there):
+  the baselines then have a clean and a robust gap, and every chord score is a number.
+  """
   root = tmp_path_factory.mktemp("study")
-  for method in ("natural", "pgd_at"):
-    config = dataclasses.replace(cfg.get_config("tiny"), method=method, epochs=1)
+  for method, epochs in (("natural", 8), ("pgd_at", 1)):
+    config = dataclasses.replace(cfg.get_config("tiny"), method=method, epochs=epochs)
     training.train_and_evaluate(config, root / f"{method}-s0", progress=False)
-  # Both tiny models sit at chance (10 %), where the chord score is undefined (no gap between
-  # the baselines); the natural baseline's figures are set apart by hand so that the program's
-  # chord scores are numbers to check. Only the baseline is edited, never a measured point.
-  path = root / "natural-s0" / "summary.json"
-  summary = json.loads(path.read_text())
-  summary["models"]["global"] = {"clean_acc": 0.9, "pgd_acc": 0.0}
-  path.write_text(json.dumps(summary))
   return root
 
 
@@ -59,7 +56,7 @@ def test_finetune_resumes_from_its_saved_budgets_to_the_same_models(study_dir, t
   assert max(jax.tree_util.tree_leaves(moved)) > 0
 
 
-def test_the_program_reproduces_the_pgd_at_summary_at_beta_one_and_resumes(study_dir):
+def test_the_program_measures_its_baselines_with_the_mixtures_engine_and_resumes(study_dir):
   command = [
       sys.executable,
       str(ROOT / "experiments" / "finetune_mix.py"), "--study",
@@ -70,10 +67,16 @@ def test_the_program_reproduces_the_pgd_at_summary_at_beta_one_and_resumes(study
   out = study_dir / "finetune-mix"
   result = json.loads((out / "finetune_mix.json").read_text())
   assert len(result["points"]) == 6  # 2 budgets x 3 betas, one seed
-  pgd_at = runs.read_summary(study_dir / "pgd_at-s0")["models"]["global"]
+  # The baselines are the runs' final models measured by the engine the mixtures use, so they
+  # equal the runs' own summaries (written by the same engine, key and threat) and β = 1 is the
+  # PGD-AT baseline itself.
+  baselines = result["baselines"]["0"]
+  for method in ("natural", "pgd_at"):
+    final = runs.read_summary(study_dir / f"{method}-s0")["models"]["global"]
+    assert baselines[method] == {"clean": final["clean_acc"], "robust": final["pgd_acc"]}
   for p in result["points"]:
-    if p["beta"] == 1.0:  # the robust model itself, attacked as its run's summary was
-      assert (p["clean"], p["robust"]) == (pgd_at["clean_acc"], pgd_at["pgd_acc"])
+    if p["beta"] == 1.0:
+      assert {"clean": p["clean"], "robust": p["robust"]} == baselines["pgd_at"]
       assert p["chord"] == pytest.approx(1.0)
   assert [r["steps"] for r in result["summary"]] == [1, 2]
   assert (out / "finetune_mix.png").stat().st_size > 0
@@ -114,7 +117,7 @@ def test_a_missing_baseline_is_named_before_any_work(tmp_path):
   assert "natural-s0 holds no finished run" in done.stderr
 
 
-def test_summary_picks_each_seeds_best_and_the_best_fixed_beta():
+def test_summary_picks_each_seeds_best_its_best_proper_mixture_and_the_best_fixed_beta():
   base = {"natural": {"clean": 0.6, "robust": 0.0}, "pgd_at": {"clean": 0.4, "robust": 0.4}}
   points = []
   for seed, figures in ((0, {
@@ -132,6 +135,9 @@ def test_summary_picks_each_seeds_best_and_the_best_fixed_beta():
   assert (row["bn"], other["bn"]) == ("mixed", "clean") and other["best"]["mean"] == 0.5
   assert row["best"]["betas"] == [0.0, 1.0]  # seed 0: 1.25 at beta 0; seed 1: 1.25 at beta 1
   assert row["best"]["mean"] == pytest.approx(1.25)
+  # The proper mixtures (beta < 1) alone: seed 1's best is its beta 0, below the line.
+  assert row["mixture"]["betas"] == [0.0, 0.0]
+  assert row["mixture"]["mean"] == pytest.approx(0.875)
   assert row["fixed"]["beta"] == 1.0  # mean chords: beta 0 0.875, beta 1 1.125
   assert row["fixed"]["mean"] == pytest.approx(1.125)
 

@@ -20,6 +20,7 @@ import pytest
 
 from gen_jax import cli, experts, mixing, models, study, training
 from gen_jax import config as cfg
+from gen_jax.attacks.threat import Threat
 from gen_jax.data.augment import augment_batch
 from gen_jax.evaluation import ModelSet, report, sweep
 from gen_jax.training import losses, schedules
@@ -508,15 +509,15 @@ def test_simplex_grid():
 def test_simplex_sweep_evaluates_every_mixture_and_writes_its_files(data, three_teachers, tmp_path):
   _, images, labels = data
   modelset, roles = three_teachers
-  result = sweep.run_simplex(modelset,
-                             images[:8],
-                             labels[:8],
-                             roles=roles,
-                             key=jax.random.key(0),
-                             eps=0.1,
-                             step_size=0.025,
-                             l2_eps=1.0,
-                             grid_step=0.5)
+  threats = {"linf": Threat("linf", 0.1, 0.025, 20), "l2": Threat("l2", 1.0, 0.25, 20)}
+  result = sweep.run(modelset,
+                     images[:8],
+                     labels[:8],
+                     roles=roles,
+                     key=jax.random.key(0),
+                     threats=threats,
+                     grid_step=0.5)
+  assert (result["kind"], result["grid_step"], result["l2_eps"]) == ("simplex", 0.5, 1.0)
   assert result["metrics"] == ["clean", "linf", "l2", "union"]
   assert [tuple(p["weights"].values()) for p in result["points"]] == sweep.simplex_grid(3, 0.5)
   vertex = next(p for p in result["points"] if p["weights"]["robust_l2"] == 1.0)
@@ -524,9 +525,30 @@ def test_simplex_sweep_evaluates_every_mixture_and_writes_its_files(data, three_
     assert vertex[metric] == result["experts"]["robust_l2"][metric]
   for p in result["points"]:
     assert p["union"] <= min(p["linf"], p["l2"])
+  # A mixture's figures are the attack table's for mix_many(teachers, w), with the same key.
+  point = next(p for p in result["points"] if p["weights"]["natural"] == 0.5)
+  mixed = mixing.mix_many([modelset.variables[r] for r in roles], list(point["weights"].values()))
+  table = report.attack_table(ModelSet(modelset.module, {"m": mixed}),
+                              images[:8],
+                              labels[:8],
+                              key=jax.random.key(0),
+                              eps=0.1,
+                              step_size=0.025,
+                              attacks=("clean", "pgd20", "pgd20-l2"),
+                              l2_eps=1.0)
+  row = table["models"]["m"]
+  assert [point[m] for m in result["metrics"]] == [
+      row["clean"]["accuracy"], row["pgd20"]["accuracy"], row["pgd20-l2"]["accuracy"],
+      table["union"]["models"]["m"]["accuracy"]
+  ]
   paths = sweep.write_sweep(result, tmp_path)
-  assert {p.name for p in paths.values()} == {"simplex.json", "simplex.md", "simplex.png"}
-  assert "| global model |" in paths["md"].read_text()
+  assert [p.name for p in paths.values()] == ["simplex.json", "simplex.md", "simplex.png"]
+  assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  text = paths["md"].read_text()
+  header = ("| weights (natural, robust_linf, robust_l2) | clean | L-inf PGD-20 | L2 PGD-20 | "
+            "union |")
+  assert header in text
+  assert "| 0.50, 0.00, 0.50 |" in text and "| global model |" in text
 
 
 # ------------------------------------------------------------------------ the comparison

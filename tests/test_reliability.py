@@ -656,3 +656,51 @@ def test_a_full_disk_ends_a_run_with_one_line(tmp_path):
   lines = done.stderr.strip().splitlines()
   assert len(lines) == 1, done.stderr[-3000:]
   assert lines[0].startswith(f"error: the disk holding {disk / 'run'}")
+
+
+# ----------------------------------------------------------------------- partial artefacts
+def test_an_export_into_an_empty_folder_is_renamed_into_place_whole(tmp_path, monkeypatch):
+  """An --out folder made beforehand (empty) used to be filled file by file: a kill after the
+  first move left model.onnx without model.json, which the rerun refused as "an earlier
+  export". An empty folder is now replaced by the finished export in one rename."""
+  from gen_jax.export import exporter  # pylint: disable=import-outside-toplevel
+  staged = tmp_path / ".out.partial"
+  staged.mkdir()
+  for name in exporter.EXPORT_FILES:
+    (staged / name).write_text(name)
+  out = tmp_path / "out"
+  out.mkdir()
+  real = os.replace
+
+  def replace(source, target):  # a kill right after the first rename
+    real(source, target)
+    raise _Killed(target)
+
+  monkeypatch.setattr(os, "replace", replace)
+  with pytest.raises(_Killed):
+    exporter._move_into_place(staged, out, overwrite=False)  # pylint: disable=protected-access
+  monkeypatch.undo()
+  assert sorted(p.name for p in out.iterdir()) == sorted(exporter.EXPORT_FILES)
+  assert not staged.exists()
+
+
+def test_evaluation_reads_past_a_damaged_checkpoint_with_one_short_line(tmp_path, capsys):
+  """What evaluate.py and sweep_mix.py read (`restore_items`): a damaged newest checkpoint is
+  skipped with one line naming it, not a dump of the storage layer's error, and the previous
+  one is read. Every kind of damage to the stored arrays (a meta record that disagrees with its
+  state is the business of training's own check, above)."""
+  for kind in ("garbage state", "truncated state", "no state", "flipped array bytes",
+               "no array data", "emptied"):
+    directory = tmp_path / kind.replace(" ", "-")
+    manager = checkpoint.open_manager(directory, max_to_keep=2)
+    for step in (1, 2):
+      checkpoint.save(manager, step, {"w": jnp.full((4,), float(step))}, {"epoch": step})
+    manager.close()
+    _damage(directory / "2", kind)
+    capsys.readouterr()
+    items, meta = checkpoint.restore_items(directory, ["w"])
+    assert np.all(np.asarray(items["w"]) == 1.0) and meta["epoch"] == 1, kind
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and len(lines[0]) < 600, (kind, lines)
+    assert lines[0].startswith(f"{directory}: checkpoint step(s) [2] damaged"), (kind, lines)
+    assert "read step 1, the newest intact one" in lines[0], (kind, lines)

@@ -14,6 +14,7 @@ import pytest
 import gen_jax
 from gen_jax import checkpoint, runs, training
 from gen_jax import config as cfg
+from gen_jax.attacks.threat import Threat
 from gen_jax.evaluation import ModelSet, evaluate_models, outputs, sweep
 from gen_jax.models import common
 
@@ -28,8 +29,8 @@ def tiny_run(tmp_path_factory):
   return workdir, runs.restore_models(workdir)
 
 
-def test_sweep_endpoints_equal_the_experts_and_global_is_evaluated(tiny_run):
-  _, run = tiny_run
+def test_two_expert_sweep_is_the_engine_on_each_mixture_and_writes_line_files(tiny_run):
+  workdir, run = tiny_run
   config, model = run.config, run.model
   assert list(run.models) == ["natural", "robust", "global"]
   result = sweep.run(ModelSet(model, run.models),
@@ -37,27 +38,31 @@ def test_sweep_endpoints_equal_the_experts_and_global_is_evaluated(tiny_run):
                      run.test_y,
                      betas=[1.0, 0.0, 0.5],
                      key=jax.random.key(3),
-                     eps=config.eps,
-                     step_size=config.eval_step_size,
-                     steps=3)
-  assert result["betas"] == [0.0, 0.5, 1.0]
-  points = {p["beta"]: p for p in result["points"]}
-  assert points[0.0]["clean"] == result["experts"]["natural"]["clean"]
-  assert points[0.0]["robust"] == result["experts"]["natural"]["robust"]
-  assert points[1.0]["clean"] == result["experts"]["robust"]["clean"]
-  assert points[1.0]["robust"] == result["experts"]["robust"]["robust"]
-  # The figures are those of the shared evaluator, not a copy of something else.
-  direct = evaluate_models({"g": run.models["global"]},
-                           run.test_x,
-                           run.test_y,
-                           model=model,
-                           key=jax.random.key(3),
-                           eps=config.eps,
-                           step_size=config.eval_step_size,
-                           steps=3,
-                           batch_size=250)["g"]
-  assert result["global"] == {"clean": direct["clean_acc"], "robust": direct["pgd_acc"]}
+                     threats={"robust": Threat("linf", config.eps, config.eval_step_size, 3)})
+  assert (result["kind"], result["roles"], result["metrics"]) == ("line", ["natural", "robust"],
+                                                                  ["clean", "robust"])
+  assert result["betas"] == [0.0, 0.5, 1.0] and result["steps"] == 3
   assert result["n"] == len(run.test_y) and not result["bn_recalibrated"]
+
+  def direct(variables):  # the shared evaluator, called on the same variables
+    figures = evaluate_models({"m": variables},
+                              run.test_x,
+                              run.test_y,
+                              model=model,
+                              key=jax.random.key(3),
+                              eps=config.eps,
+                              step_size=config.eval_step_size,
+                              steps=3)["m"]
+    return {"clean": figures["clean_acc"], "robust": figures["pgd_acc"]}
+
+  for p in result["points"]:
+    mixed = gen_jax.mix(run.models["natural"], run.models["robust"], p["beta"])
+    assert p == {"beta": p["beta"], **direct(mixed)}, p["beta"]
+  assert result["global"] == direct(run.models["global"])
+  # The endpoints are the experts themselves.
+  points = {p["beta"]: p for p in result["points"]}
+  assert points[0.0] == {"beta": 0.0, **result["experts"]["natural"]}
+  assert points[1.0] == {"beta": 1.0, **result["experts"]["robust"]}
   # The front is over every plotted point: sweep, experts and global model.
   everything = {p["beta"]: (p["clean"], p["robust"]) for p in result["points"]}
   everything.update({r: (f["clean"], f["robust"]) for r, f in result["experts"].items()})
@@ -67,11 +72,14 @@ def test_sweep_endpoints_equal_the_experts_and_global_is_evaluated(tiny_run):
   # Without recalibration the endpoints are the experts: both or neither are on the front.
   assert (0.0 in result["pareto"]) == ("natural" in result["pareto"])
   assert (1.0 in result["pareto"]) == ("robust" in result["pareto"])
-  json.dumps(result, allow_nan=False)
-  path = sweep.plot_tradeoff(result, pathlib.Path(tiny_run[0]) / "plot" / "tradeoff.png")
-  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  table = sweep.to_markdown(result)
-  assert "| beta = 0.50 |" in table and "| global model |" in table
+  paths = sweep.write_sweep(result, workdir / "plot")
+  assert [p.name for p in paths.values()] == ["sweep.json", "sweep.md", "tradeoff.png"]
+  assert json.loads(paths["json"].read_text()) == result
+  assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  table = paths["md"].read_text()
+  assert "| model | clean | robust | Pareto |" in table
+  for row in ("| beta = 0.50 |", "| natural expert |", "| global model |"):
+    assert row in table
 
 
 class _InputNorm(nn.Module):

@@ -298,6 +298,11 @@ def evaluate(models: ModelSet,
   return report
 
 
+# The L-inf threat (radius, step) of the report's L-inf attacks and analyses for an L2 run, whose
+# config holds only an L2 radius: the standard CIFAR threat of the reference code and RobustBench.
+LINF_FOR_L2_RUNS = (8 / 255, 2 / 255)
+
+
 def evaluate_run(run: Any,
                  *,
                  attacks: Sequence[str] = catalogue.REPORT_ATTACKS,
@@ -313,16 +318,28 @@ def evaluate_run(run: Any,
   Uses the first `n` test images (default all), the run's eps (or `eps`, with the PGD step scaled
   alike), and CIFAR-10-C from TFDS for runs on TFDS CIFAR-10 when it is prepared. A run with an
   L2 expert beside its L-inf evaluation (a multi-norm run) also gets L2 PGD-20 at that expert's
-  radius next to PGD-20, and the union of the two (`attack_table`). The key is
-  `engine.attack_key(seed)`, by default of the run's own seed: the key of its `summary.json`, so
-  the PGD-20 figures agree with it (for a run whose evaluation is PGD-20, on the same images).
+  radius next to PGD-20, and the union of the two (`attack_table`). An L2 run (`norm="l2"`) gets
+  L2 PGD-20 at its own radius (or `eps`), its summary's threat; the table's other attacks and the
+  analyses are L-inf, so they run at the standard L-inf threat (`LINF_FOR_L2_RUNS`, 8/255 with
+  step 2/255), never at the L2 radius. The key is `engine.attack_key(seed)`, by default of the
+  run's own seed: the key of its `summary.json`, so the PGD-20 figures agree with it (for a run
+  whose evaluation is PGD-20, on the same images).
   """
   config = run.config
   seed = config.seed if seed is None else seed
-  threat = Threat.of(config, eps=eps)
-  l2 = Threat.of(config, norm="l2") if config.norm == "linf" else None
-  if l2 and "pgd20" in attacks and "pgd20-l2" not in attacks:
-    attacks = tuple(attacks) + ("pgd20-l2",)
+  if config.norm == "l2":
+    l2 = Threat.of(config, eps=eps)
+    threat = dataclasses.replace(l2,
+                                 norm="linf",
+                                 eps=LINF_FOR_L2_RUNS[0],
+                                 step_size=LINF_FOR_L2_RUNS[1])
+    if "pgd20-l2" not in attacks:
+      attacks = tuple(attacks) + ("pgd20-l2",)
+  else:
+    threat = Threat.of(config, eps=eps)
+    l2 = Threat.of(config, norm="l2")
+    if l2 and "pgd20" in attacks and "pgd20-l2" not in attacks:
+      attacks = tuple(attacks) + ("pgd20-l2",)
   return evaluate(ModelSet(run.model, run.models),
                   *run.test_split(n),
                   key=engine.attack_key(seed),

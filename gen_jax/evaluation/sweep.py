@@ -1,41 +1,55 @@
 """The mixing-weight sweep: how much of each expert should go into the deployed model.
 
-Two experts (`run`): a line of betas. N experts (`run_simplex`, Generalist++ runs with natural,
-L-inf and L2 experts, say): a coarse grid over the weight simplex, each mixture evaluated for
-clean accuracy, PGD-20 under each norm and their union, with one trade-off panel per pair of
-figures (clean vs L-inf, clean vs L2, L-inf vs L2, clean vs union). `sweep_run` picks the form
-from the run's number of experts.
+A sweep mixes a run's expert teachers at every point of a grid of mixing weights and evaluates each
+mixture beside the teachers and the trained global model, on the same images with the same attack
+keys (`run`). One implementation serves every number of experts N; only the grid and the view
+differ:
 
-For each beta, `gen_jax.mix(teacher_nat, teacher_rob, beta)` (beta weights the robust expert, as in
-the reference code) is evaluated for clean and PGD accuracy; the experts (beta 0 and 1) and the
-trained global model are evaluated on the same images with the same attack keys. Every figure is
-the correctness engine's (`evaluation.engine`, per-example keys): `sweep_run` uses the run's own
-evaluation key by default, so beta = 1 (exactly the robust teacher) and the global model show
-the PGD figures of the run's `summary.json` when the sweep's attack is the run's evaluation.
-Optionally the BatchNorm statistics of every mixture are re-estimated on training images (weight
-interpolation shifts the activation statistics, so averaged running statistics no longer match the
-averaged weights: Jordan et al., "REPAIR", ICLR 2023).
+* N = 2 (the classic Generalist): the grid is a line of betas, beta weighting the robust expert
+  (`gen_jax.mix(teacher_nat, teacher_rob, beta)`, as in the reference code), and each mixture gets
+  clean accuracy and PGD accuracy under the run's attack ("robust"). The plot is the clean/robust
+  trade-off line labelled by beta, with its Pareto front (`tradeoff.png`); `select_point` picks a
+  beta by a rule such as `clean>=0.88`.
+* N >= 3 (Generalist++: natural, L-inf and L2 experts, say): the grid covers the weight simplex
+  (`simplex_grid`, `mix_many(teachers, w)`), and each mixture gets clean accuracy, PGD under each
+  norm and their per-example union. The plot has one trade-off panel per pair of figures
+  (`simplex.png`).
+
+Both share the result dict, the Pareto front (over every evaluated model: clean against the last
+figure, "robust" or the union), the markdown table (`to_markdown`), the plot (`plot`) and the files
+(`write_sweep`); `sweep_run` sets a training run's sweep up from its config.
+
+Every figure is the correctness engine's (`evaluation.engine`, per-example keys): `sweep_run` uses
+the run's own evaluation key by default, so beta = 1 (exactly the robust teacher) and the global
+model show the PGD figures of the run's `summary.json` when the sweep's attack is the run's
+evaluation. Optionally the BatchNorm statistics of every mixture are re-estimated on training
+images (weight interpolation shifts the activation statistics, so averaged running statistics no
+longer match the averaged weights: Jordan et al., "REPAIR", ICLR 2023).
 
 Synopsis::
 
     models = ModelSet(model, {"natural": t_nat, "robust": t_rob, "global": v_global})
-    result = run(models, test_x, test_y, betas=np.linspace(0, 1, 11), key=key, eps=8 / 255,
-                 step_size=2 / 255)
+    result = run(models, test_x, test_y, key=key, betas=np.linspace(0, 1, 11),
+                 threats={"robust": Threat("linf", 8 / 255, 2 / 255, 20)})
     write_sweep(result, "runs/c10/eval")           # sweep.json, sweep.md, tradeoff.png
     choice = select_point(result["points"], parse_rule("clean>=0.88"))   # -> {"beta", ...}
 
     result = sweep_run(runs.restore_models("runs/c10"), select=parse_rule("clean>=0.88"))
 
     grid = simplex_grid(3, 0.25)                   # 15 weight vectors, each summing to 1
-    result = run_simplex(models3, test_x, test_y, roles=("natural", "robust_linf", "robust_l2"),
-                         key=key, eps=8 / 255, step_size=2 / 255, l2_eps=0.5, grid_step=0.25)
+    result = run(models3, test_x, test_y, key=key, roles=("natural", "robust_linf", "robust_l2"),
+                 grid_step=0.25, threats={"linf": Threat("linf", 8 / 255, 2 / 255, 20),
+                                          "l2": Threat("l2", 0.5, 0.125, 20)})
+    write_sweep(result, "runs/c10-multinorm/eval")  # simplex.json, simplex.md, simplex.png
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import pathlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -46,12 +60,11 @@ import numpy as np
 from gen_jax import attacks, mixing, runs
 from gen_jax.attacks.threat import Threat
 from gen_jax.data import to_float
-from gen_jax.evaluation import catalogue, engine, outputs, report
+from gen_jax.evaluation import engine, outputs, report
 from gen_jax.evaluation.modelset import ModelSet
 from gen_jax.models.common import BN_MOMENTUM
 from gen_jax.experts import GLOBAL, NATURAL, ROBUST
 
-METRICS = ("clean", "robust")
 DEFAULT_BETAS = tuple(round(b, 10) for b in np.linspace(0, 1, 11))
 _RULE = re.compile(r"^\s*(clean|robust)\s*(>=|>)\s*([0-9]*\.?[0-9]+)\s*(%?)\s*$")
 
@@ -277,285 +290,7 @@ def check_betas(betas: Sequence[float]) -> list[float]:
   return values
 
 
-def run(models: ModelSet,
-        images: Any,
-        labels: Any,
-        *,
-        key: jax.Array,
-        eps: float,
-        step_size: float,
-        betas: Sequence[float],
-        steps: int = 20,
-        norm: str = "linf",
-        recalibrate: Callable[[dict[str, Any], float], dict[str, Any]] | None = None,
-        recalibration: str | None = None,
-        batch_size: int = 250,
-        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-  """Clean and PGD accuracy of `mix(models["natural"], models["robust"], beta)` for every beta.
-
-  Args:
-    models: the "natural" and "robust" teachers of a run (and its "global" model, evaluated
-      alongside when present).
-    images, labels: the test images (uint8 NHWC or floats in [0, 1]) and labels.
-    key: the evaluation key (`engine.correctness`: per example, the same for every model).
-    eps, step_size: the PGD attack's radius and step.
-    betas: mixing weights of the robust expert, in [0, 1].
-    steps: PGD steps.
-    norm: the PGD attack's norm, "linf" or "l2".
-    recalibrate: `(variables, beta) -> variables` (from `recalibrator`); when given, every
-      mixture's BatchNorm statistics are re-estimated with it before it is evaluated.
-    recalibration: the name of the recalibration, recorded in the result (e.g. "clean").
-    batch_size: images per batch.
-    progress: optional callback told "beta=0.30" before each evaluation.
-
-  Returns:
-    {"betas", "eps", "steps", "n", "bn_recalibrated" (the recalibration's name or None),
-     "points": [{"beta", "clean", "robust"}],
-     "experts": {"natural", "robust"}: {"clean", "robust"}, "global": {...} or None,
-     "pareto": the non-dominated points by increasing clean accuracy, each a beta of the sweep
-     or "natural" / "robust" (the experts) or "global"}.
-
-  Raises:
-    ValueError: `models` lacks a natural or a robust model (a single-expert run), bad betas.
-  """
-  missing = [r for r in (NATURAL, ROBUST) if r not in models.variables]
-  if missing:
-    raise ValueError(f"the sweep mixes a natural and a robust expert; the models have no "
-                     f"{missing} (they have {', '.join(models.names)}). Sweep a generalist run.")
-  betas = check_betas(betas)
-  x, y = to_float(np.asarray(images)), np.asarray(labels)
-  threat = Threat(norm, float(eps), float(step_size), int(steps))
-
-  def figures(variables):
-    one = ModelSet(models.module, {"m": variables}, fast_ops=models.fast_ops)
-    correct = engine.correctness(one, x, y, threats=[threat], key=key, batch_size=batch_size)["m"]
-    return {
-        "clean": float(np.mean(correct[engine.CLEAN])),
-        "robust": float(np.mean(correct[threat]))
-    }
-
-  teacher_nat, teacher_rob = models.variables[NATURAL], models.variables[ROBUST]
-  points = []
-  for beta in betas:
-    if progress:
-      progress(f"beta={beta:.2f}")
-    variables = mixing.mix(teacher_nat, teacher_rob, beta)
-    if recalibrate is not None:
-      variables = recalibrate(variables, beta)
-    points.append({"beta": beta, **figures(variables)})
-  if progress:
-    progress("experts and global model")
-  experts = {NATURAL: figures(teacher_nat), ROBUST: figures(teacher_rob)}
-  global_figures = figures(models.variables[GLOBAL]) if GLOBAL in models.variables else None
-  # The front is over everything plotted: the sweep, the two experts and the global model.
-  named = [(p["beta"], p) for p in points] + [(role, f) for role, f in experts.items()]
-  if global_figures is not None:
-    named.append((GLOBAL, global_figures))
-  front = pareto_front([(f["clean"], f["robust"]) for _, f in named])
-  return {
-      "betas": betas,
-      "eps": float(eps),
-      "steps": int(steps),
-      "n": int(len(labels)),
-      "bn_recalibrated": recalibration or ("yes" if recalibrate is not None else None),
-      "points": points,
-      "experts": experts,
-      "global": global_figures,
-      "pareto": [named[i][0] for i in front],
-  }
-
-
-def sweep_run(eval_run: runs.EvalRun,
-              *,
-              betas: Sequence[float] = DEFAULT_BETAS,
-              n: int | None = None,
-              eps: float | None = None,
-              steps: int = 20,
-              bn_recalibrate: str | None = None,
-              recalibration_n: int = 2000,
-              select: Rule | tuple[str, float] | None = None,
-              seed: int | None = None,
-              batch_size: int = 250,
-              progress: Callable[[str], None] | None = None,
-              grid_step: float = 0.25) -> dict[str, Any]:
-  """The sweep of a training run (`runs.restore_models`), optionally saving a choice.
-
-  A run of more than two experts gets `run_simplex` instead (grid step `grid_step`, PGD-20 of
-  each norm; `betas`, `steps` and `select` are for two experts; BatchNorm recalibration "clean"
-  only).
-
-  Mixes the run's teachers on its first `n` test images, at the run's eps (or `eps`, the PGD step
-  scaled alike); with `bn_recalibrate` ("clean" or "matched") re-estimates each mixture's
-  BatchNorm statistics on the first `recalibration_n` training images (the run's own training
-  attack for "matched"). With `select` (from `parse_rule`), saves the chosen mixture as a model
-  checkpoint in a new directory `EVAL_DIR/mix-beta0.30[-bn-MODE]` and records it under
-  `result["selected"]`; a target that no mixture reaches is recorded under
-  `result["selection_error"]` (the sweep itself is still returned). The attack key is
-  `engine.attack_key(seed)`, by default of the run's own seed (the key of its `summary.json`).
-  """
-  config = eval_run.config
-  seed = config.seed if seed is None else seed
-  if config.method != "generalist":
-    raise ValueError(
-        f"{eval_run.source} was trained with --method {config.method}, which trains one "
-        "expert only: there is nothing to mix. Sweep a generalist run.")
-  if len(config.experts) > 2:
-    return _simplex_run(eval_run,
-                        grid_step=grid_step,
-                        n=n,
-                        eps=eps,
-                        bn_recalibrate=bn_recalibrate,
-                        recalibration_n=recalibration_n,
-                        select=select,
-                        seed=seed,
-                        batch_size=batch_size,
-                        progress=progress)
-  threat = Threat.of(eval_run.config, eps=eps)
-  eps, step_size = threat.eps, threat.step_size
-  recalibrate = None
-  if bn_recalibrate:
-    train_x, train_y = eval_run.training_images(recalibration_n)
-    recalibrate = recalibrator(eval_run.model,
-                               train_x,
-                               mode=bn_recalibrate,
-                               labels=train_y,
-                               key=jax.random.key(seed + 1),
-                               eps=config.eps,
-                               step_size=config.step_size,
-                               steps=config.pgd_steps,
-                               batch_size=batch_size)
-  result = run(ModelSet(eval_run.model, eval_run.models),
-               *eval_run.test_split(n),
-               key=engine.attack_key(seed),
-               eps=eps,
-               step_size=step_size,
-               betas=betas,
-               steps=steps,
-               norm=threat.norm,
-               recalibrate=recalibrate,
-               recalibration=bn_recalibrate,
-               batch_size=batch_size,
-               progress=progress)
-  if select is not None:
-    try:
-      choice = select_point(result["points"], select)
-    except ValueError as error:
-      result["selection_error"] = str(error)
-      return result
-    variables = mixing.mix(eval_run.models[NATURAL], eval_run.models[ROBUST], choice["beta"])
-    if recalibrate is not None:
-      variables = recalibrate(variables, choice["beta"])
-    name = f"mix-beta{choice['beta']:.2f}" + (f"-bn-{bn_recalibrate}" if recalibrate else "")
-    target = runs.save_model(outputs.unique_directory(eval_run.eval_dir / name),
-                             variables,
-                             config,
-                             source=str(eval_run.source.absolute()),
-                             beta=choice["beta"],
-                             bn_recalibrated=bn_recalibrate,
-                             rule=str(Rule(*select)),
-                             sweep_figures=choice)
-    result["selected"] = {**choice, "rule": str(Rule(*select)), "checkpoint": str(target)}
-  return result
-
-
-def write_sweep(result: dict[str, Any], directory: str | pathlib.Path) -> dict[str, pathlib.Path]:
-  """Writes `sweep.json`, `sweep.md` and `tradeoff.png` (for a simplex sweep `simplex.json`,
-  `simplex.md` and `simplex.png`), keeping earlier files (`outputs`)."""
-  directory = pathlib.Path(directory)
-  if result.get("kind") == "simplex":
-    return {
-        "json": outputs.write_json(directory / "simplex.json", result),
-        "md": outputs.write_text(directory / "simplex.md", simplex_markdown(result)),
-        "png": plot_simplex(result, directory / "simplex.png"),
-    }
-  return {
-      "json": outputs.write_json(directory / "sweep.json", result),
-      "md": outputs.write_text(directory / "sweep.md", to_markdown(result)),
-      "png": plot_tradeoff(result, directory / "tradeoff.png"),
-  }
-
-
-def plot_tradeoff(result: dict[str, Any], path) -> pathlib.Path:
-  """Plots the sweep's (clean, robust) points, the experts and the global model; saves a PNG.
-
-  The Pareto front is drawn as a dashed line through the non-dominated points, each sweep point is
-  labelled with its beta.
-  """
-  # The object API with the Agg canvas: no pyplot, no display, no global backend change.
-  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
-
-  pct = lambda v: 100.0 * v
-  fig = Figure(figsize=(6.4, 4.8), layout="constrained")
-  ax = fig.subplots()
-  xs = [pct(p["clean"]) for p in result["points"]]
-  ys = [pct(p["robust"]) for p in result["points"]]
-  label = "mix(natural, robust, beta)"
-  if result["bn_recalibrated"]:
-    label += f" + BN recalibrated ({result['bn_recalibrated']})"
-  ax.plot(xs, ys, "o-", color="tab:blue", label=label, zorder=2)
-  labels = {}  # coinciding points share one label "0.20, 0.30"
-  for p, x, y in zip(result["points"], xs, ys):
-    labels.setdefault((x, y), []).append(f"{p['beta']:.2f}")
-  for (x, y), betas in labels.items():
-    ax.annotate(", ".join(betas), (x, y),
-                textcoords="offset points",
-                xytext=(4, 4),
-                fontsize=7,
-                color="tab:blue")
-  front_xy = []
-  for item in result["pareto"]:
-    if item == "global":
-      figures = result["global"]
-    elif isinstance(item, str):
-      figures = result["experts"][item]
-    else:
-      figures = next(p for p in result["points"] if p["beta"] == item)
-    front_xy.append((pct(figures["clean"]), pct(figures["robust"])))
-  draw_front(ax, front_xy)
-  markers = [("natural", "s", 80, "tab:green", "natural expert (EMA teacher)"),
-             ("robust", "^", 90, "tab:orange", "robust expert (EMA teacher)"),
-             ("global", "*", 260, "tab:red", "trained global model")]
-  for role, marker, size, color, label in markers:
-    figures = result["global"] if role == "global" else result["experts"][role]
-    if figures is not None:
-      ax.scatter([pct(figures["clean"])], [pct(figures["robust"])],
-                 marker=marker,
-                 s=size,
-                 color=color,
-                 edgecolor="black" if role == "global" else None,
-                 label=label,
-                 zorder=5 if role == "global" else 4)
-  ax.set_xlabel("clean accuracy (%)")
-  ax.set_ylabel(f"PGD-{result['steps']} accuracy (%), eps = {255 * result['eps']:.1f}/255")
-  ax.set_title(f"Mixing-weight sweep ({result['n']} test images)")
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=8, loc="best")
-  return outputs.save_figure(fig, path)
-
-
-def to_markdown(result: dict[str, Any]) -> str:
-  """The sweep as a markdown table (percent), Pareto-front rows marked."""
-  recalibrated = result["bn_recalibrated"]
-  lines = [
-      f"Mixing sweep: PGD-{result['steps']} at eps {result['eps']:.5f}, {result['n']} test images"
-      f"{', BatchNorm recalibrated: ' + recalibrated if recalibrated else ''}.", "",
-      "| model | clean | robust | Pareto |", "|---|---|---|---|"
-  ]
-  for p in result["points"]:
-    mark = "yes" if p["beta"] in result["pareto"] else ""
-    lines.append(f"| beta = {p['beta']:.2f} | {100 * p['clean']:.2f} | {100 * p['robust']:.2f} | "
-                 f"{mark} |")
-  for role, f in result["experts"].items():
-    mark = "yes" if role in result["pareto"] else ""
-    lines.append(f"| {role} expert | {100 * f['clean']:.2f} | {100 * f['robust']:.2f} | {mark} |")
-  if result["global"] is not None:
-    g = result["global"]
-    mark = "yes" if "global" in result["pareto"] else ""
-    lines.append(f"| global model | {100 * g['clean']:.2f} | {100 * g['robust']:.2f} | {mark} |")
-  return "\n".join(lines) + "\n"
-
-
-# ------------------------------------------------------------------------ N experts: the simplex
+# --------------------------------------------------------------------------------------- the grid
 def simplex_grid(n: int, step: float) -> list[tuple[float, ...]]:
   """Every weight vector of `n` experts whose weights are multiples of `step` and sum to 1.
 
@@ -583,206 +318,344 @@ def simplex_grid(n: int, step: float) -> list[tuple[float, ...]]:
   return [tuple(round(p / k, 10) for p in c) for c in parts(k, n)]
 
 
-def _simplex_figures(table: dict[str, Any], name: str) -> dict[str, float]:
-  """{"clean", "linf", "l2", "union"} of one model of an attack table (those it holds)."""
-  row = table["models"][name]
-  figures = {"clean": row["clean"]["accuracy"]}
-  for norm, attack in catalogue.NORM_ATTACKS.items():
-    if attack in row:
-      figures[norm] = row[attack]["accuracy"]
-  if "union" in table:
-    figures["union"] = table["union"]["models"][name]["accuracy"]
-  return figures
+def _grid(roles: Sequence[str], betas: Sequence[float], grid_step: float) -> list[dict[str, Any]]:
+  """The sweep's points before evaluation: {"beta"} per beta for two experts (the line), else
+  {"weights": {role: w}} per vector of `simplex_grid`."""
+  if len(roles) == 2:
+    return [{"beta": beta} for beta in check_betas(betas)]
+  return [{"weights": dict(zip(roles, w))} for w in simplex_grid(len(roles), grid_step)]
 
 
-def run_simplex(models: ModelSet,
-                images: Any,
-                labels: Any,
-                *,
-                roles: Sequence[str],
-                key: jax.Array,
-                eps: float,
-                step_size: float,
-                l2_eps: float | None = None,
-                l2_step_size: float | None = None,
-                grid_step: float = 0.25,
-                recalibrate: Callable[[dict[str, Any], float], dict[str, Any]] | None = None,
-                recalibration: str | None = None,
-                batch_size: int = 250,
-                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-  """Clean, per-norm PGD-20 and union accuracy of `mix_many(teachers, w)` over a simplex grid.
+def _mixture(teachers: Sequence[Any], point: Mapping[str, Any]) -> Any:
+  """The variables of a grid point: `mix(nat, rob, beta)` on the line (the reference's formula,
+  and what `--select` saves), `mix_many(teachers, w)` on the simplex."""
+  if "beta" in point:
+    return mixing.mix(*teachers, point["beta"])
+  return mixing.mix_many(teachers, list(point["weights"].values()))
 
-  Every mixture, the experts' teachers and the global model are evaluated on the same images with
-  the same attack keys (`report.attack_table`: "clean", L-inf "pgd20" at `eps`, and with
-  `l2_eps` L2 "pgd20-l2" and the union of the two).
+
+def _name(point: Mapping[str, Any], short: bool = False) -> str:
+  """A grid point as the table names it ("beta = 0.30", "0.50, 0.25, 0.25") or, `short`, as the
+  plot labels it ("0.30", "0.5/0.25/0")."""
+  if "beta" in point:
+    return f"{point['beta']:.2f}" if short else f"beta = {point['beta']:.2f}"
+  if short:
+    return "/".join(f"{w:.2f}".rstrip("0").rstrip(".") for w in point["weights"].values())
+  return ", ".join(f"{w:.2f}" for w in point["weights"].values())
+
+
+def _entries(result: Mapping[str, Any]) -> list[tuple[Any, str, dict[str, float]]]:
+  """(label, name, figures) of every evaluated model in table order: each mixture (labelled by its
+  beta on the line, its index on the simplex), each expert (its role), the global model."""
+  rows = [(p.get("beta", i), _name(p), p) for i, p in enumerate(result["points"])]
+  rows += [(role, f"{role} expert", f) for role, f in result["experts"].items()]
+  if result["global"] is not None:
+    rows.append((GLOBAL, "global model", result["global"]))
+  return rows
+
+
+# ------------------------------------------------------------------------------------ the sweep
+def run(models: ModelSet,
+        images: Any,
+        labels: Any,
+        *,
+        key: jax.Array,
+        threats: Mapping[str, Threat],
+        roles: Sequence[str] = (NATURAL, ROBUST),
+        betas: Sequence[float] = DEFAULT_BETAS,
+        grid_step: float = 0.25,
+        recalibrate: Callable[[dict[str, Any], float | None], dict[str, Any]] | None = None,
+        recalibration: str | None = None,
+        batch_size: int = 250,
+        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+  """Clean and attacked accuracy of the experts' mixture at every point of the weight grid.
 
   Args:
-    models: the run's teachers (those of `roles`) and, when present, its "global" model.
+    models: the teachers of `roles` and, when present, the "global" model (evaluated alongside).
     images, labels: the test images (uint8 NHWC or floats in [0, 1]) and labels.
-    roles: the experts to mix, in weight order (`Config.experts`).
-    key: PRNG key of the attacks (the same for every model).
-    eps, step_size: the L-inf PGD-20 attack.
-    l2_eps, l2_step_size: the L2 PGD-20 attack (None: L-inf only, no union).
-    grid_step: the grid's spacing (1/k; 0.25 gives 15 mixtures of three experts).
-    recalibrate: `(variables, beta) -> variables` re-estimating BatchNorm statistics ("clean"
-      mode of `recalibrator`; beta is unused there).
-    recalibration: its name, recorded in the result.
+    key: the evaluation key (`engine.correctness`: per example, the same for every model).
+    threats: figure name -> attack, e.g. {"robust": the run's attack} on the line, {"linf": ...,
+      "l2": ...} on the simplex; with several, their per-example union is a figure too.
+    roles: the experts to mix, in weight order (`Config.experts`): two give the line of `betas`
+      (robust weights in [0, 1]), more the simplex grid of spacing `grid_step` (1/k).
+    recalibrate: `(variables, beta) -> variables` (from `recalibrator`; beta None on the simplex);
+      when given, every mixture's BatchNorm statistics are re-estimated with it.
+    recalibration: the name of the recalibration, recorded in the result (e.g. "clean").
     batch_size: images per batch.
-    progress: optional callback told "w=0.50/0.25/0.25" before each evaluation.
+    progress: optional callback told each point's name ("beta = 0.30") before its evaluation.
 
   Returns:
-    {"kind": "simplex", "roles", "grid_step", "eps", "l2_eps", "steps", "n", "metrics",
-     "bn_recalibrated", "points": [{"weights": {role: w}, "clean", "linf", ["l2", "union"]}],
-     "experts": {role: figures}, "global": figures or None, "pareto": indices of the points
-     that no other point beats in both clean and the last robust figure (union, else linf)}.
+    {"kind": "line" or "simplex", "roles", "betas" (line) or "grid_step" (simplex), "metrics"
+     ("clean", the threats' names, "union" with several), "eps" and "steps" (the first threat's),
+     "l2_eps" (the "l2" threat's or None), "n", "bn_recalibrated" (the recalibration's name or
+     None), "points": [{"beta" or "weights": {role: w}, and the metrics}], "experts": {role:
+     figures}, "global": figures or None, "pareto": the models no other beats in clean and the
+     last metric, by increasing clean accuracy: a point's beta (line) or index (simplex), an
+     expert's role, "global"}.
 
   Raises:
-    ValueError: a role the models lack, fewer than two roles, a bad grid step.
+    ValueError: fewer than two roles or one the models lack, no threat, bad betas or grid step.
   """
   roles = list(roles)
   missing = [r for r in roles if r not in models.variables]
   if missing or len(roles) < 2:
-    raise ValueError(f"the simplex sweep mixes two or more experts; the models have no "
-                     f"{missing or roles} (they have {', '.join(models.names)}).")
-  grid = simplex_grid(len(roles), grid_step)
-  attack_names = ("clean", "pgd20") + (("pgd20-l2",) if l2_eps else ())
-  table = functools.partial(report.attack_table,
-                            images=to_float(np.asarray(images)),
-                            labels=np.asarray(labels),
-                            key=key,
-                            eps=eps,
-                            step_size=step_size,
-                            attacks=attack_names,
-                            batch_size=batch_size,
-                            l2_eps=l2_eps,
-                            l2_step_size=l2_step_size)
+    raise ValueError(f"the sweep mixes two or more experts; the models have no "
+                     f"{missing or roles} (they have {', '.join(models.names)}). Sweep a "
+                     "generalist run.")
+  if not threats:
+    raise ValueError("the sweep needs at least one threat (figure name -> Threat).")
+  grid = _grid(roles, betas, grid_step)
+  x, y = to_float(np.asarray(images)), np.asarray(labels)
+  names, threat_list = list(threats), list(threats.values())
+  metrics = ["clean", *names] + (["union"] if len(names) > 1 else [])
 
   def figures(variables):
-    return _simplex_figures(
-        table(ModelSet(models.module, {"m": variables}, fast_ops=models.fast_ops)), "m")
+    one = ModelSet(models.module, {"m": variables}, fast_ops=models.fast_ops)
+    correct = engine.correctness(one, x, y, threats=threat_list, key=key, batch_size=batch_size)
+    hits = {name: correct["m"][threat] for name, threat in threats.items()}
+    out = {"clean": float(np.mean(correct["m"][engine.CLEAN]))}
+    out.update((name, float(np.mean(h))) for name, h in hits.items())
+    if "union" in metrics:
+      out["union"] = report.union_accuracy(hits)["accuracy"]
+    return out
 
   teachers = [models.variables[r] for r in roles]
   points = []
-  for weights in grid:
+  for point in grid:
     if progress:
-      progress("w=" + "/".join(f"{w:.2f}" for w in weights))
-    variables = mixing.mix_many(teachers, list(weights))
+      progress(_name(point))
+    variables = _mixture(teachers, point)
     if recalibrate is not None:
-      variables = recalibrate(variables, None)
-    points.append({"weights": dict(zip(roles, weights)), **figures(variables)})
+      variables = recalibrate(variables, point.get("beta"))
+    points.append({**point, **figures(variables)})
   if progress:
     progress("experts and global model")
-  experts = {r: figures(models.variables[r]) for r in roles}
-  global_figures = figures(models.variables[GLOBAL]) if GLOBAL in models.variables else None
-  metrics = [m for m in ("clean", "linf", "l2", "union") if m in points[0]]
-  robust = "union" if "union" in metrics else "linf"
-  return {
-      "kind": "simplex",
+  line = len(roles) == 2
+  grid_spec = {"betas": [p["beta"] for p in grid]} if line else {"grid_step": float(grid_step)}
+  first, l2 = threat_list[0], threats.get("l2")
+  result = {
+      "kind": "line" if line else "simplex",
       "roles": roles,
-      "grid_step": float(grid_step),
-      "eps": float(eps),
-      "l2_eps": None if l2_eps is None else float(l2_eps),
-      "steps": 20,
-      "n": int(len(labels)),
+      **grid_spec,
       "metrics": metrics,
+      "eps": float(first.eps),
+      "l2_eps": None if l2 is None else float(l2.eps),
+      "steps": int(first.steps),
+      "n": int(len(labels)),
       "bn_recalibrated": recalibration or ("yes" if recalibrate is not None else None),
       "points": points,
-      "experts": experts,
-      "global": global_figures,
-      "pareto": pareto_front([(p["clean"], p[robust]) for p in points]),
+      "experts": {
+          r: figures(models.variables[r]) for r in roles
+      },
+      "global": figures(models.variables[GLOBAL]) if GLOBAL in models.variables else None,
+  }
+  # The front is over everything evaluated: the mixtures, the experts and the global model.
+  entries = _entries(result)
+  front = pareto_front([(f["clean"], f[metrics[-1]]) for _, _, f in entries])
+  result["pareto"] = [entries[i][0] for i in front]
+  return result
+
+
+def sweep_run(eval_run: runs.EvalRun,
+              *,
+              betas: Sequence[float] = DEFAULT_BETAS,
+              n: int | None = None,
+              eps: float | None = None,
+              steps: int = 20,
+              bn_recalibrate: str | None = None,
+              recalibration_n: int = 2000,
+              select: Rule | tuple[str, float] | None = None,
+              seed: int | None = None,
+              batch_size: int = 250,
+              progress: Callable[[str], None] | None = None,
+              grid_step: float = 0.25) -> dict[str, Any]:
+  """The sweep of a training run (`runs.restore_models`), optionally saving a choice.
+
+  Mixes the run's teachers (`Config.experts`, in order) on its first `n` test images, attacked by
+  `steps`-step PGD at the run's eps (or `eps`, the PGD step scaled alike): two experts along
+  `betas`, under the run's own attack ("robust"); more over the simplex grid of `grid_step`, under
+  L-inf PGD and, for an L-inf run with an L2 expert, L2 PGD at that expert's radius ("linf",
+  "l2", "union"). With `bn_recalibrate` ("clean", or "matched" for two experts: it weighs clean
+  and PGD images by beta) re-estimates each mixture's BatchNorm statistics on the first
+  `recalibration_n` training images (the run's own training attack for "matched"). With `select`
+  (from `parse_rule`; two experts), saves the chosen mixture as a model checkpoint in a new
+  directory `EVAL_DIR/mix-beta0.30[-bn-MODE]` and records it under `result["selected"]`; a target
+  that no mixture reaches is recorded under `result["selection_error"]` (the sweep itself is
+  still returned). The attack key is `engine.attack_key(seed)`, by default of the run's own seed
+  (the key of its `summary.json`).
+  """
+  config = eval_run.config
+  seed = config.seed if seed is None else seed
+  if config.method != "generalist":
+    raise ValueError(
+        f"{eval_run.source} was trained with --method {config.method}, which trains one "
+        "expert only: there is nothing to mix. Sweep a generalist run.")
+  roles = config.experts
+  line = len(roles) == 2
+  if select is not None and not line:
+    raise ValueError("--select chooses a beta between two experts; this run has "
+                     f"{len(roles)} ({', '.join(roles)}). Read the simplex sweep and save a "
+                     "mixture with gen_jax.mix_many.")
+  if bn_recalibrate not in (None, "clean") and not line:
+    raise ValueError(f"--bn-recalibrate {bn_recalibrate} weighs clean and PGD images by beta, "
+                     "which two experts define; a run of more experts takes 'clean' only.")
+  threat = dataclasses.replace(Threat.of(config, eps=eps), steps=steps)
+  threats = {"robust": threat} if line else {threat.norm: threat}
+  l2 = None if line or threat.norm != "linf" else Threat.of(config, norm="l2")
+  if l2 is not None:
+    threats["l2"] = dataclasses.replace(l2, steps=steps)
+  recalibrate = None
+  if bn_recalibrate:
+    train_x, train_y = eval_run.training_images(recalibration_n)
+    recalibrate = recalibrator(eval_run.model,
+                               train_x,
+                               mode=bn_recalibrate,
+                               labels=train_y,
+                               key=jax.random.key(seed + 1),
+                               eps=config.eps,
+                               step_size=config.step_size,
+                               steps=config.pgd_steps,
+                               batch_size=batch_size)
+  result = run(ModelSet(eval_run.model, eval_run.models),
+               *eval_run.test_split(n),
+               key=engine.attack_key(seed),
+               threats=threats,
+               roles=roles,
+               betas=betas,
+               grid_step=grid_step,
+               recalibrate=recalibrate,
+               recalibration=bn_recalibrate,
+               batch_size=batch_size,
+               progress=progress)
+  if select is None:
+    return result
+  try:
+    choice = select_point(result["points"], select)
+  except ValueError as error:
+    result["selection_error"] = str(error)
+    return result
+  variables = _mixture([eval_run.models[r] for r in roles], choice)
+  if recalibrate is not None:
+    variables = recalibrate(variables, choice["beta"])
+  name = f"mix-beta{choice['beta']:.2f}" + (f"-bn-{bn_recalibrate}" if recalibrate else "")
+  rule = str(Rule(*select))
+  target = runs.save_model(outputs.unique_directory(eval_run.eval_dir / name),
+                           variables,
+                           config,
+                           source=str(eval_run.source.absolute()),
+                           beta=choice["beta"],
+                           bn_recalibrated=bn_recalibrate,
+                           rule=rule,
+                           sweep_figures=choice)
+  result["selected"] = {**choice, "rule": rule, "checkpoint": str(target)}
+  return result
+
+
+# ------------------------------------------------------------------------- files, table and plot
+_FILES = {
+    "line": ("sweep.json", "sweep.md", "tradeoff.png"),
+    "simplex": ("simplex.json", "simplex.md", "simplex.png"),
+}
+
+
+def write_sweep(result: dict[str, Any], directory: str | pathlib.Path) -> dict[str, pathlib.Path]:
+  """Writes the result (JSON), its table (`to_markdown`) and its plot (`plot`): `sweep.json`,
+  `sweep.md` and `tradeoff.png` for two experts, `simplex.json`, `simplex.md` and `simplex.png`
+  for more; earlier files are kept (`outputs`)."""
+  directory = pathlib.Path(directory)
+  json_name, md_name, png_name = _FILES[result["kind"]]
+  return {
+      "json": outputs.write_json(directory / json_name, result),
+      "md": outputs.write_text(directory / md_name, to_markdown(result)),
+      "png": plot(result, directory / png_name),
   }
 
 
-def _simplex_run(eval_run: runs.EvalRun, *, grid_step, n, eps, bn_recalibrate, recalibration_n,
-                 select, seed, batch_size, progress) -> dict[str, Any]:
-  """`sweep_run` for a run of more than two experts (see there)."""
-  if select is not None:
-    raise ValueError("--select chooses a beta between two experts; this run has "
-                     f"{len(eval_run.config.experts)} ({', '.join(eval_run.config.experts)}). "
-                     "Read the simplex sweep and save a mixture with gen_jax.mix_many.")
-  if bn_recalibrate not in (None, "clean"):
-    raise ValueError(f"--bn-recalibrate {bn_recalibrate} weighs clean and PGD images by beta, "
-                     "which two experts define; a run of more experts takes 'clean' only.")
-  config = eval_run.config
-  threat = Threat.of(config, eps=eps)
-  l2 = Threat.of(config, norm="l2") if config.norm == "linf" else None
-  recalibrate = None
-  if bn_recalibrate:
-    train_x, _ = eval_run.training_images(recalibration_n)
-    recalibrate = recalibrator(eval_run.model, train_x, mode="clean", batch_size=batch_size)
-  return run_simplex(ModelSet(eval_run.model, eval_run.models),
-                     *eval_run.test_split(n),
-                     roles=config.experts,
-                     key=engine.attack_key(seed),
-                     eps=threat.eps,
-                     step_size=threat.step_size,
-                     l2_eps=l2.eps if l2 else None,
-                     l2_step_size=l2.step_size if l2 else None,
-                     grid_step=grid_step,
-                     recalibrate=recalibrate,
-                     recalibration=bn_recalibrate,
-                     batch_size=batch_size,
-                     progress=progress)
+def _label(result: Mapping[str, Any], metric: str) -> str:
+  """A metric as the table heads it: "clean", "robust", "L-inf PGD-20", "L2 PGD-20", "union"."""
+  return {"linf": "L-inf PGD-{}", "l2": "L2 PGD-{}"}.get(metric, metric).format(result["steps"])
 
 
-_METRIC_LABELS = {"clean": "clean", "linf": "L-inf PGD-20", "l2": "L2 PGD-20", "union": "union"}
+def _axis_label(result: Mapping[str, Any], metric: str) -> str:
+  if metric == "robust":  # the line's one attack, with its radius
+    return f"PGD-{result['steps']} accuracy (%), eps = {255 * result['eps']:.1f}/255"
+  return f"{_label(result, metric)} accuracy (%)"
 
 
-def _simplex_pairs(metrics: Sequence[str]) -> list[tuple[str, str]]:
-  pairs = [("clean", m) for m in ("linf", "l2") if m in metrics]
-  if "l2" in metrics:
-    pairs.append(("linf", "l2"))
-  if "union" in metrics:
-    pairs.append(("clean", "union"))
-  return pairs
+def _pairs(metrics: Sequence[str]) -> list[tuple[str, str]]:
+  """The plot's panels: clean against each attack's figure, each pair of attacks' figures (L-inf
+  vs L2), clean against the union. The line's one panel is clean vs robust."""
+  attacked = [m for m in metrics if m not in ("clean", "union")]
+  pairs = [("clean", m) for m in attacked] + list(itertools.combinations(attacked, 2))
+  return pairs + ([("clean", "union")] if "union" in metrics else [])
 
 
-def plot_simplex(result: dict[str, Any], path) -> pathlib.Path:
-  """One trade-off panel per pair of figures (clean vs L-inf, clean vs L2, L-inf vs L2, clean vs
-  union): every grid mixture (coloured by the first expert's weight, labelled with its weights),
-  the experts' teachers and the global model; saves a PNG."""
+# The line's two experts in colour; the simplex's teachers hollow, one shape each.
+_LINE_EXPERTS = (("s", 80, "tab:green"), ("^", 90, "tab:orange"))
+_SIMPLEX_MARKERS = ("s", "^", "v", "D", "P", "X")
+
+
+def plot(result: dict[str, Any], path: str | pathlib.Path) -> pathlib.Path:
+  """Draws the sweep's trade-off, the experts and the global model; saves a PNG.
+
+  Two experts: the clean/robust line of the mixtures, each point labelled with its beta, and the
+  Pareto front as a dashed line through the non-dominated models. More: one panel per pair of
+  figures (clean vs L-inf, clean vs L2, L-inf vs L2, clean vs union), the mixtures coloured by
+  the first expert's weight and labelled with their weights.
+  """
+  # The object API with the Agg canvas: no pyplot, no display, no global backend change.
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
 
+  line = result["kind"] == "line"
   pct = lambda v: 100.0 * v
-  pairs = _simplex_pairs(result["metrics"])
+  roles, points = result["roles"], result["points"]
+  pairs = _pairs(result["metrics"])
   cols = min(2, len(pairs))
   rows = -(-len(pairs) // cols)
-  fig = Figure(figsize=(6.0 * cols, 4.8 * rows), layout="constrained")
+  fig = Figure(figsize=(6.4, 4.8) if line else (6.0 * cols, 4.8 * rows), layout="constrained")
   axes = np.atleast_1d(fig.subplots(rows, cols)).reshape(-1)
-  roles = result["roles"]
-  colour = [p["weights"][roles[0]] for p in result["points"]]
-  markers = ["s", "^", "v", "D", "P", "X"]
   for ax, (mx, my) in zip(axes, pairs):
-    points = ax.scatter([pct(p[mx]) for p in result["points"]],
-                        [pct(p[my]) for p in result["points"]],
-                        c=colour,
-                        cmap="viridis",
-                        vmin=0.0,
-                        vmax=1.0,
-                        s=30,
-                        zorder=3,
-                        label="mix_many(teachers, w)")
-    labels = {}  # coinciding points share one label "0/1/0, 0.25/0.75/0"
-    for p in result["points"]:
-      labels.setdefault(
-          (pct(p[mx]), pct(p[my])),
-          []).append("/".join(f"{w:.2f}".rstrip("0").rstrip(".") for w in p["weights"].values()))
+    xs, ys = [pct(p[mx]) for p in points], [pct(p[my]) for p in points]
+    if line:
+      label = f"mix({', '.join(roles)}, beta)"
+      if result["bn_recalibrated"]:
+        label += f" + BN recalibrated ({result['bn_recalibrated']})"
+      ax.plot(xs, ys, "o-", color="tab:blue", label=label, zorder=2)
+    else:
+      mixtures = ax.scatter(xs,
+                            ys,
+                            c=[p["weights"][roles[0]] for p in points],
+                            cmap="viridis",
+                            vmin=0.0,
+                            vmax=1.0,
+                            s=30,
+                            zorder=3,
+                            label="mix_many(teachers, w)")
+    labels = {}  # coinciding points share one label "0.20, 0.30"
+    for p, xy in zip(points, zip(xs, ys)):
+      labels.setdefault(xy, []).append(_name(p, short=True))
     for xy, names in labels.items():
       ax.annotate(", ".join(names),
                   xy,
                   textcoords="offset points",
-                  xytext=(3, 3),
-                  fontsize=6,
-                  color="dimgray")
+                  xytext=(4, 4) if line else (3, 3),
+                  fontsize=7 if line else 6,
+                  color="tab:blue" if line else "dimgray")
+    if line:
+      front = [f for item, _, f in _entries(result) if item in result["pareto"]]
+      draw_front(ax, [(pct(f[mx]), pct(f[my])) for f in front])
     for i, role in enumerate(roles):
+      if line:
+        marker, size, color = _LINE_EXPERTS[i]
+        style = dict(marker=marker, s=size, color=color, label=f"{role} expert (EMA teacher)")
+      else:
+        style = dict(marker=_SIMPLEX_MARKERS[i % len(_SIMPLEX_MARKERS)],
+                     s=80,
+                     edgecolor="black",
+                     facecolor="none",
+                     label=f"{role} teacher")
       f = result["experts"][role]
-      ax.scatter([pct(f[mx])], [pct(f[my])],
-                 marker=markers[i % len(markers)],
-                 s=80,
-                 edgecolor="black",
-                 facecolor="none",
-                 label=f"{role} teacher",
-                 zorder=4)
+      ax.scatter([pct(f[mx])], [pct(f[my])], zorder=4, **style)
     if result["global"] is not None:
       g = result["global"]
       ax.scatter([pct(g[mx])], [pct(g[my])],
@@ -792,38 +665,41 @@ def plot_simplex(result: dict[str, Any], path) -> pathlib.Path:
                  edgecolor="black",
                  label="trained global model",
                  zorder=5)
-    ax.set_xlabel(f"{_METRIC_LABELS[mx]} accuracy (%)")
-    ax.set_ylabel(f"{_METRIC_LABELS[my]} accuracy (%)")
+    ax.set_xlabel(_axis_label(result, mx))
+    ax.set_ylabel(_axis_label(result, my))
     ax.grid(True, alpha=0.3)
-  for ax in axes[len(pairs):]:
-    ax.set_visible(False)
-  axes[0].legend(fontsize=7, loc="best")
-  fig.colorbar(points, ax=list(axes[:len(pairs)]), label=f"weight of {roles[0]}", shrink=0.6)
-  l2 = f", L2 eps {result['l2_eps']:g}" if result["l2_eps"] else ""
-  fig.suptitle(f"Simplex sweep over {', '.join(roles)} (step {result['grid_step']:g}; "
-               f"L-inf eps {result['eps']:.4g}{l2}; {result['n']} test images)")
+  axes[0].legend(fontsize=8 if line else 7, loc="best")
+  if line:
+    axes[0].set_title(f"Mixing-weight sweep ({result['n']} test images)")
+  else:
+    for ax in axes[len(pairs):]:
+      ax.set_visible(False)
+    fig.colorbar(mixtures, ax=list(axes[:len(pairs)]), label=f"weight of {roles[0]}", shrink=0.6)
+    l2 = f", L2 eps {result['l2_eps']:g}" if result["l2_eps"] else ""
+    fig.suptitle(f"Simplex sweep over {', '.join(roles)} (step {result['grid_step']:g}; "
+                 f"L-inf eps {result['eps']:.4g}{l2}; {result['n']} test images)")
   return outputs.save_figure(fig, path)
 
 
-def simplex_markdown(result: dict[str, Any]) -> str:
-  """The simplex sweep as a markdown table (percent), Pareto rows (clean vs union) marked."""
-  metrics, roles = result["metrics"], result["roles"]
-  recalibrated = result["bn_recalibrated"]
-  l2 = f", L2 eps {result['l2_eps']:g}" if result["l2_eps"] else ""
+def to_markdown(result: dict[str, Any]) -> str:
+  """The sweep as a markdown table (percent): a row per mixture, expert and the global model, those
+  on the Pareto front marked."""
+  metrics, roles, recalibrated = result["metrics"], result["roles"], result["bn_recalibrated"]
+  if result["kind"] == "line":
+    title, first = f"Mixing sweep: PGD-{result['steps']} at eps {result['eps']:.5f}", "model"
+  else:
+    l2 = f", L2 eps {result['l2_eps']:g}" if result["l2_eps"] else ""
+    title = (f"Simplex sweep of {', '.join(roles)}: grid step {result['grid_step']:g}, PGD-"
+             f"{result['steps']} at L-inf eps {result['eps']:.5f}{l2}")
+    first = f"weights ({', '.join(roles)})"
   lines = [
-      f"Simplex sweep of {', '.join(roles)}: grid step {result['grid_step']:g}, PGD-"
-      f"{result['steps']} at L-inf eps {result['eps']:.5f}{l2}, {result['n']} test images"
-      f"{', BatchNorm recalibrated: ' + recalibrated if recalibrated else ''}.", "", "| weights (" +
-      ", ".join(roles) + ") | " + " | ".join(_METRIC_LABELS[m] for m in metrics) + " | Pareto |",
+      f"{title}, {result['n']} test images"
+      f"{', BatchNorm recalibrated: ' + recalibrated if recalibrated else ''}.", "",
+      f"| {first} | " + " | ".join(_label(result, m) for m in metrics) + " | Pareto |",
       "|---|" + "---|" * (len(metrics) + 1)
   ]
-  for i, p in enumerate(result["points"]):
-    mark = "yes" if i in result["pareto"] else ""
-    lines.append("| " + ", ".join(f"{w:.2f}" for w in p["weights"].values()) + " | " +
-                 " | ".join(f"{100 * p[m]:.2f}" for m in metrics) + f" | {mark} |")
-  for role, f in result["experts"].items():
-    lines.append(f"| {role} teacher | " + " | ".join(f"{100 * f[m]:.2f}" for m in metrics) + " | |")
-  if result["global"] is not None:
-    g = result["global"]
-    lines.append("| global model | " + " | ".join(f"{100 * g[m]:.2f}" for m in metrics) + " | |")
+  for label, name, figures in _entries(result):
+    mark = "yes" if label in result["pareto"] else ""
+    lines.append(f"| {name} | " + " | ".join(f"{100 * figures[m]:.2f}" for m in metrics) +
+                 f" | {mark} |")
   return "\n".join(lines) + "\n"

@@ -85,8 +85,13 @@ def check_directory(out: str | os.PathLike, *, overwrite: bool = False) -> list[
 
 def _move_into_place(staged: pathlib.Path, out: pathlib.Path, *, overwrite: bool) -> pathlib.Path:
   """Puts a complete export written in `staged` in place as `out`: one rename when `out` does
-  not exist; else (a directory of the user's, or an export being replaced) the earlier export's
-  files go, the new ones move in with model.json last, and `staged` is removed."""
+  not exist or is an empty directory (a kill leaves all of it or none); else (a directory with
+  files of the user's, or an export being replaced) the earlier export's files go, the new ones
+  move in with model.json last, and `staged` is removed."""
+  if out.is_dir() and not any(out.iterdir()):
+    # File by file, a kill between the moves would leave model.onnx without model.json, which
+    # the rerun refuses as "an earlier export".
+    out.rmdir()
   if not out.exists():
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staged, out)
