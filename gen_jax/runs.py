@@ -60,16 +60,15 @@ import hashlib
 import json
 import os
 import pathlib
-import re
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 
-from gen_jax import checkpoint, data, models, parallel, tensorboard
+from gen_jax import checkpoint, data, legacy, models, parallel, tensorboard
 from gen_jax.config import Config, config_from_record, config_record
-from gen_jax.experts import GLOBAL, NATURAL, ROBUST
+from gen_jax.experts import GLOBAL
 
 CONFIG_FILE = "config.json"
 GLOBAL_MODEL_KEY = "global_model"  # the state entry of the deployed model
@@ -81,10 +80,6 @@ EVAL_DIR = "eval"
 MODEL_RECORD = checkpoint.MODEL_RECORD
 
 PathLike = str | os.PathLike
-
-# Checkpoints written before the role vocabulary (gen_jax 0.1.0 at its first landings) name the
-# evaluated models teacher_nat, teacher_rob and mix; they are read under today's names.
-_LEGACY_MODEL_KEYS = {"teacher_nat": NATURAL, "teacher_rob": ROBUST, "mix": GLOBAL}
 
 
 # ----------------------------------------------------------------------------- config record
@@ -337,32 +332,6 @@ def append_metrics(workdir: PathLike, record: dict[str, Any]) -> None:
     f.write(json.dumps(record) + "\n")
 
 
-_LEGACY_ROLES = {"nat": NATURAL, "rob": ROBUST}  # metric-key prefixes of the first landings
-
-
-def _upgrade_record(record: dict[str, Any]) -> dict[str, Any]:
-  """An epoch record of an earlier version (`nat_loss`, `lr_rob`, `val_global`...) in today's
-  form (`train[role]`, `lr[role]`, `weights[role]`, `validation`); today's records unchanged."""
-  if "train" in record or not any(f"{p}_loss" in record for p in _LEGACY_ROLES):
-    return record
-  legacy = dict(record)
-  trained = [r for p, r in _LEGACY_ROLES.items() if f"{p}_loss" in legacy]
-  out: dict[str, Any] = {"epoch": legacy.pop("epoch"), "step": legacy.pop("step")}
-  out["train"] = {
-      role: {
-          "loss": legacy.pop(f"{p}_loss"),
-          "acc": legacy.pop(f"{p}_acc", None)
-      } for p, role in _LEGACY_ROLES.items() if role in trained
-  }
-  lrs = {role: legacy.pop(f"lr_{p}", None) for p, role in _LEGACY_ROLES.items()}
-  out["lr"] = {role: lrs[role] for role in trained}
-  beta = legacy.get("beta", 1.0)
-  out["weights"] = ({NATURAL: 1.0 - beta, ROBUST: beta} if len(trained) == 2 else {trained[0]: 1.0})
-  if "val_global" in legacy:
-    legacy["validation"] = {GLOBAL: legacy.pop("val_global")}
-  return {**out, **legacy}
-
-
 def read_metrics(workdir: PathLike,
                  *,
                  torn_tail: bool = False,
@@ -394,7 +363,7 @@ def read_metrics(workdir: PathLike,
           break
         raise ValueError(f"{path} line {number} is not valid JSON ({error}); restore it from a "
                          "copy or delete the line.") from error
-  return records if as_written else [_upgrade_record(r) for r in records]
+  return records if as_written else [legacy.upgrade_record(r) for r in records]
 
 
 def write_summary(workdir: PathLike, summary: dict[str, Any]) -> None:
@@ -404,8 +373,9 @@ def write_summary(workdir: PathLike, summary: dict[str, Any]) -> None:
 def read_summary(workdir: PathLike) -> dict[str, Any] | None:
   """The finished run's summary, or None if the run has not finished.
 
-  Summaries of earlier versions (models at the top level, robust accuracy as `pgd20_acc`) are
-  returned in today's form: `summary["models"][role]` with `clean_acc` and `pgd_acc`.
+  Summaries of the first layout (models at the top level, robust accuracy as `pgd20_acc`) are
+  returned in today's form (`legacy.upgrade_summary`): `summary["models"][role]` with `clean_acc`
+  and `pgd_acc`.
   """
   path = pathlib.Path(workdir) / SUMMARY_FILE
   if not path.exists():
@@ -418,47 +388,10 @@ def read_summary(workdir: PathLike) -> dict[str, Any] | None:
   if not isinstance(summary, dict):
     raise ValueError(f"{path} holds no JSON object; delete it and rerun the same training "
                      "command to recompute it from the final checkpoint.")
-  if "models" not in summary:
-    moved = {}
-    for role in (NATURAL, ROBUST, GLOBAL):
-      if role in summary:
-        figures = summary.pop(role)
-        moved[role] = {
-            ("pgd_acc" if re.fullmatch(r"pgd\d+_acc", k) else k): v for k, v in figures.items()
-        }
-    summary["models"] = moved
-  return summary
+  return legacy.upgrade_summary(summary)
 
 
 # ------------------------------------------------------------------ writing a training run
-# The training state of the first landings: both experts always saved, even the one a
-# single-expert method does not train; today's state keys experts and teachers by role.
-_LEGACY_STATE_KEYS = {"step", "nat", "rob", "teacher_nat", "teacher_rob", "mix"}
-
-
-def _legacy_state_template(like: Any) -> dict[str, Any]:
-  """The earlier layout's tree for today's abstract state `like` (a `GeneralistState`)."""
-  expert = lambda role: like.experts.get(role, next(iter(like.experts.values())))
-  teacher = lambda role: like.teachers.get(role, next(iter(like.teachers.values())))
-  return {
-      "step": like.step,
-      "nat": expert(NATURAL),
-      "rob": expert(ROBUST),
-      "teacher_nat": teacher(NATURAL),
-      "teacher_rob": teacher(ROBUST),
-      "mix": like.global_model,
-  }
-
-
-def _from_legacy_state(tree: dict[str, Any], *, like: Any) -> Any:
-  """Today's state from a restored earlier-layout tree (the untrained expert is dropped)."""
-  legacy = {NATURAL: "nat", ROBUST: "rob"}
-  return like.replace(step=tree["step"],
-                      experts={r: tree[legacy[r]] for r in like.experts},
-                      teachers={r: tree[f"teacher_{legacy[r]}"] for r in like.teachers},
-                      global_model=tree["mix"])
-
-
 def _check_meta(meta: dict[str, Any]) -> None:
   """ValueError unless `meta` is a checkpoint record of a training run (any version)."""
   epoch, best = meta.get("epoch"), meta.get("best")
@@ -531,9 +464,9 @@ class TrainingRun:
 
     template, convert = abstract_state, lambda state: state
     keys = checkpoint.saved_keys(self.workdir / CHECKPOINT_DIR)
-    if keys is not None and _LEGACY_STATE_KEYS <= set(keys):
-      template, convert = _legacy_state_template(abstract_state), functools.partial(
-          _from_legacy_state, like=abstract_state)
+    if keys is not None and legacy.STATE_KEYS <= set(keys):
+      template, convert = legacy.state_template(abstract_state), functools.partial(
+          legacy.from_state, like=abstract_state)
       _note(f"{self.workdir / CHECKPOINT_DIR} holds checkpoints of the earlier state layout "
             "(nat, rob, teacher_nat, teacher_rob, mix): resuming them in today's layout.")
 
@@ -691,10 +624,10 @@ def check_finite_models(models: dict[str, Any], source: PathLike) -> None:
 
 
 def _evaluated_model_keys(keys: tuple[str, ...]) -> list[str]:
-  """The saved state's keys that hold the evaluated models, in today's or the legacy layout."""
+  """The saved state's keys that hold the evaluated models, in today's or the first layout."""
   if "teachers" in keys:
     return ["teachers", "global_model"]
-  return [k for k in _LEGACY_MODEL_KEYS if k in keys]
+  return [k for k in legacy.MODEL_KEYS if k in keys]
 
 
 def _test_data(config: Config):
@@ -727,10 +660,7 @@ def restore_models(workdir: PathLike, roles: tuple[str, ...] | None = None) -> E
     available = {**{r: teachers[r] for r in config.experts if r in teachers}, **teachers}
     available[GLOBAL] = items["global_model"]
   else:
-    available = {_LEGACY_MODEL_KEYS[k]: v for k, v in items.items()}
-    available = {r: available[r] for r in (NATURAL, ROBUST, GLOBAL) if r in available}
-    # Legacy single-expert runs also saved the untrained expert's teacher.
-    available = {r: v for r, v in available.items() if r == GLOBAL or r in config.experts}
+    available = legacy.evaluated_models(items, config.experts)
   chosen = roles or tuple(available)
   missing = [r for r in chosen if r not in available]
   if missing:
