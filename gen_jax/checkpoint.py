@@ -44,6 +44,7 @@ import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from tqdm import tqdm
 
 from gen_jax import parallel
 
@@ -567,9 +568,9 @@ def remove_partial(partial: str | os.PathLike) -> None:
   partial = pathlib.Path(partial)
   if partial.exists():
     shutil.rmtree(partial)
-    print(f"removed {partial}: an unfinished save that an interrupted run left behind.",
-          file=sys.stderr,
-          flush=True)
+    # tqdm's write: on a line of its own even while a progress bar is drawn on stderr.
+    tqdm.write(f"removed {partial}: an unfinished save that an interrupted run left behind.",
+               file=sys.stderr)
 
 
 def read_model_record(directory: str | os.PathLike) -> dict[str, Any]:

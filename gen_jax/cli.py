@@ -15,7 +15,8 @@ accepts it) or set the environment variable `GEN_JAX_TRACEBACK=1`.
 
 Synopsis::
 
-    parser = build_parser("Train Generalist.", extra=lambda p: p.add_argument("--workdir"))
+    parser = build_parser("Train Generalist.",
+                          add_arguments=lambda p: p.add_argument("--workdir"))
     parser = argument_parser("Evaluate.")  # a program's own flags: no prefix matching, --traceback
     args, config = parse_config(parser, ["--preset", "pilot", "--epochs", "2"])
     add_distributed_arguments(parser)   # --coordinator, --num-processes, --process-id, ...

@@ -40,16 +40,8 @@ _WEIGHT_TOLERANCE = 1e-6
 
 
 def _path_str(path) -> str:
-  """Renders a pytree key path as `params/Conv_0/kernel`."""
-  parts = []
-  for entry in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(entry, attr):
-        parts.append(str(getattr(entry, attr)))
-        break
-    else:
-      parts.append(str(entry))
-  return "/".join(parts) or "<root>"
+  """Renders a pytree key path as `params/Conv_0/kernel` (`<root>` for a bare leaf)."""
+  return jax.tree_util.keystr(path, simple=True, separator="/") or "<root>"
 
 
 def _leaves_by_path(tree: PyTree, name: str) -> dict[str, Any]:

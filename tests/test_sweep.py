@@ -380,3 +380,28 @@ def test_sweep_command_selects_and_evaluate_accepts_the_checkpoint(tiny_run, tmp
              "0,2",
              cwd=tmp_path)
   assert out.returncode == 2 and "--betas" in out.stderr
+
+
+def test_the_sweep_names_its_attack_by_norm_and_radius():
+  """An L2 run's line is labelled with its L2 radius, an L-inf run's in 1/255 units; a sweep
+  written before the norm was recorded reads as L-inf."""
+  base = {
+      "kind": "line",
+      "roles": ("natural", "robust"),
+      "metrics": ["clean", "robust"],
+      "steps": 20,
+      "n": 10,
+      "bn_recalibrated": None,
+      "pareto": [],
+      "points": [],
+      "experts": {},
+      "global": None,
+      "betas": []
+  }
+  l2 = {**base, "norm": "l2", "eps": 0.5}
+  linf = {**base, "norm": "linf", "eps": 8 / 255}
+  assert sweep.to_markdown(l2).startswith("Mixing sweep: PGD-20 at L2 eps 0.5, 10 test images")
+  assert sweep.to_markdown(linf).startswith("Mixing sweep: PGD-20 at L-inf eps 8/255,")
+  assert "/255" not in sweep._axis_label(l2, "robust")  # pylint: disable=protected-access
+  old = {key: value for key, value in linf.items() if key != "norm"}
+  assert sweep._axis_label(old, "robust") == "PGD-20 accuracy (%), L-inf eps 8/255"  # pylint: disable=protected-access

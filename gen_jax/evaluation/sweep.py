@@ -438,6 +438,7 @@ def run(models: ModelSet,
       "roles": roles,
       **grid_spec,
       "metrics": metrics,
+      "norm": first.norm,
       "eps": float(first.eps),
       "l2_eps": None if l2 is None else float(l2.eps),
       "steps": int(first.steps),
@@ -576,9 +577,17 @@ def _label(result: Mapping[str, Any], metric: str) -> str:
   return {"linf": "L-inf PGD-{}", "l2": "L2 PGD-{}"}.get(metric, metric).format(result["steps"])
 
 
+def _radius(result: Mapping[str, Any]) -> str:
+  """The first attack's norm and radius as a reader writes them: "L-inf eps 8/255" or
+  "L2 eps 0.5" (a sweep written before "norm" was recorded is L-inf)."""
+  if result.get("norm", "linf") == "l2":
+    return f"L2 eps {result['eps']:g}"
+  return f"L-inf eps {255 * result['eps']:.3g}/255"
+
+
 def _axis_label(result: Mapping[str, Any], metric: str) -> str:
   if metric == "robust":  # the line's one attack, with its radius
-    return f"PGD-{result['steps']} accuracy (%), eps = {255 * result['eps']:.1f}/255"
+    return f"PGD-{result['steps']} accuracy (%), {_radius(result)}"
   return f"{_label(result, metric)} accuracy (%)"
 
 
@@ -677,7 +686,7 @@ def plot(result: dict[str, Any], path: str | pathlib.Path) -> pathlib.Path:
     fig.colorbar(mixtures, ax=list(axes[:len(pairs)]), label=f"weight of {roles[0]}", shrink=0.6)
     l2 = f", L2 eps {result['l2_eps']:g}" if result["l2_eps"] else ""
     fig.suptitle(f"Simplex sweep over {', '.join(roles)} (step {result['grid_step']:g}; "
-                 f"L-inf eps {result['eps']:.4g}{l2}; {result['n']} test images)")
+                 f"{_radius(result)}{l2}; {result['n']} test images)")
   return outputs.save_figure(fig, path)
 
 
@@ -686,11 +695,11 @@ def to_markdown(result: dict[str, Any]) -> str:
   on the Pareto front marked."""
   metrics, roles, recalibrated = result["metrics"], result["roles"], result["bn_recalibrated"]
   if result["kind"] == "line":
-    title, first = f"Mixing sweep: PGD-{result['steps']} at eps {result['eps']:.5f}", "model"
+    title, first = f"Mixing sweep: PGD-{result['steps']} at {_radius(result)}", "model"
   else:
     l2 = f", L2 eps {result['l2_eps']:g}" if result["l2_eps"] else ""
     title = (f"Simplex sweep of {', '.join(roles)}: grid step {result['grid_step']:g}, PGD-"
-             f"{result['steps']} at L-inf eps {result['eps']:.5f}{l2}")
+             f"{result['steps']} at {_radius(result)}{l2}")
     first = f"weights ({', '.join(roles)})"
   lines = [
       f"{title}, {result['n']} test images"
