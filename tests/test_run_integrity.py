@@ -81,16 +81,30 @@ def test_images_added_between_a_kill_and_the_resume_are_noticed(tmp_path):
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2"]  # nothing set aside
 
 
-def _damage(run_dir, config, step):
-  """Overwrites the global model of checkpoint `step` with NaN, keeping its meta record (and the
-  checksums in it): bytes damaged after the save, as bit rot or a bad copy would."""
+def _flip_one_bit(x):
+  """`x` with the lowest bit of its first element flipped (a float32 one ulp away)."""
+  bits = np.array(x).view(np.uint32).copy()
+  bits.reshape(-1)[0] ^= 1
+  return jnp.asarray(bits.view(np.float32))
+
+
+def _damage(run_dir, config, step, kind="nan"):
+  """Overwrites the global model of checkpoint `step` with NaN (`kind="nan"`), or flips one bit
+  of one of its values (`kind="one-bit"`), keeping its meta record (and the checksums in it):
+  bytes damaged after the save, as bit rot or a bad copy would."""
   model = runs.build_model(config, 10)
   abstract = jax.eval_shape(lambda: steps_lib.create_train_state(
       config, model, jax.random.key(0), image_shape=(16, 16, 1)))
   manager = checkpoint.open_manager(run_dir / "checkpoints", max_to_keep=None)
   state, meta = checkpoint.restore(manager, abstract, step)
-  state = state.replace(
-      global_model=jax.tree_util.tree_map(lambda x: jnp.full_like(x, jnp.nan), state.global_model))
+  if kind == "nan":
+    damaged = jax.tree_util.tree_map(lambda x: jnp.full_like(x, jnp.nan), state.global_model)
+  else:
+    leaves, treedef = jax.tree_util.tree_flatten(state.global_model)
+    first = next(i for i, x in enumerate(leaves) if x.dtype == jnp.float32)
+    leaves[first] = _flip_one_bit(leaves[first])
+    damaged = jax.tree_util.tree_unflatten(treedef, leaves)
+  state = state.replace(global_model=damaged)
   manager.delete(step)
   manager.save(step,
                args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -100,18 +114,20 @@ def _damage(run_dir, config, step):
   manager.close()
 
 
-def test_a_checkpoint_damaged_after_its_save_is_set_aside_and_the_previous_one_used(tmp_path):
+@pytest.mark.parametrize("kind", ["nan", "one-bit"])
+def test_a_checkpoint_damaged_after_its_save_is_set_aside_and_the_previous_one_used(tmp_path, kind):
   config = dataclasses.replace(cfg.get_config("tiny"), epochs=3)
   full = training.train_and_evaluate(config, tmp_path / "full", progress=False)
   cut = tmp_path / "cut"
   training.train_and_evaluate(config, cut, progress=False, max_epochs=2)  # steps 5 and 10
-  _damage(cut, config, 10)
+  _damage(cut, config, 10, kind)
   # Evaluation reads the newest intact checkpoint (with a line naming the damaged one).
   shutil.copytree(cut, tmp_path / "copy")
   evaluated = runs.restore_models(tmp_path / "copy")
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(evaluated.models["global"]))
   # Training sets it aside, resumes from step 5, and ends where the uninterrupted run ended
-  # (before checksums, the NaN model was reported as a diverged run).
+  # (before checksums, the NaN model was reported as a diverged run and a one-bit flip was
+  # resumed from silently).
   resumed = training.train_and_evaluate(config, cut, progress=False)
   assert resumed["models"] == full["models"]
   assert (cut / "checkpoints" / "10.damaged").exists()
