@@ -11,15 +11,38 @@ What is timed (`--what`):
   natural_step     the natural expert alone (method "natural"): augment + SGD step.
   robust_step      the robust expert alone (method "pgd_at"): PGD-k in inference mode + SGD step.
   generalist_step  the whole per-batch Generalist work: both experts, EMA teachers, global mix.
-  pgd20            PGD (`--pgd-steps`, default 20 for this one) against a model in inference mode.
-  autoattack       gen_jax.attacks.autoattack on one batch (labels = the model's own predictions,
-                   so every point starts robust and every stage does its full work).
+  pgd20            attacks.pgd (`--pgd-steps`, default 20 for this one; step 2/255, random start).
+  apgd_ce          attacks.apgd with the CE loss (`--pgd-steps`, default 100: the reference's).
+  autoattack       attacks.autoattack, version 'standard' (or the stages of `--aa-attacks`).
   conv             one convolution layer's forward + both gradients, XLA vs the custom VJP.
+
+The three attack targets are timed as a user runs them: the whole attack over `--n` images
+(default: one batch) in batches of `--batch-size` (`attacks.attack_in_batches`, the last batch
+padded; AutoAttack batches itself), L-inf eps 8/255, against the network in inference mode in
+float32, evaluated through `gen_jax.evaluation.ModelSet`. `images_per_second` is N over the
+seconds of the whole attack. The labels are the model's own predictions (`"labels":
+"predictions"`), so every point starts robust: with random labels most points would start
+misclassified, and AutoAttack (and torchattacks' APGD) attack only the others. AutoAttack's later
+stages still run only on the points its earlier stages did not fool (`stage_robust_accuracy` says
+how many were left; `--aa-attacks apgd-t` times one stage on every point). `robust_count` (the
+points still classified right on the attack's output) is a check of the result, not of speed.
+
+Models (`--model`): gen_jax's own (`smallcnn`, `resnet18`, `wrn34_10`, built with `--conv-impl`)
+or `plaincnn`, a user's own linen network defined here (`PlainCNN`: conv32-conv32-maxpool-
+conv64-conv64-maxpool-dense256-dense10, ReLU, 3x3 SAME, written with nn.Conv, nn.max_pool and
+nn.Dense as a user would). `plaincnn` is for the attack targets only (the training steps build
+gen_jax's own models). `ModelSet` applies a user's network inside `gen_jax.ops.intercept.
+fast_cpu_ops` (gen_jax's fast CPU convolution and max-pool gradients); `--fast-ops false` applies
+the stock flax layers instead, the "before" figure. The weights are random (plaincnn's are
+`plaincnn_weights`, the same as bench_torch.py's): the time per step of PGD and APGD does not
+depend on them, AutoAttack's does (through how many points each stage still has to attack).
 
 Synopsis::
 
     python experiments/bench.py --what generalist_step --model resnet18 --batch-size 128 --repeats 5
     python experiments/bench.py --what pgd20 --model resnet18 --batch-size 128 --conv-impl xla
+    python experiments/bench.py --what pgd20,apgd_ce,autoattack --model plaincnn --n 1000 \
+        --batch-size 250 --repeats 3           # a user's network; add --fast-ops false: before
     python experiments/bench.py --what natural_step --model smallcnn --sweep batch-size
     python experiments/bench.py --what robust_step --model smallcnn --sweep pgd-steps
     python experiments/bench.py --what conv --conv-shape 128,32,32,64,64,3,1
@@ -29,7 +52,9 @@ Synopsis::
 
 Flags are hyphenated. Kept for old command lines: `--batch` (= `--batch-size`), `--steps`
 (deprecated = `--repeats`: elsewhere `--steps` means PGD steps), and the sweep names `batch` and
-`pgd_steps`. The PyTorch baseline of this script is `experiments/reference/bench_torch.py`.
+`pgd_steps`. The PyTorch baseline of this script is `experiments/reference/bench_torch.py`
+(torchattacks for the attack targets), and `experiments/reference/side_by_side.py` runs both in
+alternation and prints the ratio.
 A sweep runs every point in a fresh subprocess (so peak RSS and failures stay per point).
 
 Training steps run data parallel over every device (`gen_jax.parallel`: state replicated, the
@@ -43,7 +68,8 @@ runs out: "Expected 8 threads to join the rendezvous", seen for natural_step on 
 cores); `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` (one thread per device) avoids it,
 and `--cpu-devices N` (N > 1) sets it unless XLA_FLAGS already has it.
 Model FLOPs follow the usual MFU convention: F = XLA's count for one inference forward pass,
-a training forward+backward = 3F, a PGD iteration (forward + input gradient) = 2F.
+a training forward+backward = 3F, a PGD iteration (forward + input gradient) = 2F; APGD-CE
+adds a clean forward pass and its starting gradient: (2 (k + 1) + 1) F per batch.
 """
 from __future__ import annotations
 
@@ -63,13 +89,17 @@ from typing import Any, Callable
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(_HERE))  # run from a checkout without installing
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gen_jax.models import COMPUTE_DTYPES  # noqa: E402
 
-WHATS = ("natural_step", "robust_step", "generalist_step", "pgd20", "autoattack", "conv")
+WHATS = ("natural_step", "robust_step", "generalist_step", "pgd20", "apgd_ce", "autoattack", "conv")
+ATTACK_WHATS = ("pgd20", "apgd_ce", "autoattack")
+EPS, STEP_SIZE = 8 / 255, 2 / 255  # the attack targets' L-inf radius and PGD step
+USER_MODELS = ("plaincnn",)  # networks defined here, not by gen_jax (attack targets only)
 METHOD_OF = {"natural_step": "natural", "robust_step": "pgd_at", "generalist_step": "generalist"}
 # Sweep name -> (record field, the flag's spellings (the first is passed on), default values).
 SWEEPS = {
@@ -82,6 +112,14 @@ SWEEP_ALIASES = {"batch": "batch-size", "pgd_steps": "pgd-steps"}  # the names u
 SINGLE_THREADED_EIGEN = "--xla_cpu_multi_thread_eigen=false"  # for many virtual CPU devices
 
 
+def _parse_bool(text: str) -> bool:
+  if text.lower() in ("true", "1", "yes"):
+    return True
+  if text.lower() in ("false", "0", "no"):
+    return False
+  raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                               allow_abbrev=False,
@@ -89,7 +127,10 @@ def _parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--what",
                  default="generalist_step",
                  help=f"comma-separated subset of {','.join(WHATS)}")
-  p.add_argument("--model", default="resnet18")
+  p.add_argument("--model",
+                 default="resnet18",
+                 help="a gen_jax model (smallcnn, resnet18, wrn34_10, ...) or plaincnn, a user's "
+                 "own linen network defined here (attack targets only)")
   p.add_argument("--batch-size", dest="batch", type=int, default=128, metavar="N")
   p.add_argument("--batch",
                  dest="batch",
@@ -99,7 +140,21 @@ def _parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--pgd-steps",
                  type=int,
                  default=None,
-                 help="PGD iterations (default: 10 inside training steps, 20 for pgd20)")
+                 help="PGD iterations (default: 10 inside training steps, 20 for pgd20, 100 for "
+                 "apgd_ce)")
+  p.add_argument("--n",
+                 type=int,
+                 default=None,
+                 metavar="N",
+                 help="attack targets: attack N images in batches of --batch-size (default: one "
+                 "batch)")
+  p.add_argument("--fast-ops",
+                 type=_parse_bool,
+                 default=True,
+                 metavar="{true,false}",
+                 help="attack targets on a user's network (plaincnn): ModelSet's fast CPU "
+                 "convolution and max-pool paths (true, default) or the stock flax layers (false); "
+                 "gen_jax's own models keep --conv-impl")
   p.add_argument("--dtype",
                  default="float32",
                  choices=tuple(COMPUTE_DTYPES),
@@ -174,6 +229,11 @@ def _parse_args(argv=None) -> argparse.Namespace:
       p.error(f"{flag} must be >= 1; got {getattr(args, name)}")
   if args.pgd_steps is not None and args.pgd_steps < 1:
     p.error(f"--pgd-steps must be >= 1; got {args.pgd_steps}")
+  if args.n is not None and args.n < 1:
+    p.error(f"--n must be >= 1; got {args.n}")
+  if args.model in USER_MODELS and any(w not in ATTACK_WHATS for w in whats) and not args.sweep:
+    p.error(f"--model {args.model} (a user's network defined here) is for the attack targets "
+            f"{','.join(ATTACK_WHATS)}; got --what {args.what}")
   if args.warmup < 0:
     p.error(f"--warmup must be >= 0; got {args.warmup}")
   for name, flag in (("per_device_batch", "--per-device-batch"), ("cpu_devices", "--cpu-devices")):
@@ -334,6 +394,8 @@ def _pgd_steps(args: argparse.Namespace, what: str) -> int | None:
     return args.pgd_steps or 10
   if what == "pgd20":
     return args.pgd_steps or 20
+  if what == "apgd_ce":
+    return args.pgd_steps or 100
   return None
 
 
@@ -371,15 +433,6 @@ def _forward_flops(model: Any, variables: Any, batch: int, image_size: int) -> f
     return _flops(fwd.lower(variables, x).compile())
   except Exception:  # pylint: disable=broad-except
     return None
-
-
-def _synthetic_batch(args: argparse.Namespace):
-  key = jax.random.key(args.seed + 1)
-  k_img, k_lab = jax.random.split(key)
-  images = jax.random.randint(k_img, (args.batch, args.image_size, args.image_size, 3), 0, 256,
-                              jnp.int32).astype(jnp.uint8)
-  labels = jax.random.randint(k_lab, (args.batch,), 0, args.num_classes, jnp.int32)
-  return images, labels
 
 
 _FEED_BATCHES = 4  # the synthetic training set: this many global batches, fed in turn
@@ -480,80 +533,168 @@ def bench_train_step(args: argparse.Namespace, what: str) -> dict[str, Any]:
   return _finish(record, timing, args.batch, model_flops, args)
 
 
-def bench_pgd(args: argparse.Namespace) -> dict[str, Any]:
-  """PGD against the model in inference mode, float32 (evaluation is never run in bfloat16)."""
+class PlainCNN(nn.Module):
+  """A user's own linen network defined here (`--model plaincnn`), written as a user would.
+
+  conv32-conv32-maxpool-conv64-conv64-maxpool-dense256-dense(num_classes), ReLU, 3x3 SAME
+  convolutions, 2x2 max pools: stock `nn.Conv`, `nn.max_pool` and `nn.Dense`, none of gen_jax's
+  layers, so gen_jax's fast paths reach it only through `ModelSet` (`fast_cpu_ops`). The same
+  network in PyTorch is `PlainCNN` of experiments/reference/bench_torch.py.
+  """
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    del train  # no BatchNorm or dropout; ModelSet applies every network with train=False
+    for features in (32, 64):
+      x = nn.relu(nn.Conv(features, (3, 3), padding="SAME")(x))
+      x = nn.relu(nn.Conv(features, (3, 3), padding="SAME")(x))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(256)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+def plaincnn_weights(seed: int, num_classes: int, image_size: int) -> list[tuple[Any, Any]]:
+  """PlainCNN's (kernel, bias) per layer, drawn the same way by bench.py and bench_torch.py.
+
+  NumPy only, so that both frameworks time the same function of the same images (AutoAttack's
+  later stages run only on the points still robust, so the work depends on the weights). flax's
+  layout: convolution kernels HWIO, dense kernels [in, out] over NHWC-flattened features; LeCun
+  normal kernels (flax's default init, untruncated here), zero biases. Kept identical in both
+  scripts (tests/test_bench.py compares the two sources).
+  """
+  rng = np.random.default_rng(seed)
+  side = image_size // 4
+  shapes = ((3, 3, 3, 32), (3, 3, 32, 32), (3, 3, 32, 64), (3, 3, 64, 64), (side * side * 64, 256),
+            (256, num_classes))
+  weights = []
+  for shape in shapes:
+    scale = np.float32(1.0 / np.sqrt(np.prod(shape[:-1])))
+    weights.append(
+        (rng.standard_normal(shape, dtype=np.float32) * scale, np.zeros(shape[-1], np.float32)))
+  return weights
+
+
+def _attack_network(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+  """(module, variables, logits_fn): the network of the attack targets in inference mode.
+
+  `logits_fn` is the `Partial` of `ModelSet.logits_fns()`, the way every gen_jax evaluation
+  applies a network: a user's network inside `fast_cpu_ops` unless `--fast-ops false`, gen_jax's
+  own models as built (`--conv-impl`). plaincnn's weights are `plaincnn_weights`, the torch side's.
+  """
+  from gen_jax.evaluation import ModelSet  # pylint: disable=g-import-not-at-top
+  if args.model == "plaincnn":
+    model = PlainCNN(args.num_classes)
+    shapes = jax.eval_shape(model.init, jax.random.key(args.seed),
+                            jnp.zeros((1, args.image_size, args.image_size, 3), jnp.float32))
+    names = ("Conv_0", "Conv_1", "Conv_2", "Conv_3", "Dense_0", "Dense_1")
+    weights = plaincnn_weights(args.seed, args.num_classes, args.image_size)
+    variables = {
+        "params": {
+            name: {
+                "kernel": jnp.asarray(k),
+                "bias": jnp.asarray(b)
+            } for name, (k, b) in zip(names, weights)
+        }
+    }
+    if jax.tree.map(jnp.shape, variables) != jax.tree.map(lambda s: s.shape, shapes):
+      raise AssertionError("plaincnn_weights does not match PlainCNN's parameters")
+  else:
+    model, variables = _model_and_variables(args, jnp.float32)
+  logits_fn = ModelSet(model, {"bench": variables}, fast_ops=args.fast_ops).logits_fns()["bench"]
+  return model, variables, logits_fn
+
+
+def _predictions(logits_fn: Any, x: np.ndarray, batch_size: int) -> np.ndarray:
+  """The network's class for each image (host int32 [N]), in batches of `batch_size`."""
+  from gen_jax.data.batching import map_batches  # pylint: disable=g-import-not-at-top
+  predict = jax.jit(lambda f, xb: jnp.argmax(f(xb), axis=-1))
+  return map_batches(lambda xb: predict(logits_fn, xb), (x,), batch_size=min(batch_size, len(x)))
+
+
+def bench_attack(args: argparse.Namespace, what: str) -> dict[str, Any]:
+  """pgd20 / apgd_ce / autoattack: the whole attack over N images, as a user runs it.
+
+  PGD and APGD-CE: one batch program compiled ahead of time (exact compile time, XLA's memory
+  plan and FLOP count), run over the N images by `attacks.attack_in_batches`. AutoAttack: the host
+  loop of `attacks.autoattack` (it compiles on its first call and batches itself). The labels are
+  the model's own predictions, so every point starts robust (module docstring).
+  """
   from gen_jax import attacks  # pylint: disable=g-import-not-at-top
-  steps = _pgd_steps(args, "pgd20")
-  model, variables = _model_and_variables(args, jnp.float32)
-  images, labels = _synthetic_batch(args)
-  x = images.astype(jnp.float32) / 255.0
+  model, variables, logits_fn = _attack_network(args)
+  n = args.n or args.batch
+  b = min(args.batch, n)
+  rng = np.random.default_rng(args.seed + 1)
+  x = (rng.integers(0, 256, (n, args.image_size, args.image_size, 3), dtype=np.uint8) /
+       np.float32(255.0)).astype(np.float32)
+  y = _predictions(logits_fn, x, args.batch)
+  steps = _pgd_steps(args, what)
+  record = _context(args, what)
+  record.update(n=n,
+                labels="predictions",
+                eps=EPS,
+                fast_ops=args.fast_ops if args.model in USER_MODELS else None)
+  if args.model in USER_MODELS:
+    # fast_cpu_ops decides like conv_impl "auto" (fast on CPU); "xla" is the stock nn.Conv.
+    record["conv_impl"] = "auto" if args.fast_ops else "xla"
+  key = jax.random.key(args.seed + 3)
+  holder: dict[str, Any] = {"i": 0}
+  if what == "autoattack":
+    kwargs = {}
+    if args.aa_attacks:
+      kwargs["attacks"] = tuple(a.strip() for a in args.aa_attacks.split(",") if a.strip())
 
-  def attack_fn(variables, x, y, key):
-    logits_fn = jax.tree_util.Partial(lambda v, z: model.apply(v, z, train=False), variables)
-    return attacks.pgd(logits_fn, x, y, key=key, eps=8 / 255, step_size=2 / 255, steps=steps)
+    def run():
+      holder["i"] += 1
+      run_key = jax.random.fold_in(key, holder["i"])
+      holder["x_adv"], holder["report"] = attacks.autoattack(logits_fn,
+                                                             x,
+                                                             y,
+                                                             key=run_key,
+                                                             eps=EPS,
+                                                             batch_size=args.batch,
+                                                             **kwargs)
+      return holder["x_adv"]
 
-  record = _context(args, "pgd20")
-  with _clock():
-    t0 = time.perf_counter()
-    compiled = jax.jit(attack_fn).lower(variables, x, labels, jax.random.key(3)).compile()
-    compile_seconds = time.perf_counter() - t0
-  holder = {"i": 0}
+    timing = _time_calls(run, args.repeats, args.warmup, args.profile)
+    stages = holder["report"]["stages"]
+    record["attacks"] = list(holder["report"]["attacks"])
+    record["stage_seconds"] = {s["attack"]: round(s["seconds"], 3) for s in stages}
+    record["stage_robust_accuracy"] = {s["attack"]: s["robust_accuracy"] for s in stages}
+    model_flops = None
+  else:
+    if what == "pgd20":
+      batch_attack = lambda f, xb, yb, k: attacks.pgd(
+          f, xb, yb, key=k, eps=EPS, step_size=STEP_SIZE, steps=steps)
+    else:
+      batch_attack = lambda f, xb, yb, k: attacks.apgd(
+          f, xb, yb, key=k, eps=EPS, loss="ce", steps=steps)
+    with _clock():
+      t0 = time.perf_counter()
+      compiled = jax.jit(batch_attack).lower(logits_fn, x[:b], y[:b], key).compile()
+      compile_seconds = time.perf_counter() - t0
 
-  def run():
-    holder["i"] += 1
-    return compiled(variables, x, labels, jax.random.fold_in(jax.random.key(3), holder["i"]))
+    def run():
+      holder["i"] += 1
+      holder["x_adv"] = attacks.attack_in_batches(
+          lambda xb, yb, key: compiled(logits_fn, xb, yb, key),
+          x,
+          y,
+          key=jax.random.fold_in(key, holder["i"]),
+          batch_size=b)
+      return holder["x_adv"]
 
-  timing = _time_calls(run, args.repeats, args.warmup, args.profile)
-  timing["compile_seconds"] = compile_seconds
-  timing["program_memory_bytes"] = _program_memory(compiled)
-  f = _forward_flops(model, variables, args.batch, args.image_size)
-  return _finish(record, timing, args.batch, 2 * steps * f if f else None, args)
-
-
-def bench_autoattack(args: argparse.Namespace) -> dict[str, Any]:
-  """AutoAttack on one batch; skipped with a clear message when the attack is not available."""
-  record = _context(args, "autoattack")
-  try:
-    from gen_jax import attacks  # pylint: disable=g-import-not-at-top
-    autoattack = getattr(attacks, "autoattack", None)
-  except ImportError as e:
-    autoattack, record["skipped"] = None, f"gen_jax.attacks does not import: {e}"
-  if autoattack is None:
-    record.setdefault("skipped", "gen_jax.attacks.autoattack is not available in this checkout")
-    record.update(images_per_second=None,
-                  seconds_per_step=None,
-                  compile_seconds=None,
-                  peak_memory_bytes=None)
-    return record
-  model, variables = _model_and_variables(args, jnp.float32)
-  images, _ = _synthetic_batch(args)
-  x = images.astype(jnp.float32) / 255.0
-  logits_fn = jax.tree_util.Partial(lambda v, z: model.apply(v, z, train=False), variables)
-  # The model's own predictions as labels: every point starts robust, so every stage runs on the
-  # whole batch (an untrained network with random labels would leave little to attack).
-  labels = jnp.argmax(jax.jit(logits_fn)(x), axis=-1)
-  kwargs = {}
-  if args.aa_attacks:
-    kwargs["attacks"] = tuple(a.strip() for a in args.aa_attacks.split(",") if a.strip())
-  reports = []
-
-  def run():
-    x_adv, report = autoattack(logits_fn,
-                               np.asarray(x),
-                               np.asarray(labels),
-                               key=jax.random.key(4),
-                               eps=8 / 255,
-                               batch_size=args.batch,
-                               **kwargs)
-    reports.append(report)
-    return x_adv
-
-  timing = _time_calls(run, args.repeats, args.warmup, args.profile)
-  record["robust_accuracy"] = reports[-1].get("robust_accuracy")
-  record["stage_seconds"] = {
-      s["attack"]: round(s["seconds"], 3) for s in reports[-1].get("stages", [])
-  }
-  return _finish(record, timing, args.batch, None, args)
+    timing = _time_calls(run, args.repeats, args.warmup, args.profile)
+    timing["compile_seconds"] = compile_seconds
+    timing["program_memory_bytes"] = _program_memory(compiled)
+    f = _forward_flops(model, variables, b, args.image_size)
+    per_batch = 2 * steps if what == "pgd20" else 2 * (steps + 1) + 1
+    model_flops = per_batch * f * -(-n // b) if f else None
+  robust = _predictions(logits_fn, holder["x_adv"], args.batch) == y
+  record["robust_count"] = int(robust.sum())
+  record["robust_accuracy"] = float(robust.mean())
+  return _finish(record, timing, n, model_flops, args)
 
 
 def bench_conv(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -651,10 +792,8 @@ def main(argv: list[str] | None = None) -> int:
   for what in args.whats:
     if what in METHOD_OF:
       records = [bench_train_step(args, what)]
-    elif what == "pgd20":
-      records = [bench_pgd(args)]
-    elif what == "autoattack":
-      records = [bench_autoattack(args)]
+    elif what in ATTACK_WHATS:
+      records = [bench_attack(args, what)]
     else:
       records = bench_conv(args)
     for record in records:

@@ -1,9 +1,11 @@
 """Smoke test of experiments/bench.py in its smallest configuration: it runs and its JSON is whole.
 
 Nothing about time is asserted (tests never time anything); this only keeps the benchmark from
-rotting as the training, model and attack APIs evolve. The PyTorch side (experiments/reference/)
-needs torch, which CI never has: side_by_side.py is run against a stand-in "python", and the flags
-it passes to bench_torch.py are checked against that script's source.
+rotting as the training, model and attack APIs evolve, and checks that the fast CPU ops that
+`ModelSet` applies to a user's network (bench.py's `plaincnn`) leave the attacks' results as they
+are. The PyTorch side (experiments/reference/) needs torch, which CI never has: side_by_side.py
+is run against a stand-in "python", and the flags it passes to bench_torch.py are checked against
+that script's source.
 """
 import ast
 import importlib.util
@@ -12,6 +14,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,20 +45,25 @@ def _run(*flags: str) -> list[dict]:
   return [json.loads(l) for l in lines]
 
 
-def _check(record: dict, what: str, model: str, batch: int) -> None:
+def _check(record: dict, what: str, model: str, batch: int, images: int | None = None) -> None:
+  """`images`: the images one repetition handles (the attack targets' N), default `batch`."""
+  images = images or batch
   for field in FIELDS:
     assert field in record, f"{field} missing from {record}"
   assert record["what"] == what and record["model"] == model and record["batch"] == batch
   assert record["backend"] == "cpu" and record["devices"] >= 1
   assert record["images_per_second"] > 0 and record["seconds_per_step"] > 0
   assert record["compile_seconds"] >= 0
-  assert abs(record["images_per_second"] * record["seconds_per_step"] - batch) < 1e-6 * batch
+  assert abs(record["images_per_second"] * record["seconds_per_step"] - images) < 1e-6 * images
   assert len(record["seconds_all"]) == record["repeats"]
 
 
 def _load(path: str, name: str):
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
+  # Registered before it runs, as an import would: dataclasses (bench.py's linen PlainCNN) look
+  # their module up in sys.modules to resolve string annotations.
+  sys.modules[name] = module
   spec.loader.exec_module(module)
   return module
 
@@ -112,6 +121,74 @@ def test_conv_and_sweep_smallest_config(tmp_path):
     _check(r, "natural_step", "smallcnn", r["batch"])
 
 
+@pytest.mark.slow
+def test_user_network_attack_targets_smallest_config():
+  records = _run("--what", "pgd20,apgd_ce,autoattack", "--model", "plaincnn", "--n", "4",
+                 "--batch-size", "2", "--pgd-steps", "2", "--repeats", "1", "--warmup", "0",
+                 "--image-size", "8", "--aa-attacks", "apgd-ce")
+  assert [r["what"] for r in records] == ["pgd20", "apgd_ce", "autoattack"]
+  for r in records:
+    _check(r, r["what"], "plaincnn", 2, images=4)
+    assert r["n"] == 4 and r["labels"] == "predictions" and r["eps"] == pytest.approx(8 / 255)
+    assert r["fast_ops"] is True and r["conv_impl"] == "auto"
+    assert 0 <= r["robust_count"] <= 4
+  pgd, apgd, aa = records
+  assert pgd["pgd_steps"] == apgd["pgd_steps"] == 2
+  # Model FLOPs over the 2 batches: PGD-k = 2k forward passes, APGD-CE-k = 2 (k + 1) + 1.
+  assert apgd["model_flops_per_step"] == pytest.approx(pgd["model_flops_per_step"] * 7 / 4)
+  assert aa["attacks"] == ["apgd-ce"] and set(aa["stage_robust_accuracy"]) == {"apgd-ce"}
+
+
+def test_fast_ops_do_not_change_the_attacks_results():
+  """The user network through ModelSet's fast CPU ops and through the stock flax layers: the same
+  adversarial robust count on the same seed (here 16x16 images, where neither attack fools every
+  point or none)."""
+  bench = _load(BENCH, "bench_under_test")
+  for what, steps in (("pgd20", "2"), ("apgd_ce", "5")):
+    counts = {}
+    for fast in ("true", "false"):
+      args = bench._parse_args([
+          "--what", what, "--model", "plaincnn", "--n", "8", "--batch-size", "4", "--pgd-steps",
+          steps, "--image-size", "16", "--repeats", "1", "--warmup", "0", "--fast-ops", fast
+      ])
+      record = bench.bench_attack(args, what)
+      assert record["fast_ops"] is (fast == "true")
+      assert record["conv_impl"] == ("auto" if fast == "true" else "xla")
+      counts[fast] = record["robust_count"]
+    assert counts["true"] == counts["false"], (what, counts)
+
+
+def test_user_network_is_the_same_on_both_sides():
+  bench = _load(BENCH, "bench_under_test")
+  # The weights are drawn by the same code in both scripts (bench_torch.py needs torch to run).
+  sources = []
+  for path in (BENCH, BENCH_TORCH):
+    text = open(path, encoding="utf-8").read()
+    (fn,) = [
+        n for n in ast.parse(text).body
+        if isinstance(n, ast.FunctionDef) and n.name == "plaincnn_weights"
+    ]
+    sources.append(ast.get_source_segment(text, fn))
+  assert sources[0] == sources[1]
+  weights = bench.plaincnn_weights(0, 10, 16)
+  assert [k.shape for k, _ in weights][-2:] == [(4 * 4 * 64, 256), (256, 10)]
+  args = bench._parse_args(["--what", "pgd20", "--model", "plaincnn", "--image-size", "16"])
+  _, variables, logits_fn = bench._attack_network(args)
+  assert logits_fn(np.zeros((2, 16, 16, 3), np.float32)).shape == (2, 10)
+  assert sum(v.size for v in jax.tree.leaves(variables)) == sum(k.size + b.size for k, b in weights)
+
+
+def test_user_network_flags_parse_and_fail_clearly():
+  bench = _load(BENCH, "bench_under_test")
+  args = bench._parse_args(["--what", "apgd_ce", "--model", "plaincnn", "--fast-ops", "false"])
+  assert args.fast_ops is False and args.n is None
+  assert bench._parse_args(["--what", "pgd20", "--model", "plaincnn"]).fast_ops is True
+  for bad in (["--what", "natural_step", "--model",
+               "plaincnn"], ["--fast-ops", "maybe"], ["--what", "pgd20", "--n", "0"]):
+    with pytest.raises(SystemExit):
+      bench._parse_args(bad)
+
+
 def test_old_flag_spellings_still_parse_the_same():
   bench = _load(BENCH, "bench_under_test")
   new = vars(bench._parse_args(["--batch-size", "16", "--repeats", "3", "--sweep", "pgd-steps"]))
@@ -139,6 +216,20 @@ def test_side_by_side_finds_both_bench_scripts_and_passes_flags_they_define():
   assert (parsed.batch, parsed.repeats, parsed.pgd_steps, parsed.image_size) == (4, 2, 1, 8)
   passed = {a for a in theirs[2:] if a.startswith("--")}
   assert passed <= _option_strings(BENCH_TORCH), passed - _option_strings(BENCH_TORCH)
+  # The attack targets on a user's network: --n to both, --fast-ops to bench.py only, the torch
+  # PGD implementation to bench_torch.py only.
+  args = side._parse_args([
+      "--torch-python", sys.executable, "--model", "plaincnn", "--n", "8", "--batch-size", "4",
+      "--fast-ops", "false", "--torch-pgd-impl", "torchattacks"
+  ])
+  for what in ("pgd20", "apgd_ce", "autoattack"):
+    ours, theirs = side._commands(args, what)
+    parsed = _load(BENCH, "bench_under_test")._parse_args(ours[2:])
+    assert (parsed.whats, parsed.n, parsed.fast_ops, parsed.model) == ([what], 8, False, "plaincnn")
+    assert theirs[theirs.index("--n") + 1] == "8" and "--fast-ops" not in theirs
+    assert theirs[theirs.index("--pgd-impl") + 1] == "torchattacks"
+    passed = {a for a in theirs[2:] if a.startswith("--")}
+    assert passed <= _option_strings(BENCH_TORCH), passed - _option_strings(BENCH_TORCH)
 
 
 def test_bad_flags_fail_clearly():

@@ -21,15 +21,34 @@ attacks.py), written independently:
                    `--redistribute` adds the late-phase copy of the global model into both experts;
                    `--reference-monitoring` adds the reference's two extra eval-mode forward passes
                    per batch that only feed its progress bar (off: gen_jax computes no such thing).
-  pgd20            a plain PyTorch PGD loop (input gradient only), eval mode.
+  pgd20            PGD-k (`--pgd-steps`, default 20), eps 8/255, step 2/255, random start, eval
+                   mode: `--pgd-impl loop` (default) a plain PyTorch loop (input gradient only),
+                   `--pgd-impl torchattacks` torchattacks.PGD (what a user of torchattacks runs).
+  apgd_ce          torchattacks.APGD, loss "ce", 1 restart, `--pgd-steps` (default 100: the
+                   reference AutoAttack's; torchattacks' own default is 10), rho 0.75.
+  autoattack       torchattacks.AutoAttack(version="standard"): APGD-CE, APGD-T, FAB-T (9 target
+                   classes), Square (5,000 queries). torchattacks builds its stages with 10
+                   iterations; `--aa-steps` (default 100) sets APGD-CE, APGD-T and FAB-T to the
+                   reference AutoAttack's 100, the work gen_jax's `attacks.autoattack` does
+                   (`--aa-steps 10`: torchattacks as shipped).
 Augmentation (4-pixel pad + random crop + flip, on the tensor batch) is part of the training steps,
 as it is inside gen_jax's jitted step.
+
+The attack targets run as in bench.py: the whole attack over `--n` images (default: one batch) in
+batches of `--batch-size` (the last one may be smaller), L-inf eps 8/255, the model in eval mode;
+the labels are the model's own predictions (every point starts robust: APGD and AutoAttack
+attack only the points classified right); `robust_count` checks the result. `--model plaincnn`
+is bench.py's user network (`PlainCNN` here: the same layer shapes, NCHW), for the attack
+targets only. torchattacks (installed with --no-deps, README.md) is imported only for the targets
+that use it.
 
 Synopsis::
 
     /opt/torchenv/bin/python experiments/reference/bench_torch.py --what generalist_step \
         --model resnet18 --batch-size 128 --repeats 5
     /opt/torchenv/bin/python experiments/reference/bench_torch.py --what pgd20 --batch-size 128
+    /opt/torchenv/bin/python experiments/reference/bench_torch.py --what pgd20,apgd_ce,autoattack \
+        --model plaincnn --n 1000 --batch-size 250 --repeats 3 --pgd-impl torchattacks
 
 As in bench.py, `--batch` and `--steps` (deprecated) are still accepted for `--batch-size` and
 `--repeats`.
@@ -45,12 +64,16 @@ import resource
 import statistics
 import sys
 import time
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-WHATS = ("natural_step", "robust_step", "generalist_step", "pgd20")
+WHATS = ("natural_step", "robust_step", "generalist_step", "pgd20", "apgd_ce", "autoattack")
+ATTACK_WHATS = ("pgd20", "apgd_ce", "autoattack")
+USER_MODELS = ("plaincnn",)  # bench.py's user network (attack targets only)
 EPS, STEP_SIZE = 8 / 255, 2 / 255
 
 # ----------------------------------------------------------------------------------------------
@@ -150,11 +173,71 @@ class SmallCNN(nn.Module):
     return self.linear(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
 
 
+class PlainCNN(nn.Module):
+  """bench.py's `plaincnn` (a user's own network): conv32-conv32-maxpool-conv64-conv64-maxpool-
+  dense256-dense(num_classes), ReLU, 3x3 "same" convolutions with bias, 2x2 max pools."""
+
+  def __init__(self, num_classes: int = 10, image_size: int = 32):
+    super().__init__()
+    self.features = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, 1, 1),
+                                  nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, 1, 1), nn.ReLU(),
+                                  nn.Conv2d(64, 64, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2))
+    side = image_size // 4
+    self.classifier = nn.Sequential(nn.Linear(64 * side * side, 256), nn.ReLU(),
+                                    nn.Linear(256, num_classes))
+
+  def forward(self, x):
+    return self.classifier(self.features(x).flatten(1))
+
+
+def plaincnn_weights(seed: int, num_classes: int, image_size: int) -> list[tuple[Any, Any]]:
+  """PlainCNN's (kernel, bias) per layer, drawn the same way by bench.py and bench_torch.py.
+
+  NumPy only, so that both frameworks time the same function of the same images (AutoAttack's
+  later stages run only on the points still robust, so the work depends on the weights). flax's
+  layout: convolution kernels HWIO, dense kernels [in, out] over NHWC-flattened features; LeCun
+  normal kernels (flax's default init, untruncated here), zero biases. Kept identical in both
+  scripts (tests/test_bench.py compares the two sources).
+  """
+  rng = np.random.default_rng(seed)
+  side = image_size // 4
+  shapes = ((3, 3, 3, 32), (3, 3, 32, 32), (3, 3, 32, 64), (3, 3, 64, 64), (side * side * 64, 256),
+            (256, num_classes))
+  weights = []
+  for shape in shapes:
+    scale = np.float32(1.0 / np.sqrt(np.prod(shape[:-1])))
+    weights.append(
+        (rng.standard_normal(shape, dtype=np.float32) * scale, np.zeros(shape[-1], np.float32)))
+  return weights
+
+
 MODELS = {
     "resnet18": ResNet18,
     "wrn34_10": lambda num_classes: WideResNet(34, 10, num_classes),
-    "smallcnn": SmallCNN
+    "smallcnn": SmallCNN,
+    "plaincnn": PlainCNN,
 }
+
+
+def build_model(args: argparse.Namespace) -> nn.Module:
+  """The network of `--model`; plaincnn with bench.py's weights (`plaincnn_weights`)."""
+  if args.model != "plaincnn":
+    return MODELS[args.model](num_classes=args.num_classes)
+  net = PlainCNN(args.num_classes, args.image_size)
+  (c0, c1, c2, c3, d0, d1) = plaincnn_weights(args.seed, args.num_classes, args.image_size)
+  side = args.image_size // 4
+  # HWIO -> OIHW; the first dense kernel's rows from flax's (h, w, c) flattening to torch's
+  # (c, h, w); [in, out] -> [out, in].
+  dense0 = d0[0].reshape(side, side, 64, 256).transpose(3, 2, 0, 1).reshape(256, -1)
+  tensors = [(k.transpose(3, 2, 0, 1), b) for k, b in (c0, c1, c2, c3)]
+  tensors += [(dense0, d0[1]), (d1[0].T, d1[1])]
+  layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+  with torch.no_grad():
+    for layer, (k, b) in zip(layers, tensors):
+      layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(k)))
+      layer.bias.copy_(torch.from_numpy(b))
+  return net
+
 
 # ----------------------------------------------------------------------------------------------
 # The per-batch work.
@@ -243,7 +326,7 @@ class Workload:
     torch.manual_seed(args.seed)
     self.args, self.what = args, what
     self.generator = torch.Generator().manual_seed(args.seed)
-    net = MODELS[args.model](num_classes=args.num_classes)
+    net = build_model(args)
     if args.channels_last:
       net = net.to(memory_format=torch.channels_last)
     self.model_at = net
@@ -265,9 +348,6 @@ class Workload:
     s = args.image_size
     self.images = torch.randint(0, 256, (args.batch, 3, s, s), generator=g, dtype=torch.uint8)
     self.labels = torch.randint(0, args.num_classes, (args.batch,), generator=g)
-    self.x_eval = self.images.float() / 255.0
-    if args.channels_last:
-      self.x_eval = self.x_eval.contiguous(memory_format=torch.channels_last)
 
   def _x(self):
     x = augment(self.images, self.generator)
@@ -277,10 +357,6 @@ class Workload:
 
   def run(self) -> float:
     args, y = self.args, self.labels
-    if self.what == "pgd20":
-      self.model_at.eval()
-      return float(
-          pgd(self.model_at, self.x_eval, y, args.pgd_steps or 20, "input", self.generator).sum())
     x = self._x()
     if self.what == "natural_step":
       return sgd_step(self.model_st, self.opt_st, x, y).item()
@@ -307,8 +383,82 @@ class Workload:
     return loss_at.item() + loss_st.item()
 
 
+class AttackWorkload:
+  """pgd20 / apgd_ce / autoattack: the whole attack over N images in batches, labels = the
+  model's own predictions; `run()` attacks all N images once."""
+
+  def __init__(self, args: argparse.Namespace, what: str):
+    torch.manual_seed(args.seed)
+    self.args, self.what = args, what
+    self.generator = torch.Generator().manual_seed(args.seed)
+    self.model = build_model(args).eval()
+    if args.channels_last:
+      self.model = self.model.to(memory_format=torch.channels_last)
+    # bench.py's images (NumPy, seed + 1), NHWC -> NCHW.
+    rng = np.random.default_rng(args.seed + 1)
+    s, n = args.image_size, args.n or args.batch
+    x = rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8) / np.float32(255.0)
+    x = torch.from_numpy(np.ascontiguousarray(x.astype(np.float32).transpose(0, 3, 1, 2)))
+    if args.channels_last:
+      x = x.contiguous(memory_format=torch.channels_last)
+    self.x = x
+    self.y = self._predict(x)
+    self.x_adv = x
+    self.attack = self._make_attack()
+
+  def _predict(self, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+      return torch.cat([self.model(xb).argmax(1) for xb in x.split(self.args.batch)])
+
+  def _make_attack(self):
+    args, model = self.args, self.model
+    steps = attack_steps(args, self.what)
+    if self.what == "pgd20" and args.pgd_impl == "loop":
+      return lambda x, y: pgd(model, x, y, steps, "input", self.generator)
+    import torchattacks  # pylint: disable=g-import-not-at-top
+    if self.what == "pgd20":
+      return torchattacks.PGD(model, eps=EPS, alpha=STEP_SIZE, steps=steps, random_start=True)
+    if self.what == "apgd_ce":
+      return torchattacks.APGD(model,
+                               norm="Linf",
+                               eps=EPS,
+                               steps=steps,
+                               n_restarts=1,
+                               seed=args.seed,
+                               loss="ce",
+                               rho=0.75)
+    attack = torchattacks.AutoAttack(model,
+                                     norm="Linf",
+                                     eps=EPS,
+                                     version="standard",
+                                     n_classes=args.num_classes,
+                                     seed=args.seed)
+    # torchattacks builds the standard stages with 10 iterations; the reference (and gen_jax)
+    # run APGD-CE, APGD-T and FAB-T with 100. Square's 5,000 queries are the same already.
+    for stage in attack._autoattack.attacks:  # pylint: disable=protected-access
+      if hasattr(stage, "steps"):
+        stage.steps = args.aa_steps
+    return attack
+
+  def run(self) -> float:
+    b = self.args.batch
+    self.x_adv = torch.cat(
+        [self.attack(xb, yb).detach() for xb, yb in zip(self.x.split(b), self.y.split(b))])
+    return float(self.x_adv.sum())
+
+  def robust_count(self) -> int:
+    return int((self._predict(self.x_adv) == self.y).sum())
+
+
+def attack_steps(args: argparse.Namespace, what: str) -> int | None:
+  """PGD iterations of a workload, as bench.py counts them (its `pgd_steps` field)."""
+  defaults = {"pgd20": 20, "apgd_ce": 100, "robust_step": 10, "generalist_step": 10}
+  return (args.pgd_steps or defaults[what]) if what in defaults else None
+
+
 def bench(args: argparse.Namespace, what: str) -> dict:
-  work = Workload(args, what)
+  attack = what in ATTACK_WHATS
+  work = AttackWorkload(args, what) if attack else Workload(args, what)
   for _ in range(max(1, args.warmup)):
     work.run()
   wall, cpu = [], []
@@ -318,9 +468,8 @@ def bench(args: argparse.Namespace, what: str) -> dict:
     wall.append(time.perf_counter() - t0)
     cpu.append(time.process_time() - c0)
   median = statistics.median(wall)
-  pgd_steps = (args.pgd_steps or 20) if what == "pgd20" else ((args.pgd_steps or 10) if what in (
-      "robust_step", "generalist_step") else None)
-  return {
+  images = (args.n or args.batch) if attack else args.batch
+  record = {
       "what": what,
       "framework": "torch",
       "model": args.model,
@@ -330,7 +479,7 @@ def bench(args: argparse.Namespace, what: str) -> dict:
       "device_kind": "cpu",
       "dtype": "float32",
       "conv_impl": "torch",
-      "pgd_steps": pgd_steps,
+      "pgd_steps": attack_steps(args, what),
       "repeats": args.repeats,
       "torch_version": torch.__version__,
       "torch_threads": torch.get_num_threads(),
@@ -338,14 +487,27 @@ def bench(args: argparse.Namespace, what: str) -> dict:
       "channels_last": args.channels_last,
       "load_average_1min": os.getloadavg()[0],
       "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
+  if attack:
+    record.update(n=images, labels="predictions", eps=EPS, robust_count=work.robust_count())
+    record["robust_accuracy"] = record["robust_count"] / images
+    if what == "pgd20":
+      record["pgd_impl"] = args.pgd_impl
+    if what == "autoattack":
+      record["aa_steps"] = args.aa_steps
+    if what != "pgd20" or args.pgd_impl == "torchattacks":
+      import torchattacks  # pylint: disable=g-import-not-at-top
+      record["torchattacks_version"] = torchattacks.__version__
+  record.update({
       "seconds_per_step": median,
       "seconds_all": [round(s, 4) for s in wall],
       "cpu_seconds_per_step": statistics.median(cpu),
       "compile_seconds": None,
-      "images_per_second": args.batch / median,
+      "images_per_second": images / median,
       "peak_memory_bytes": None,
       "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-  }
+  })
+  return record
 
 
 def main(argv=None) -> int:
@@ -361,7 +523,23 @@ def main(argv=None) -> int:
   p.add_argument("--pgd-steps",
                  type=int,
                  default=None,
-                 help="PGD iterations (default: 10 inside training steps, 20 for pgd20)")
+                 help="PGD iterations (default: 10 inside training steps, 20 for pgd20, 100 for "
+                 "apgd_ce)")
+  p.add_argument("--n",
+                 type=int,
+                 default=None,
+                 metavar="N",
+                 help="attack targets: attack N images in batches of --batch-size (default: one "
+                 "batch)")
+  p.add_argument("--pgd-impl",
+                 choices=("loop", "torchattacks"),
+                 default="loop",
+                 help="pgd20: a plain PyTorch loop or torchattacks.PGD")
+  p.add_argument("--aa-steps",
+                 type=int,
+                 default=100,
+                 help="autoattack: iterations of APGD-CE, APGD-T and FAB-T (100: the reference's; "
+                 "10: torchattacks' own)")
   p.add_argument("--repeats",
                  type=int,
                  default=5,
@@ -390,9 +568,15 @@ def main(argv=None) -> int:
   whats = [w.strip() for w in args.what.split(",") if w.strip()]
   if not whats or any(w not in WHATS for w in whats):
     p.error(f"--what must be a comma-separated subset of {WHATS}; got {args.what!r}")
-  for name, flag in (("batch", "--batch-size"), ("repeats", "--repeats")):
+  for name, flag in (("batch", "--batch-size"), ("repeats", "--repeats"), ("aa_steps",
+                                                                           "--aa-steps")):
     if getattr(args, name) < 1:
       p.error(f"{flag} must be >= 1; got {getattr(args, name)}")
+  if args.n is not None and args.n < 1:
+    p.error(f"--n must be >= 1; got {args.n}")
+  if args.model in USER_MODELS and any(w not in ATTACK_WHATS for w in whats):
+    p.error(f"--model {args.model} (bench.py's user network) is for the attack targets "
+            f"{','.join(ATTACK_WHATS)}; got --what {args.what}")
   torch.set_num_threads(args.threads)
   for what in whats:
     line = json.dumps(bench(args, what))

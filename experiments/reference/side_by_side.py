@@ -2,12 +2,20 @@
 
     python experiments/reference/side_by_side.py --torch-python /opt/torchenv/bin/python \
         --what generalist_step,pgd20 --model resnet18 --batch-size 128 --rounds 3 --repeats 2
+    python experiments/reference/side_by_side.py --torch-python /opt/torchenv/bin/python \
+        --what pgd20,apgd_ce,autoattack --model plaincnn --n 1000 --batch-size 250 \
+        --torch-pgd-impl torchattacks        # a user's network: gen_jax vs torchattacks
 
 For each `--what`, runs `--rounds` rounds; a round is one `experiments/bench.py` process followed at
 once by one `experiments/reference/bench_torch.py` process (the same workload, in the PyTorch
 environment given by `--torch-python`: see README.md beside this file), so each pair shares the
-minute and the machine's load. `--batch-size`, `--repeats`, `--warmup`, `--pgd-steps` and
-`--image-size` are passed to both (`--batch` and the deprecated `--steps` are still accepted).
+minute and the machine's load. `--batch-size`, `--repeats`, `--warmup`, `--pgd-steps`,
+`--image-size` and `--n` (attack targets: N images) are passed to both (`--batch` and the
+deprecated `--steps` are still accepted); `--fast-ops` only to bench.py (`false`: a user's network
+with the stock flax layers, the "before" figure) and `--torch-pgd-impl` only to bench_torch.py (as
+its `--pgd-impl`: `torchattacks` for torchattacks.PGD). For the attack targets the table also
+shows each side's `robust_count` (the same network and images on both sides for `plaincnn`), a
+check that both did comparable work: AutoAttack's later stages attack only the points still robust.
 Reports per workload the median images/s of each side and the median of the per-round ratios
 (gen_jax over PyTorch: the paired ratio is less sensitive to load drifting between rounds than the
 ratio of medians). Prints a markdown table and writes every raw JSON line plus the summary to
@@ -50,8 +58,14 @@ def _commands(args, what: str) -> tuple[list[str], list[str]]:
     common += ["--pgd-steps", str(args.pgd_steps)]
   if args.image_size is not None:
     common += ["--image-size", str(args.image_size)]
+  if args.n is not None:
+    common += ["--n", str(args.n)]
   ours = [sys.executable, BENCH, *common]
+  if args.fast_ops is not None:
+    ours += ["--fast-ops", args.fast_ops]
   theirs = [args.torch_python, BENCH_TORCH, *common, "--threads", str(args.threads)]
+  if args.torch_pgd_impl is not None:
+    theirs += ["--pgd-impl", args.torch_pgd_impl]
   return ours, theirs
 
 
@@ -72,6 +86,20 @@ def _parse_args(argv=None) -> argparse.Namespace:
                  help="PGD iterations (default: the bench scripts' 10 in training steps, 20 "
                  "for pgd20)")
   p.add_argument("--image-size", type=int, default=None, help="default: the bench scripts' 32")
+  p.add_argument("--n",
+                 type=int,
+                 default=None,
+                 metavar="N",
+                 help="attack targets: images attacked per repetition (default: one batch)")
+  p.add_argument("--fast-ops",
+                 choices=("true", "false"),
+                 default=None,
+                 help="bench.py only: a user's network with gen_jax's fast CPU ops (default) or "
+                 "the stock flax layers")
+  p.add_argument("--torch-pgd-impl",
+                 choices=("loop", "torchattacks"),
+                 default=None,
+                 help="bench_torch.py's --pgd-impl for pgd20 (default: its plain loop)")
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--repeats",
                  type=int,
@@ -92,8 +120,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.error(f"--torch-python {args.torch_python} does not exist; create an environment with "
             "`python -m venv ENV && ENV/bin/pip install -r experiments/reference/requirements.txt`"
             " (see experiments/reference/README.md) and pass ENV/bin/python.")
-  if args.rounds < 1 or args.repeats < 1 or args.batch < 1:
-    p.error("--rounds, --repeats and --batch-size must be >= 1.")
+  if args.rounds < 1 or args.repeats < 1 or args.batch < 1 or (args.n is not None and args.n < 1):
+    p.error("--rounds, --repeats, --batch-size and --n must be >= 1.")
   return args
 
 
@@ -123,16 +151,22 @@ def main(argv=None) -> None:
         "ratio_median_of_pairs": statistics.median(o / t for o, t in pairs),
         "ratios": [o / t for o, t in pairs],
         "compile_seconds": [line.get("compile_seconds") for line in raw[-2 * args.rounds::2]],
+        # Attack targets: images still classified right after the attack (last round), per side.
+        "robust_count": [raw[-2].get("robust_count"), raw[-1].get("robust_count")],
     })
+  images = f", N = {args.n}" if args.n is not None else ""
+  fast = f", bench.py --fast-ops {args.fast_ops}" if args.fast_ops is not None else ""
   lines = [
-      f"{args.model}, batch {args.batch}, {args.rounds} alternating rounds of {args.repeats} timed "
-      f"repetitions, {datetime.datetime.now().isoformat(timespec='minutes')}", "",
-      "| what | gen_jax img/s | PyTorch img/s | ratio (median of paired ratios) |",
-      "| --- | --- | --- | --- |"
+      f"{args.model}, batch {args.batch}{images}{fast}, {args.rounds} alternating rounds of "
+      f"{args.repeats} timed repetitions, {datetime.datetime.now().isoformat(timespec='minutes')}",
+      "", "| what | gen_jax img/s | PyTorch img/s | ratio (median of paired ratios) | "
+      "robust count (gen_jax / PyTorch) |", "| --- | --- | --- | --- | --- |"
   ]
   for s in summary:
+    robust = "-" if None in s["robust_count"] else "{} / {}".format(*s["robust_count"])
     lines.append(f"| {s['what']} | {s['gen_jax_images_per_second']:.3f} | "
-                 f"{s['torch_images_per_second']:.3f} | {s['ratio_median_of_pairs']:.2f} |")
+                 f"{s['torch_images_per_second']:.3f} | {s['ratio_median_of_pairs']:.2f} | "
+                 f"{robust} |")
   print("\n".join(lines))
   if args.out:
     with open(args.out, "w") as f:
