@@ -135,6 +135,29 @@ def _is_disk_full(error: BaseException) -> bool:
   return False
 
 
+def disk_full_message(error: BaseException) -> str | None:
+  """The one line to print for a full disk anywhere in `error`'s chain, else None.
+
+  A `DiskFull` in the chain is reported as such even when a later error replaced it (closing the
+  run's writers on the same full disk, in a `finally`, can raise again and hide it); any other
+  ENOSPC names the file it was writing where the error says so.
+  """
+  seen, full = set(), None
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, DiskFull):
+      return str(error)
+    if full is None and _is_disk_full(error):
+      full = error
+    error = error.__cause__ or error.__context__
+  if full is None:
+    return None
+  where = getattr(full, "filename", None)
+  return (f"the disk is full (no space left on device) while writing {where or 'a file'}. Free "
+          "space there and rerun the same command: a run resumes from its last complete "
+          "checkpoint.")
+
+
 class _DropWriteFailureLogs(logging.Filter):
   """Drops the storage layer's error records with a traceback (orbax logs a failed write once per
   background thread, each with the whole traceback); the failure itself is raised to the caller."""

@@ -319,7 +319,9 @@ def main_guard(fn: Callable[[], Any]) -> None:
   training saved its state, `training.loop.TrainingInterrupted`) exit 130/143 with the message
   saying how to resume; a Ctrl-C before anything was under way exits 130. With `--traceback`
   on the command line or `GEN_JAX_TRACEBACK=1` in the environment, the full traceback of such an
-  error is printed before its line (the exit code stays 2). Without it, asyncio's "Event loop is
+  error is printed before its line (the exit code stays 2). A full disk anywhere in the error's
+  chain is reported as such (`checkpoint.disk_full_message`), even when closing the run's writers
+  on that disk raised again and hid it. Without it, asyncio's "Event loop is
   closed" notices from the checkpoint writer's callbacks are not printed (harmless: see
   `_drop_closed_loop_callbacks`).
   """
@@ -330,7 +332,8 @@ def main_guard(fn: Callable[[], Any]) -> None:
   except (ValueError, OSError, RuntimeError, FloatingPointError) as error:
     if show_traceback():
       traceback.print_exc(file=sys.stderr)
-    print(f"error: {error}", file=sys.stderr)
+    from gen_jax import checkpoint  # pylint: disable=import-outside-toplevel
+    print(f"error: {checkpoint.disk_full_message(error) or error}", file=sys.stderr)
     sys.exit(2)
   except KeyboardInterrupt as stopped:
     code = getattr(stopped, "exit_code", 130)

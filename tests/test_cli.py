@@ -1,5 +1,6 @@
 """Tests of the command-line programs: flags, errors before any work, a tiny end-to-end run."""
 import ast
+import errno
 import importlib.util
 import json
 import math
@@ -11,7 +12,7 @@ import sys
 
 import pytest
 
-from gen_jax import cli, study
+from gen_jax import checkpoint, cli, study
 from gen_jax import config as cfg
 from gen_jax.evaluation import corruptions, sanity
 
@@ -275,6 +276,34 @@ def test_main_guard_shows_the_traceback_on_request(how, monkeypatch, capsys):
   assert err.strip().splitlines()[-1] == "error: the run holds NaN"
   assert ("Traceback (most recent call last)" in err) == (how != "none")
   assert ("_failing_program" in err) == (how != "none")
+
+
+def _full_disk_hidden_by_close():
+  """A checkpoint save fails on a full disk; closing the run's writers in a `finally` then
+  fails on the same disk and replaces the first error (the order a run's teardown gives)."""
+  try:
+    raise checkpoint.DiskFull("the disk holding /w/checkpoints is full (no space left on device)")
+  finally:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _full_disk_writing_a_file():
+  raise OSError(errno.ENOSPC, "No space left on device", "/w/metrics.jsonl")
+
+
+@pytest.mark.parametrize("program, line", [
+    (_full_disk_hidden_by_close, "error: the disk holding /w/checkpoints is full"),
+    (_full_disk_writing_a_file, "error: the disk is full (no space left on device) while writing "
+     "/w/metrics.jsonl."),
+])
+def test_main_guard_names_a_full_disk_even_behind_a_later_error(program, line, monkeypatch, capsys):
+  monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+  monkeypatch.setattr(sys, "argv", ["prog"])
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main_guard(program)
+  assert exit_info.value.code == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(line), lines
 
 
 def test_every_guarded_program_accepts_the_traceback_flag(tmp_path):
