@@ -13,18 +13,11 @@ tiny-preset steps and attacks, and compiling is most of their time. The cache li
 system's temporary directory; its keys include the program and the jax version, so a changed
 program never reuses a stale entry.
 
-Harmless noise after a passing run: "Exception ignored in: <function _xla_gc_callback ...>"
-with a KeyboardInterrupt traceback, and "RuntimeError: Event loop is closed". They come from the
-Jupyter kernel of tests/test_notebook.py as papermill shuts it down, not from a test: on every
-shutdown jupyter_client (8.10) first interrupts the kernel with SIGINT, ipykernel turns SIGINT
-into KeyboardInterrupt while it is still handling a message, and when that lands inside the gc
-callback that jax registers (`jax._src.lib._xla_gc_callback`) Python can only print it and go
-on; an interrupted kernel that is shutting down can also close its event loop while callbacks
-are still queued on it (the second message; not reproduced in isolation). The kernel writes
-to the stderr it inherited from pytest, and the notebook's outputs have been collected by then.
-Avoiding the SIGINT would mean replacing jupyter_client's kernel manager, so the test leaves it.
-The signal tests of tests/test_reliability.py cannot print them: their train.py processes write
-stderr to a log file, which the tests require to hold no traceback.
+Harmless noise after a passing run, "Exception ignored" notices (a KeyboardInterrupt in
+jax's `_xla_gc_callback`, an orbax read coroutine, "Event loop is closed"): interrupts that the
+signal tests and the Jupyter kernel of tests/test_notebook.py (jupyter_client interrupts it
+with SIGINT on shutdown) deliver inside callbacks, and checkpoint readers closed early. Python
+can only print them; setup.cfg filters those raised inside tests, and the README explains them.
 """
 import os
 import tempfile
