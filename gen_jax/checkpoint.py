@@ -124,15 +124,22 @@ class DiskFull(OSError):
   way out. Raised from the storage layer's own error (kept as `__cause__`)."""
 
 
-def _is_disk_full(error: BaseException) -> bool:
-  """Whether `error` or anything in its chain is a full disk (ENOSPC, in any wrapping)."""
+def _chain(error: BaseException | None):
+  """`error`, then its cause or context, and so on (each once)."""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
-    if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
-      return True
+    yield error
     error = error.__cause__ or error.__context__
-  return False
+
+
+def _is_enospc(error: BaseException) -> bool:
+  return getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
+
+
+def _is_disk_full(error: BaseException) -> bool:
+  """Whether `error` or anything in its chain is a full disk (ENOSPC, in any wrapping)."""
+  return any(_is_enospc(e) for e in _chain(error))
 
 
 def disk_full_message(error: BaseException) -> str | None:
@@ -142,17 +149,14 @@ def disk_full_message(error: BaseException) -> str | None:
   run's writers on the same full disk, in a `finally`, can raise again and hide it); any other
   ENOSPC names the file it was writing where the error says so.
   """
-  seen, full = set(), None
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if isinstance(error, DiskFull):
-      return str(error)
-    if full is None and _is_disk_full(error):
-      full = error
-    error = error.__cause__ or error.__context__
-  if full is None:
+  chain = list(_chain(error))
+  reported = next((e for e in chain if isinstance(e, DiskFull)), None)
+  if reported is not None:
+    return str(reported)
+  full = [e for e in chain if _is_enospc(e)]
+  if not full:
     return None
-  where = getattr(full, "filename", None)
+  where = next((e.filename for e in full if getattr(e, "filename", None)), None)
   return (f"the disk is full (no space left on device) while writing {where or 'a file'}. Free "
           "space there and rerun the same command: a run resumes from its last complete "
           "checkpoint.")

@@ -288,7 +288,9 @@ def summarize(points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     seeds = sorted(by_seed)
     best = {s: max(by_seed[s], key=chord_key) for s in seeds}
     proper = {s: [p for p in by_seed[s] if float(p["beta"]) < 1.0] for s in seeds}
-    mixture = [max(proper[s], key=chord_key)["chord"] for s in seeds if proper[s]]
+    best_proper = {s: max(proper[s], key=chord_key) for s in seeds if proper[s]}
+    proper_chords = ([p["chord"] for p in best_proper.values()]
+                     if len(best_proper) == len(seeds) else [math.nan])
     betas = sorted({float(p["beta"]) for s in seeds for p in by_seed[s]})
     fixed = []
     for b in betas:
@@ -309,8 +311,8 @@ def summarize(points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "robust": float(np.mean([best[s]["robust"] for s in seeds]))
         },
         "mixture": {
-            **study.spread(mixture if len(mixture) == len(seeds) else [math.nan]), "betas": [
-                max(proper[s], key=chord_key)["beta"] if proper[s] else math.nan for s in seeds
+            **study.spread(proper_chords), "betas": [
+                best_proper[s]["beta"] if s in best_proper else math.nan for s in seeds
             ]
         },
         "fixed": {
