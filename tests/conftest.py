@@ -5,7 +5,12 @@ Two virtual CPU devices let the data-parallel code paths run on a laptop or CI m
 `jax_disable_most_optimizations` (the optax / big_vision habit for suites of tiny programs) is
 deliberately NOT set: it shortens compiles, but unfused convolution backward passes then run
 about 50 times slower (measured: 20 s instead of 0.1 s per training step of the tiny preset),
-which costs this suite far more than it saves.
+which costs this suite far more than it saves. Nor is XLA's `--xla_backend_optimization_level=0`:
+it halves a cold tiny training run (28 s to 14 s) but made the in-process N-expert sweep tests
+20 times slower (431 s instead of 20 s), so the whole cold suite only went from 23 to 22 minutes.
+It is used where it pays: the end-to-end tests marked `programs_compile_fast` start their
+programs (tiny runs, compiling nearly all the time) with it, and compare those programs only
+with each other, never with results of the test process, whose flags stay the default.
 
 Instead, compiled programs are shared through JAX's persistent compilation cache: many tests
 (and the programs they start as subprocesses, which inherit the environment) compile the same
@@ -22,6 +27,8 @@ can only print them; setup.cfg filters those raised inside tests, and the README
 import os
 import tempfile
 
+import pytest
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"gen_jax-test-jax-cache-{os.getuid()}"))
@@ -31,3 +38,46 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 2)
+
+# XLA_FLAGS for the programs of tests marked `programs_compile_fast` (see above).
+FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
+
+
+@pytest.fixture(autouse=True)
+def _programs_compile_fast(request, monkeypatch):
+  """For a test marked `programs_compile_fast`: the programs it starts compile at XLA level 0."""
+  if request.node.get_closest_marker("programs_compile_fast") is not None:
+    jax.devices()  # the test process's own back end keeps its flags (XLA reads them once)
+    monkeypatch.setenv("XLA_FLAGS",
+                       f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAG}".strip())
+  yield
+
+
+def _shared_fixture_module(item) -> str | None:
+  """The test's module if the test uses a module- or session-scoped fixture defined there."""
+  module = item.nodeid.split("::")[0]
+  for name in item.fixturenames:
+    definitions = item._fixtureinfo.name2fixturedefs.get(name, ())  # pylint: disable=protected-access
+    if any(d.scope in ("module", "session") and d.baseid == module for d in definitions):
+      return module
+  return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups it adds
+def pytest_collection_modifyitems(items):
+  """Orders and groups the tests for `-n 2` (setup.cfg passes `--dist loadgroup`).
+
+  The end-to-end runs (marked `slow`) are handed out first: a minute-long test that starts last
+  leaves one worker running it alone at the end. The tests of a module that share one of its
+  module-scoped fixtures (a trained run, the device-count runs) go to one worker together, so
+  that the fixture is built once instead of once per worker.
+  """
+  groups = {}  # a group's tests stay together, in their order (module fixtures are built once)
+  for item in items:
+    module = _shared_fixture_module(item)
+    if module is not None:
+      item.add_marker(pytest.mark.xdist_group(module))
+    groups.setdefault(module or item.nodeid, []).append(item)
+  ordered = sorted(groups.values(),
+                   key=lambda group: not any(i.get_closest_marker("slow") for i in group))
+  items[:] = [item for group in ordered for item in group]

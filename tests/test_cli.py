@@ -87,6 +87,8 @@ def test_chord_score():
   assert math.isnan(study.chord_score(dict(clean, pgd_at=0.9), robust))
 
 
+@pytest.mark.programs_compile_fast
+@pytest.mark.slow
 def test_train_command_tiny_end_to_end(tmp_path):
   workdir = tmp_path / "run"
   out = _run(str(ROOT / "experiments" / "train.py"),

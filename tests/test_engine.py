@@ -170,6 +170,7 @@ _RUN_FLAGS = ("--preset tiny --epochs 2 --batch-size 16 --max-train-per-class 40
               "--eval-step-size 0.025 --eval-every 2 --eval-pgd-steps 20").split()
 
 
+@pytest.mark.slow
 def test_one_pgd20_figure_from_summary_report_sweep_and_compare(tmp_path):
   # compare.py trains the run, then sweeps it at beta 1, which is the robust teacher exactly.
   _run_compare([
@@ -212,6 +213,7 @@ def test_one_pgd20_figure_from_summary_report_sweep_and_compare(tmp_path):
   assert (other[threat] != by_32["robust"][threat]).any()
 
 
+@pytest.mark.slow
 def test_an_l2_run_is_reported_at_its_l2_radius_and_the_standard_linf_threat(tmp_path):
   # An L2 PGD-AT run that learns a little; its summary's PGD figure is L2 PGD-20 at radius 1.
   config = dataclasses.replace(cfg.get_config("tiny"),

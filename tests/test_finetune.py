@@ -39,6 +39,7 @@ def _robust(study_dir):
   return config, splits, robust
 
 
+@pytest.mark.slow
 def test_finetune_resumes_from_its_saved_budgets_to_the_same_models(study_dir, tmp_path):
   config, splits, robust = _robust(study_dir)
   straight = dict(finetune.finetune(config, robust, splits, lr=0.05, at_steps=(1, 3)))
@@ -56,6 +57,7 @@ def test_finetune_resumes_from_its_saved_budgets_to_the_same_models(study_dir, t
   assert max(jax.tree_util.tree_leaves(moved)) > 0
 
 
+@pytest.mark.slow
 def test_the_program_measures_its_baselines_with_the_mixtures_engine_and_resumes(study_dir):
   command = [
       sys.executable,

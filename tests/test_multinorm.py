@@ -424,6 +424,7 @@ def test_three_expert_step_compiles_once_and_trains_each_expert(data):
     chex.assert_trees_all_equal(state.experts[role].variables, state.global_model)
 
 
+@pytest.mark.slow
 def test_three_expert_run_resumes_to_the_uninterrupted_result(tmp_path):
   config = dataclasses.replace(cfg.get_config("tiny"),
                                experts_spec=("natural", "pgd:linf:0.2:2", "pgd:l2:1.0:2"))
@@ -587,6 +588,8 @@ def test_multinorm_baselines_and_positions():
   assert np.isnan(flat["keeps_b"]) and np.isnan(flat["score"])  # no gap: no position
 
 
+@pytest.mark.programs_compile_fast
+@pytest.mark.slow
 def test_compare_command_multinorm_trains_the_baselines_and_reports_the_union(tmp_path):
   root = pathlib.Path(__file__).resolve().parents[1]
   args = [

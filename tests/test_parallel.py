@@ -27,10 +27,15 @@ EVAL_BATCH = 20
 # thread pool runs out of threads (seen with 8 devices on 2 cores: "Expected 8 threads to join
 # the rendezvous"); single-threaded Eigen per device avoids it.
 SINGLE_THREADED_EIGEN = "--xla_cpu_multi_thread_eigen=false"
+# The programs of this module are compared only with each other, so they compile at XLA's backend
+# optimization level 0, which halves their compile time (tests/conftest.py explains the trade).
+FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 
 
-def _env(**extra) -> dict[str, str]:
-  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu"}
+def _env(*xla_flags: str, **extra) -> dict[str, str]:
+  """The environment of this module's programs: XLA_FLAGS plus FAST_COMPILE_FLAG and `xla_flags`."""
+  flags = " ".join([os.environ.get("XLA_FLAGS", ""), FAST_COMPILE_FLAG, *xla_flags]).strip()
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
   env.pop("JAX_NUM_CPU_DEVICES", None)
   env.update({k: str(v) for k, v in extra.items()})
   return env
@@ -147,8 +152,7 @@ def device_runs(tmp_path_factory):
       subprocess.Popen([sys.executable, __file__, "devices",
                         str(n), str(out)],
                        cwd=ROOT,
-                       env=_env(XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
-                                f"{SINGLE_THREADED_EIGEN}".strip()),
+                       env=_env(SINGLE_THREADED_EIGEN),
                        stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT,
                        text=True) for n in DEVICE_COUNTS
@@ -159,6 +163,7 @@ def device_runs(tmp_path_factory):
   return out, time.time() - started
 
 
+@pytest.mark.slow
 def test_training_steps_are_the_same_on_1_2_and_8_devices(device_runs):
   out, _ = device_runs
   models = {n: dict(np.load(out / f"models-{n}.npz")) for n in DEVICE_COUNTS}
@@ -178,6 +183,7 @@ def test_training_steps_are_the_same_on_1_2_and_8_devices(device_runs):
                                  err_msg=f"{name} on {n} devices")
 
 
+@pytest.mark.slow
 def test_evaluation_counts_are_identical_on_1_2_and_8_devices(device_runs):
   out, _ = device_runs
   results = {n: json.loads((out / f"accuracy-{n}.json").read_text()) for n in DEVICE_COUNTS}

@@ -500,6 +500,7 @@ def _signal_when(process, ready, signum, timeout=300):
   return process.returncode, out
 
 
+@pytest.mark.slow
 def test_sigterm_and_sigint_save_and_exit_with_one_line_and_the_run_resumes_exactly(
     reference, compile_cache, tmp_path):
   workdir, log = tmp_path / "run", tmp_path / "stderr.txt"
@@ -630,6 +631,7 @@ def test_only_closed_loop_notices_are_dropped_from_unraisable_exceptions():
   assert seen == [other]
 
 
+@pytest.mark.slow
 def test_a_full_disk_ends_a_run_with_one_line(tmp_path):
   # A 3 MB file system: the tiny run's first checkpoint (step 5) does not fit.
   disk = tmp_path / "disk"

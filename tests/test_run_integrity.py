@@ -67,6 +67,7 @@ def test_a_config_file_edited_behind_the_runs_back_is_refused_by_the_checkpoint(
     training.train_and_evaluate(other, tmp_path, progress=False)
 
 
+@pytest.mark.slow
 def test_images_added_between_a_kill_and_the_resume_are_noticed(tmp_path):
   root = _folder(tmp_path / "data", per_class=16)
   config = _folder_config(root)  # 48 images, 6 held out: 42 train = 2 batches of 16 (+10)

@@ -163,6 +163,7 @@ def test_zoom_window_frames_pgd_at_and_generalist_only():
   assert study.zoom_window([rows[0], rows[3]]) is None
 
 
+@pytest.mark.programs_compile_fast
 @pytest.mark.slow
 def test_compare_command_runs_seeds_ablations_and_sweeps_and_resumes(tmp_path):
   args = [

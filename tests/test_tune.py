@@ -79,6 +79,7 @@ def _last_validation(run_dir) -> list[float]:
   return [val["clean_acc"], val["pgd_acc"]]
 
 
+@pytest.mark.programs_compile_fast
 # ------------------------------------------------------------------------- end to end (slow)
 @pytest.mark.slow
 def test_a_study_killed_in_its_second_trial_resumes_to_the_same_finished_trials(tmp_path):
@@ -185,6 +186,7 @@ def _check_report(workdir, base, space, complete):
   assert "Baseline natural: clean 95.00 %" in (workdir / "tune.md").read_text()
 
 
+@pytest.mark.programs_compile_fast
 @pytest.mark.slow
 def test_two_workers_share_a_study_without_running_a_trial_twice(tmp_path):
   workdir, space_file = tmp_path / "w", _space_file(tmp_path)
