@@ -73,7 +73,6 @@ def _run(tmp_path: pathlib.Path, *flags: str) -> subprocess.CompletedProcess:
   (blocker / "sitecustomize.py").write_text(BLOCKER)
   env = dict(os.environ,
              JAX_PLATFORMS="cpu",
-             JAX_DISABLE_MOST_OPTIMIZATIONS="1",
              PYTHONPATH=os.pathsep.join([str(blocker),
                                          os.environ.get("PYTHONPATH", "")]))
   return subprocess.run(["bash", str(SCRIPT), "--python", sys.executable, *flags],

@@ -310,6 +310,7 @@ def _run(*args, cwd):
                         timeout=600)
 
 
+@pytest.mark.programs_compile_fast
 @pytest.mark.slow
 def test_sweep_command_selects_and_evaluate_accepts_the_checkpoint(tiny_run, tmp_path):
   workdir = tiny_run[0]
