@@ -63,7 +63,7 @@ def _shared_fixture_module(item) -> str | None:
   return None
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups it adds
+@pytest.hookimpl(tryfirst=True)  # xdist turns the groups into node ids in its own hook
 def pytest_collection_modifyitems(items):
   """Orders and groups the tests for `-n 2` (setup.cfg passes `--dist loadgroup`).
 
