@@ -81,3 +81,41 @@ def pytest_collection_modifyitems(items):
   ordered = sorted(groups.values(),
                    key=lambda group: not any(i.get_closest_marker("slow") for i in group))
   items[:] = [item for group in ordered for item in group]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own implementation
+def pytest_xdist_make_scheduler(config, log):
+  """`--dist loadgroup` that survives a crashed worker: no hang, and the crashed test is rerun.
+
+  xdist's group scheduler (3.8) puts a crashed worker's unfinished group back in the queue, but
+  (1) it cannot mark the crashed test pending, so pytest-rerunfailures reports the crash as a
+  failure although the test runs again, and (2) the run can hang: an xdist worker holds its last
+  test until it hears of another one or of the end, and the scheduler gives the replacement
+  worker one unit and waits for it to finish one. Here the crashed test counts as pending (it is,
+  in the requeued group), a worker always gets a second test while there is one, and every
+  worker is told to finish once the queue is empty, as xdist's plain `load` scheduler does.
+  """
+  if config.getvalue("dist") != "loadgroup":
+    return None
+  from xdist.scheduler import LoadGroupScheduling  # pylint: disable=import-outside-toplevel
+
+  class CrashSafeLoadGroupScheduling(LoadGroupScheduling):
+
+    def mark_test_pending(self, item):
+      del item  # remove_node already queued it again with the rest of its group
+
+    def _reschedule(self, node):
+      super()._reschedule(node)
+      # A replacement worker that got one test would hold it forever: give it two to work on.
+      while (self.workqueue and not node.shutting_down and
+             self._pending_of(self.assigned_work[node]) < 2):
+        self._assign_work_unit(node)
+
+    def _assign_work_unit(self, node):
+      super()._assign_work_unit(node)
+      if not self.workqueue:
+        for other in self.nodes:
+          if not other.shutting_down:
+            other.shutdown()
+
+  return CrashSafeLoadGroupScheduling(config, log)
