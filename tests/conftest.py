@@ -83,7 +83,7 @@ def pytest_collection_modifyitems(items):
   items[:] = [item for group in ordered for item in group]
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own implementation
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # before xdist's own; xdist may be off
 def pytest_xdist_make_scheduler(config, log):
   """`--dist loadgroup` that survives a crashed worker: no hang, and the crashed test is rerun.
 
