@@ -50,7 +50,6 @@ def _programs_compile_fast(request, monkeypatch):
     jax.devices()  # the test process's own back end keeps its flags (XLA reads them once)
     monkeypatch.setenv("XLA_FLAGS",
                        f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAG}".strip())
-  yield
 
 
 def _shared_fixture_module(item) -> str | None:
