@@ -1,4 +1,6 @@
 """Tests for gen_jax.ops.conv: the custom VJP against XLA's own, FastConv against nn.Conv."""
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -79,6 +81,27 @@ def test_custom_kernel_gradient_is_actually_used():
   # The custom kernel gradient is a dot_general of slices; XLA's own is a second convolution.
   jaxpr = str(jax.make_jaxpr(jax.grad(lambda k: jnp.sum(conv2d(x, k, 1, "SAME"))))(kernel))
   assert "dot_general" in jaxpr
+
+
+def test_data_parallel_kernel_gradient_sums_devices_after_the_tap_loop_not_inside_it():
+  # An all-reduce inside the tap loop deadlocked the CPU backend: the loops of independent layers
+  # run concurrently, and two devices entered their per-tap all-reduces in different orders.
+  from gen_jax import parallel  # pylint: disable=import-outside-toplevel
+  mesh = parallel.make_mesh()
+  assert mesh.size == 2  # tests/conftest.py: two CPU devices
+  x, kernel, kg = _inputs(jax.random.key(4), 8, 3, 4, (3, 3))
+  x = jnp.concatenate([x, 2 * x])  # 4 examples, 2 per device
+  g = jax.random.normal(kg, conv2d_xla(x, kernel, (1, 1), ((1, 1), (1, 1))).shape)
+  grad_fn = jax.jit(lambda a, b: _grads(lambda u, v: conv2d(u, v, 1, "SAME"), a, b, g)[1])
+  sharded = jax.device_put(x, parallel.data_sharding(mesh))
+  hlo = grad_fn.lower(sharded, kernel).compile().as_text()
+  loop_bodies = set(re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo))
+  assert loop_bodies, "the kernel gradient's tap loop is gone; this test guards it"
+  computations = dict(re.findall(r"^(?:ENTRY )?%?([\w.\-]+) .*?\{\n(.*?)\n\}", hlo, re.S | re.M))
+  assert "all-reduce(" in hlo  # the devices' partial gradients are summed, once
+  assert not any("all-reduce(" in computations[body] for body in loop_bodies)
+  dk_ref = _grads(lambda u, v: conv2d_xla(u, v, (1, 1), ((1, 1), (1, 1))), x, kernel, g)[1]
+  np.testing.assert_allclose(grad_fn(sharded, kernel), dk_ref, rtol=1e-5, atol=1e-5)
 
 
 def test_jit_and_vmap():

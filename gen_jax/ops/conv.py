@@ -107,6 +107,21 @@ def conv2d_xla(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
                                   dimension_numbers=_DIMENSION_NUMBERS)
 
 
+def _batch_groups(n: int) -> int:
+  """How many partial kernel gradients the tap loop keeps: one per device when they split `n`.
+
+  Under data parallelism the batch axis is sharded over the devices, so each tap's contraction
+  over the batch is a sum of per-device partials. With one accumulator, XLA's SPMD partitioner
+  puts an all-reduce inside the tap loop (one per tap), and on the CPU backend the `while` loops
+  of independent layers and experts run concurrently, so two devices can enter their all-reduces
+  in different orders: the program deadlocks until XLA's 40-second rendezvous timeout aborts the
+  process. With one accumulator per device group the loop holds no collective, and the partials
+  are summed once after it.
+  """
+  devices = jax.device_count()
+  return devices if devices > 1 and n % devices == 0 else 1
+
+
 def _kernel_grad(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int], strides: tuple[int, int],
                  padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
   """d(sum(conv(x, k) * g)) / dk (float32) from strided slices of the padded input.
@@ -116,27 +131,29 @@ def _kernel_grad(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int], stride
   [N*Ho*Wo, O] contracted over the long axis. The taps run in a `fori_loop`, so only one slice is
   alive at a time. On CPU this beats XLA's own kernel gradient, the unrolled taps, im2col and
   channels-first patches in time, and the unrolled taps in memory by several times (figures:
-  docs/results.md, Performance).
+  docs/results.md, Performance). With several devices the batch is contracted per device group
+  (`_batch_groups`), so that the loop holds no cross-device sum.
   """
   kh, kw, c, o = kernel_shape
   n, ho, wo, _ = g.shape
   sh, sw = strides
   xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-  m = n * ho * wo
-  g2 = g.reshape(m, o)
+  groups = _batch_groups(n)
+  rows = n * ho * wo // groups  # rows of one group: its examples' output positions
+  g3 = g.reshape(groups, rows, o)
   span = (n, (ho - 1) * sh + 1, (wo - 1) * sw + 1, c)
 
   def tap(t, dk):
     window = lax.dynamic_slice(xp, (0, t // kw, t % kw, 0), span)
     patch = lax.slice(window, (0, 0, 0, 0), span, (1, sh, sw, 1))
     # Accumulate in float32 so that a bfloat16 model still gets an accurate kernel gradient.
-    value = lax.dot_general(patch.reshape(m, c),
-                            g2, (((0,), (0,)), ((), ())),
+    value = lax.dot_general(patch.reshape(groups, rows, c),
+                            g3, (((1,), (1,)), ((0,), (0,))),
                             preferred_element_type=jnp.float32)
-    return lax.dynamic_update_slice(dk, value[None], (t, 0, 0))
+    return lax.dynamic_update_slice(dk, value[None], (t, 0, 0, 0))
 
-  dk = lax.fori_loop(0, kh * kw, tap, jnp.zeros((kh * kw, c, o), jnp.float32))
-  return dk.reshape(kh, kw, c, o)
+  dk = lax.fori_loop(0, kh * kw, tap, jnp.zeros((kh * kw, groups, c, o), jnp.float32))
+  return dk.sum(axis=1).reshape(kh, kw, c, o)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
