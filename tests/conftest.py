@@ -4,15 +4,17 @@ Two virtual CPU devices let the data-parallel code paths run on a laptop or CI m
 
 `jax_disable_most_optimizations` (the optax / big_vision habit for suites of tiny programs) is
 deliberately NOT set: it shortens compiles, but unfused convolution backward passes then run
-about 50 times slower (measured: 20 s instead of 0.1 s per training step of the tiny preset),
-which costs this suite far more than it saves. Nor is XLA's `--xla_backend_optimization_level=0`:
-it halves a cold tiny training run (28 s to 14 s) but made the in-process N-expert sweep tests
-20 times slower (431 s instead of 20 s), so the whole cold suite only went from 23 to 22 minutes.
-It is used where it pays: the end-to-end tests marked `programs_compile_fast` start their
-programs (tiny runs, compiling nearly all the time) with it, and compare those programs only
-with each other, never with results of the test process, whose flags stay the default.
+about 50 times slower, which costs this suite far more than it saves. XLA's CPU back end runs at
+optimisation level 1 instead of its default (`--xla_backend_optimization_level`, set below for
+the test process and inherited by every program a test starts): compiling is most of this
+suite's time, level 1 shortens it markedly, and the programs still run at nearly full
+speed (the convolutions and matrix products are library calls either way). Level 0 shortens
+compiles further but made the in-process N-expert sweeps 20 times slower; it is used where it
+pays: the end-to-end tests marked `programs_compile_fast` start their programs (tiny runs,
+compiling nearly all the time) with it, and compare those programs only with each other, never
+with results of the test process. docs/results.md has the measurements.
 
-Instead, compiled programs are shared through JAX's persistent compilation cache: many tests
+Compiled programs are also shared through JAX's persistent compilation cache: many tests
 (and the programs they start as subprocesses, which inherit the environment) compile the same
 tiny-preset steps and attacks, and compiling is most of their time. The cache lives in the
 system's temporary directory; its keys include the program and the jax version, so a changed
@@ -35,12 +37,20 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+
+def _with_xla_level(flags: str, level: int) -> str:
+  """`flags` (an XLA_FLAGS value) with the CPU back end's optimisation level set to `level`."""
+  kept = [f for f in flags.split() if not f.startswith("--xla_backend_optimization_level")]
+  return " ".join([*kept, f"--xla_backend_optimization_level={level}"])
+
+
+SUITE_XLA_LEVEL = 1  # the test process and the programs its tests start (see above)
+FAST_COMPILE_XLA_LEVEL = 0  # the programs started by tests marked `programs_compile_fast`
+os.environ["XLA_FLAGS"] = _with_xla_level(os.environ.get("XLA_FLAGS", ""), SUITE_XLA_LEVEL)
+
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 2)
-
-# XLA_FLAGS for the programs of tests marked `programs_compile_fast` (see above).
-FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +59,7 @@ def _programs_compile_fast(request, monkeypatch):
   if request.node.get_closest_marker("programs_compile_fast") is not None:
     jax.devices()  # the test process's own back end keeps its flags (XLA reads them once)
     monkeypatch.setenv("XLA_FLAGS",
-                       f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAG}".strip())
+                       _with_xla_level(os.environ.get("XLA_FLAGS", ""), FAST_COMPILE_XLA_LEVEL))
 
 
 def _shared_fixture_module(item) -> str | None:
@@ -64,7 +74,7 @@ def _shared_fixture_module(item) -> str | None:
 
 @pytest.hookimpl(tryfirst=True)  # xdist turns the groups into node ids in its own hook
 def pytest_collection_modifyitems(items):
-  """Orders and groups the tests for `-n 2` (setup.cfg passes `--dist loadgroup`).
+  """Orders and groups the tests for `-n auto` (setup.cfg passes `--dist loadgroup`).
 
   The end-to-end runs (marked `slow`) are handed out first: a minute-long test that starts last
   leaves one worker running it alone at the end. The tests of a module that share one of its
@@ -80,6 +90,20 @@ def pytest_collection_modifyitems(items):
   ordered = sorted(groups.values(),
                    key=lambda group: not any(i.get_closest_marker("slow") for i in group))
   items[:] = [item for group in ordered for item in group]
+
+
+# `-n auto` (the README's command): one worker per CPU core, at most 8, and no more than the memory
+# holds (a worker and the programs its test starts take up to about 3 GiB).
+MAX_WORKERS, GIB_PER_WORKER = 8, 3
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+  """The worker count for `-n auto`: the usable cores, bounded by memory and by 8."""
+  del config
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+  return max(1, min(cores or 1, MAX_WORKERS, int(memory_gib // GIB_PER_WORKER)))
 
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)  # before xdist's own; xdist may be off

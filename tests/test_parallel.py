@@ -34,7 +34,11 @@ FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 
 def _env(*xla_flags: str, **extra) -> dict[str, str]:
   """The environment of this module's programs: XLA_FLAGS plus FAST_COMPILE_FLAG and `xla_flags`."""
-  flags = " ".join([os.environ.get("XLA_FLAGS", ""), FAST_COMPILE_FLAG, *xla_flags]).strip()
+  inherited = [
+      f for f in os.environ.get("XLA_FLAGS", "").split()
+      if not f.startswith("--xla_backend_optimization_level")  # the suite's level (conftest.py)
+  ]
+  flags = " ".join([*inherited, FAST_COMPILE_FLAG, *xla_flags])
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
   env.pop("JAX_NUM_CPU_DEVICES", None)
   env.update({k: str(v) for k, v in extra.items()})
