@@ -6,8 +6,8 @@ Two virtual CPU devices let the data-parallel code paths run on a laptop or CI m
 deliberately NOT set: it shortens compiles, but unfused convolution backward passes then run
 about 50 times slower, which costs this suite far more than it saves. XLA's CPU back end runs at
 optimisation level 1 instead of its default (`--xla_backend_optimization_level`, set below for
-the test process and inherited by every program a test starts): compiling is most of this
-suite's time, level 1 shortens it markedly, and the programs still run at nearly full
+the test process and inherited by every program a test starts): compiling is a large part of
+this suite's time, level 1 shortens it markedly, and the programs still run at nearly full
 speed (the convolutions and matrix products are library calls either way). Level 0 shortens
 compiles further but made the in-process N-expert sweeps 20 times slower; it is used where it
 pays: the end-to-end tests marked `programs_compile_fast` start their programs (tiny runs,
