@@ -264,6 +264,14 @@ class Soak:
     print(f"PROBLEM: {text}", flush=True)
 
 
+# Python's notice for the run's TrainingInterrupted raised while a garbage-collection callback
+# (jax's `_xla_gc_callback`) ran: Python can only print it, and the run still honours the signal
+# (exit 143, its one line last), so the notice is not an unhandled traceback (README: Tests).
+_IGNORED_INTERRUPT = re.compile(
+    r"Exception ignored in: [^\n]*\nTraceback \(most recent call last\):\n"
+    r"(?:[ \t][^\n]*\n|\n)*?[\w.]*TrainingInterrupted: [^\n]*\n")
+
+
 class Child:
   """A running child and its files."""
 
@@ -335,7 +343,7 @@ class Child:
       return f"exit code {code} after SIGTERM (expected 143); last line {last!r}"
     if not last.startswith("stopped by SIGTERM"):
       return f"exit code 143 but the last line is {last!r}, not 'stopped by SIGTERM ...'"
-    if "Traceback" in self.output():
+    if "Traceback" in _IGNORED_INTERRUPT.sub("", self.output()):
       return "a traceback in the output after SIGTERM"
     return None
 

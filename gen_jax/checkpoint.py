@@ -171,13 +171,15 @@ class _DropWriteFailureLogs(logging.Filter):
 
 
 class _DropDiskFullTasks(logging.Filter):
-  """Drops asyncio's "Task exception was never retrieved" for a write that failed on a full
-  disk: the failure was raised as `DiskFull`; the writer's other tasks fail the same way."""
+  """Drops asyncio's "Task (or _GatheringFuture) exception was never retrieved" for a write that
+  failed on a full disk: the failure was raised as `DiskFull`; the writer's other tasks and their
+  gathering futures fail the same way."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     error = record.exc_info[1] if record.exc_info else None
-    return not (str(record.msg).startswith("Task exception was never retrieved") and
-                error is not None and _is_disk_full(error))
+    first_line = str(record.msg).split("\n", 1)[0]
+    return not (first_line.endswith("exception was never retrieved") and error is not None and
+                _is_disk_full(error))
 
 
 _DROP_DISK_FULL_TASKS = _DropDiskFullTasks()
