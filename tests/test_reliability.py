@@ -9,6 +9,7 @@ would otherwise recompile the same step: about 15 s each on 2 CPU cores).
 """
 import dataclasses
 import json
+import logging
 import math
 import os
 import pathlib
@@ -706,3 +707,18 @@ def test_evaluation_reads_past_a_damaged_checkpoint_with_one_short_line(tmp_path
     assert len(lines) == 1 and len(lines[0]) < 600, (kind, lines)
     assert lines[0].startswith(f"{directory}: checkpoint step(s) [2] damaged"), (kind, lines)
     assert "read step 1, the newest intact one" in lines[0], (kind, lines)
+
+
+def test_a_full_disk_drops_asyncios_unretrieved_task_and_future_records_only():
+  full = OSError(28, "No space left on device")
+  other = ValueError("some other failure")
+
+  def record(message, error):
+    return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, None,
+                             (type(error), error, None))
+
+  drop = checkpoint._DROP_DISK_FULL_TASKS.filter  # pylint: disable=protected-access
+  for kind in ("Task", "_GatheringFuture", "Future"):
+    assert not drop(record(f"{kind} exception was never retrieved\nfuture: <...>", full))
+    assert drop(record(f"{kind} exception was never retrieved\nfuture: <...>", other))
+  assert drop(record("Unclosed client session", full))

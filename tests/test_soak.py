@@ -145,3 +145,17 @@ def test_a_select_killed_mid_save_leaves_no_stray_folder_and_no_second_mixture(w
   shutil.copytree(copy / saved[0], copy / f"{saved[0]}-2")
   problems = soak_lib.compare_selections(copy / saved[0], theirs / saved[0])
   assert any(p.startswith("eval/ holds ") for p in problems), problems
+
+
+def test_an_interrupt_noticed_in_a_gc_callback_is_not_an_unhandled_traceback():
+  notice = (
+      "Exception ignored in: <function _xla_gc_callback at 0x7f>\n"
+      "Traceback (most recent call last):\n"
+      '  File "jax/_src/lib/__init__.py", line 132, in _xla_gc_callback\n'
+      "    def _xla_gc_callback(*args):\n"
+      "    \n"
+      "gen_jax.training.loop.TrainingInterrupted: stopped by SIGTERM; rerun the same command.\n")
+  last = "stopped by SIGTERM; rerun the same command.\n"
+  assert "Traceback" not in soak_lib._IGNORED_INTERRUPT.sub("", notice + last)
+  crash = "Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: boom\n"
+  assert "Traceback" in soak_lib._IGNORED_INTERRUPT.sub("", notice + crash + last)
