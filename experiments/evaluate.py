@@ -21,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from tqdm.auto import tqdm  # noqa: E402
 
 from gen_jax import cli, parallel, runs  # noqa: E402
-from gen_jax.evaluation import catalogue, outputs, report  # noqa: E402
+from gen_jax.evaluation import catalogue, outputs, report, sanity  # noqa: E402
 from gen_jax.experts import ROLES  # noqa: E402
 
 
@@ -47,6 +47,11 @@ def _parse(argv=None):
   for name in report.ANALYSES:
     if name != "sanity":  # the gradient-masking checks always run: they vouch for the table
       parser.add_argument(f"--no-{name}", action="store_true", help=f"skip the {name} analysis")
+  parser.add_argument("--sanity-queries",
+                      type=cli.positive_int,
+                      default=sanity.SQUARE_QUERIES,
+                      help="Square Attack queries of the black-box gradient-masking check "
+                      f"(default {sanity.SQUARE_QUERIES}; fewer is faster and a weaker check)")
   parser.add_argument("--out", default=None, help="output directory (default WORKDIR/eval)")
   cli.add_evaluation_arguments(parser)
   cli.add_distributed_arguments(parser)
@@ -84,6 +89,7 @@ def main():
                                eps=args.eps,
                                batch_size=args.batch_size,
                                seed=args.attack_seed,
+                               sanity_queries=args.sanity_queries,
                                progress=progress)
   bar.close()
   if primary:

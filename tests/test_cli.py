@@ -116,6 +116,8 @@ def test_train_command_tiny_end_to_end(tmp_path):
              "16",
              "--batch-size",
              "16",
+             "--sanity-queries",
+             "50",
              cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-2000:]
   report = json.loads((workdir / "eval" / "report.json").read_text())
@@ -135,6 +137,7 @@ def test_train_command_tiny_end_to_end(tmp_path):
     checks = report["sanity"]["models"][role]
     assert checks["accuracies"]["pgd20"] == report["models"][role]["pgd20"]["accuracy"]
     assert "pgd20" not in checks["computed"] and "fgsm" in checks["computed"]
+    assert "Square (50-query)" in json.dumps(checks)  # --sanity-queries reached the check
   assert set(report["boundary"]["models"]) == roles
   assert all(len(r["distances"]) == 16 for r in report["boundary"]["models"].values())
   assert set(report["corruptions"]["models"]) == roles

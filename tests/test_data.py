@@ -393,6 +393,38 @@ def test_split_stratified_deterministic_disjoint():
   assert vx_count.shape[0] == 12
 
 
+def test_split_is_scikit_learns_stratified_split_without_importing_it():
+  """The split equals `train_test_split(stratify=...)`, ties of the quotas included, and the
+  digits come from scikit-learn's own file; a fresh program loading them imports neither."""
+  from sklearn import datasets  # pylint: disable=import-outside-toplevel
+  from sklearn.model_selection import train_test_split  # pylint: disable=import-outside-toplevel
+  from gen_jax.data import dataset, sources  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  for _ in range(300):
+    classes = int(rng.integers(2, 12))
+    labels = rng.permutation(
+        np.concatenate(
+            [np.repeat(np.arange(classes), 2),
+             rng.integers(0, classes, rng.integers(0, 300))]))
+    count = int(rng.integers(classes, labels.size - classes + 1))
+    seed = int(rng.integers(0, 1000))
+    want = train_test_split(np.arange(labels.size),
+                            test_size=count,
+                            stratify=labels,
+                            random_state=seed)
+    got = dataset.stratified_split_indices(labels, count, seed)
+    for w, g in zip(want, got):
+      np.testing.assert_array_equal(np.sort(w), g)
+  raw = datasets.load_digits()
+  images, labels = sources._digits_arrays()  # pylint: disable=protected-access
+  np.testing.assert_array_equal(images, raw.images)
+  np.testing.assert_array_equal(labels, raw.target)
+  code = ("import sys; from gen_jax import data; data.load_digits(); "
+          "print(sorted({'sklearn', 'scipy'} & set(sys.modules)))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]"
+
+
 def test_split_zero_and_errors():
   labels = np.repeat(np.arange(3), 4)
   images = np.zeros((12, 2, 2, 1), np.uint8)

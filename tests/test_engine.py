@@ -226,7 +226,7 @@ def test_an_l2_run_is_reported_at_its_l2_radius_and_the_standard_linf_threat(tmp
                                epochs=2,
                                batch_size=16,
                                max_train_per_class=40,
-                               max_test_per_class=20,
+                               max_test_per_class=10,
                                lr_nat=0.2,
                                lr_rob=0.2)
   training.train_and_evaluate(config, tmp_path / "l2", progress=False)

@@ -26,7 +26,8 @@ def test_notebook_executes_every_cell_and_writes_its_figures(tmp_path):
                                       "RUN_SIZE": "tiny",
                                       "WORKDIR": str(workdir),
                                       "EVAL_N": 16,
-                                      "AUTOATTACK": False
+                                      "AUTOATTACK": False,
+                                      "SANITY_QUERIES": 50
                                   },
                                   kernel_name="python3",
                                   cwd=str(ROOT),
@@ -37,3 +38,4 @@ def test_notebook_executes_every_cell_and_writes_its_figures(tmp_path):
   for name in ("curves.png", "tradeoff.png", "boundary.png", "examples.png", "report.md"):
     assert (workdir / "figures" / name).stat().st_size > 0, name
   assert list((workdir / "eval").glob("chosen-beta*/model.json"))
+  assert "Square (50-query)" in (workdir / "figures" / "report.json").read_text()

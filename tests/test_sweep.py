@@ -347,6 +347,8 @@ def test_sweep_command_selects_and_evaluate_accepts_the_checkpoint(tiny_run, tmp
              "16",
              "--no-boundary",
              "--no-corruptions",
+             "--sanity-queries",
+             "50",
              cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-3000:]
   report = json.loads((selected / "eval" / "report.json").read_text())

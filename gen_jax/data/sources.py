@@ -19,6 +19,7 @@ Synopsis::
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.util
 import os
 import socket
 from typing import Any
@@ -78,6 +79,26 @@ def _resize(images: np.ndarray, image_size: int) -> np.ndarray:
   return out
 
 
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's digits as (float images [1797, 8, 8] with values 0..16, int32 labels).
+
+  Read from the data file that scikit-learn ships (`sklearn/datasets/data/digits.csv.gz`, rows of
+  64 pixels and the label), located without importing scikit-learn: the import pulls in SciPy
+  and costs about 1.5 s at the start of every program. Falls back to
+  `sklearn.datasets.load_digits` where the file is not at that place.
+  """
+  spec = importlib.util.find_spec("sklearn")
+  locations = list(spec.submodule_search_locations or ()) if spec else []
+  for location in locations:
+    path = os.path.join(location, "datasets", "data", "digits.csv.gz")
+    if os.path.isfile(path):
+      rows = np.loadtxt(path, delimiter=",")
+      return rows[:, :-1].reshape(-1, 8, 8), rows[:, -1].astype(np.int32)
+  from sklearn import datasets  # pylint: disable=import-outside-toplevel
+  raw = datasets.load_digits()
+  return raw.images, raw.target.astype(np.int32)
+
+
 def load_digits(image_size: int | None = None) -> Dataset:
   """scikit-learn's handwritten digits as a `Dataset` named "digits" (no network).
 
@@ -96,13 +117,11 @@ def load_digits(image_size: int | None = None) -> Dataset:
   if isinstance(size, bool) or not isinstance(size, int) or size < 8 or size % 8:
     raise ValueError(f"digits are 8x8 and upsampled by pixel repetition: image_size must be a "
                      f"positive multiple of 8 (8, 16, 24, 32, ...), got {image_size!r}.")
-  from sklearn import datasets  # pylint: disable=import-outside-toplevel
-  raw = datasets.load_digits()
+  pixels, labels = _digits_arrays()
   # Values are 0..16; 255/16 maps 16 to exactly 255.
-  images = np.round(raw.images * (255.0 / 16.0)).astype(np.uint8)
+  images = np.round(pixels * (255.0 / 16.0)).astype(np.uint8)
   factor = size // 8
   images = np.repeat(np.repeat(images, factor, axis=1), factor, axis=2)[..., None]
-  labels = raw.target.astype(np.int32)
   train_x, train_y, test_x, test_y = train_validation_split(images,
                                                             labels,
                                                             validation_size=DIGITS_TEST_FRACTION,

@@ -312,6 +312,7 @@ def evaluate_run(run: Any,
                  eps: float | None = None,
                  batch_size: int = 250,
                  seed: int | None = None,
+                 sanity_queries: int = sanity.SQUARE_QUERIES,
                  progress: Callable[[str, bool], None] | None = None) -> dict[str, Any]:
   """`evaluate` on a `gen_jax.runs.EvalRun` (a run's models or a saved model) and its test split.
 
@@ -323,7 +324,8 @@ def evaluate_run(run: Any,
   analyses are L-inf, so they run at the standard L-inf threat (`LINF_FOR_L2_RUNS`, 8/255 with
   step 2/255), never at the L2 radius. The key is `engine.attack_key(seed)`, by default of the
   run's own seed: the key of its `summary.json`, so the PGD-20 figures agree with it (for a run
-  whose evaluation is PGD-20, on the same images).
+  whose evaluation is PGD-20, on the same images). `sanity_queries` is the Square Attack budget of
+  the black-box sanity check (fewer is faster and a weaker check).
   """
   config = run.config
   seed = config.seed if seed is None else seed
@@ -350,6 +352,9 @@ def evaluate_run(run: Any,
                   analysis_n=analysis_n,
                   batch_size=batch_size,
                   options={
+                      "sanity": {
+                          "square_queries": sanity_queries
+                      },
                       "corruptions": {
                           "cifar10c": config.dataset == "cifar10",
                           "data_dir": config.data_dir

@@ -238,6 +238,10 @@ def _validate(images, labels, eps, step_size, known, tolerance, square_tolerance
   return x, y.astype(np.int32), checked
 
 
+# The black-box check's query budget: the Square Attack of the standard AutoAttack.
+SQUARE_QUERIES = 1000
+
+
 def sanity_checks(logits_fn: Callable[[jax.Array], jax.Array],
                   images: Any,
                   labels: Any,
@@ -248,7 +252,7 @@ def sanity_checks(logits_fn: Callable[[jax.Array], jax.Array],
                   known: Mapping[str, float] | None = None,
                   tolerance: float | None = None,
                   square_tolerance: float | None = None,
-                  square_queries: int = 1000,
+                  square_queries: int = SQUARE_QUERIES,
                   batch_size: int = 250,
                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
   """Runs the five gradient-masking checks (`CHECKS`) on one model (L-inf).
