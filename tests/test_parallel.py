@@ -345,17 +345,13 @@ def _metrics(workdir: pathlib.Path) -> list[dict]:
 def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_path):
   """Two processes x 1 device train epoch 1 of the tiny preset; one process on 1 device resumes
   their checkpoint for epoch 2; the run equals one process on 2 devices (same global batches)."""
-  cache = {
-      "JAX_COMPILATION_CACHE_DIR": tmp_path / "cache",
-      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": 0,
-      "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": 0
-  }
+  # The programs share the test session's compilation cache (tests/conftest.py sets it).
   flags = ["--preset", "tiny", "--no-progress"]
   one, two = tmp_path / "one", tmp_path / "two"
   coordinator = f"127.0.0.1:{_free_port()}"
   start = lambda argv, devices: subprocess.Popen(argv,
                                                  cwd=ROOT,
-                                                 env=_env(JAX_NUM_CPU_DEVICES=devices, **cache),
+                                                 env=_env(JAX_NUM_CPU_DEVICES=devices),
                                                  stdout=subprocess.PIPE,
                                                  stderr=subprocess.STDOUT,
                                                  text=True)
@@ -378,7 +374,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_pa
       [sys.executable, str(TRAIN), *flags, "--workdir",
        str(two)],
       cwd=ROOT,
-      env=_env(JAX_NUM_CPU_DEVICES=1, **cache),
+      env=_env(JAX_NUM_CPU_DEVICES=1),
       capture_output=True,
       text=True,
       timeout=600,

@@ -4,7 +4,7 @@ The end-to-end tests train the `tiny` preset (5 steps per epoch, 2 epochs). A ki
 in-process by an exception that nothing in the library catches (`_Killed`), raised right after
 a chosen write of the run directory; real SIGKILLs at random moments are the business of
 `experiments/soak.py`, real SIGTERM / SIGINT are sent to `experiments/train.py` below. A
-persistent compilation cache for this module keeps each resumed run at seconds (every rerun
+persistent compilation cache (the test session's) keeps each resumed run at seconds (every rerun
 would otherwise recompile the same step: about 15 s each on 2 CPU cores).
 """
 import dataclasses
@@ -47,7 +47,18 @@ _CACHE_OPTIONS = {
 
 @pytest.fixture(scope="module")
 def compile_cache(tmp_path_factory):
-  """A persistent compilation cache for this module (restored afterwards)."""
+  """The persistent compilation cache of this module's runs and the programs it starts.
+
+  The test session's cache where one is set (tests/conftest.py sets one: the tiny runs of other
+  modules then spare these their compiles, and the other way round), else one for this module
+  (restored afterwards).
+  """
+  if jax.config.jax_compilation_cache_dir and all(
+      getattr(jax.config, name) == value
+      for name, value in _CACHE_OPTIONS.items()
+      if value is not None):
+    yield pathlib.Path(jax.config.jax_compilation_cache_dir)
+    return
   directory = tmp_path_factory.mktemp("jax-cache")
   old = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
   for name, value in _CACHE_OPTIONS.items():

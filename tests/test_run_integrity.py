@@ -115,12 +115,22 @@ def _damage(run_dir, config, step, kind="nan"):
   manager.close()
 
 
-@pytest.mark.parametrize("kind", ["nan", "one-bit"])
-def test_a_checkpoint_damaged_after_its_save_is_set_aside_and_the_previous_one_used(tmp_path, kind):
+@pytest.fixture(scope="module")
+def three_epochs(tmp_path_factory):
+  """(config, the summary of its uninterrupted 3-epoch run, a run of it stopped after epoch 2)."""
+  root = tmp_path_factory.mktemp("three-epochs")
   config = dataclasses.replace(cfg.get_config("tiny"), epochs=3)
-  full = training.train_and_evaluate(config, tmp_path / "full", progress=False)
+  full = training.train_and_evaluate(config, root / "full", progress=False)
+  training.train_and_evaluate(config, root / "cut", progress=False, max_epochs=2)  # steps 5, 10
+  return config, full, root / "cut"
+
+
+@pytest.mark.parametrize("kind", ["nan", "one-bit"])
+def test_a_checkpoint_damaged_after_its_save_is_set_aside_and_the_previous_one_used(
+    three_epochs, tmp_path, kind):
+  config, full, stopped = three_epochs
   cut = tmp_path / "cut"
-  training.train_and_evaluate(config, cut, progress=False, max_epochs=2)  # steps 5 and 10
+  shutil.copytree(stopped, cut)
   _damage(cut, config, 10, kind)
   # Evaluation reads the newest intact checkpoint (with a line naming the damaged one).
   shutil.copytree(cut, tmp_path / "copy")
