@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from gen_jax import checkpoint, cli, runlock, runs, training
 from gen_jax import config as cfg
@@ -38,36 +37,13 @@ TINY = cfg.get_config("tiny")
 # Mid-epoch checkpoints (steps 2, 4 | 7, 9): the reference below has them, the resumed runs
 # compare against it, and `checkpoint_every` must not change what a run computes.
 CHUNKED = dataclasses.replace(TINY, checkpoint_every=2)
-_CACHE_OPTIONS = {
-    "jax_compilation_cache_dir": None,
-    "jax_persistent_cache_min_compile_time_secs": 0.0,
-    "jax_persistent_cache_min_entry_size_bytes": 0,
-}
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  """The persistent compilation cache of this module's runs and the programs it starts.
-
-  The test session's cache where one is set (tests/conftest.py sets one: the tiny runs of other
-  modules then spare these their compiles, and the other way round), else one for this module
-  (restored afterwards).
-  """
-  if jax.config.jax_compilation_cache_dir and all(
-      getattr(jax.config, name) == value
-      for name, value in _CACHE_OPTIONS.items()
-      if value is not None):
-    yield pathlib.Path(jax.config.jax_compilation_cache_dir)
-    return
-  directory = tmp_path_factory.mktemp("jax-cache")
-  old = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
-  for name, value in _CACHE_OPTIONS.items():
-    jax.config.update(name, str(directory) if value is None else value)
-  compilation_cache.reset_cache()
-  yield directory
-  for name, value in old.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
+def compile_cache():
+  """The test session's persistent compilation cache (tests/conftest.py sets it), which this
+  module's runs and the programs it starts share with the rest of the suite."""
+  return pathlib.Path(jax.config.jax_compilation_cache_dir)
 
 
 def _steps(directory):
