@@ -210,12 +210,18 @@ def _write(workdir, preset, config, rows, sweeps):
 
 # ------------------------------------------------------------------------- multi-norm study
 def _threat_models(config):
-  """The comparison's attacks: L-inf PGD-20 at the config's eps, L2 PGD-20 at its L2 expert's."""
+  """The comparison's threats (L-inf, L2 or None): the config's own and its L2 expert's."""
   if config.norm != "linf":
     raise ValueError(f"the multi-norm comparison evaluates L-inf PGD-20 at --eps; the config has "
                      f"--norm {config.norm}. Describe the experts with --experts-spec and keep "
                      "--norm linf.")
-  threat, l2 = Threat.of(config), Threat.of(config, norm="l2")
+  return Threat.of(config), Threat.of(config, norm="l2")
+
+
+def _threat_settings(threats):
+  """The radii and steps of `_threat_models`, as compare.json and RUN/eval/norms.json record
+  them (the attacks are PGD-20 whatever the config's evaluation steps)."""
+  threat, l2 = threats
   return {
       "eps": threat.eps,
       "step_size": threat.step_size,
@@ -224,7 +230,7 @@ def _threat_models(config):
   }
 
 
-def _norm_figures(run_dir, run_seed, threat, args):
+def _norm_figures(run_dir, run_seed, threats, args):
   """Clean, L-inf, L2 and union accuracy of a run's global model: read back from
   RUN/eval/norms.json when it holds these settings, else computed and written.
 
@@ -233,7 +239,11 @@ def _norm_figures(run_dir, run_seed, threat, args):
   evaluation is PGD-20 on the same images; "keys" marks figures of per-example keys, so that a
   file of the earlier per-batch keys is recomputed, not reused."""
   path = os.path.join(run_dir, runs.EVAL_DIR, "norms.json")
-  settings = {**threat, "n": args.eval_n, "seed": run_seed, "keys": "per-example"}
+  settings = {
+      **_threat_settings(threats), "n": args.eval_n,
+      "seed": run_seed,
+      "keys": "per-example"
+  }
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
@@ -243,15 +253,14 @@ def _norm_figures(run_dir, run_seed, threat, args):
     print(f"== {run_dir}: union figures not computed yet, left out (--report-only)", flush=True)
     return None
   run = runs.restore_models(run_dir, roles=(GLOBAL,))
-  attacks = ("clean", "pgd20") + (("pgd20-l2",) if threat["l2_eps"] else ())
+  threat, l2 = threats
+  attacks = ("clean", "pgd20") + (("pgd20-l2",) if l2 else ())
   table = report.attack_table(ModelSet(run.model, run.models),
                               *run.test_split(args.eval_n),
                               key=engine.attack_key(run_seed),
-                              eps=threat["eps"],
-                              step_size=threat["step_size"],
+                              threat=threat,
                               attacks=attacks,
-                              l2_eps=threat["l2_eps"],
-                              l2_step_size=threat["l2_step_size"])
+                              l2=l2)
   row = table["models"][GLOBAL]
   figures = {"clean": row["clean"]["accuracy"], "linf": row["pgd20"]["accuracy"]}
   if "union" in table:
@@ -270,14 +279,15 @@ def _multinorm(args, config, workdir):
                      "is compared with its single-expert baselines only (drop --ablations).")
   baselines = study.multinorm_baselines(config)
   pairs = study.multinorm_pairs(config, baselines)
-  threat = _threat_models(config)
+  threats = _threat_models(config)
+  threat = _threat_settings(threats)
   rows, sweeps = [], {}
   for run in study.plan_multinorm_runs(args.seeds or [config.seed], baselines):
     run_config = dataclasses.replace(config, seed=run.seed, **baselines.get(run.variant,
                                                                             {})).validate()
     run_dir = os.path.join(workdir, run.name)
     summary = _summary(run_config, run_dir, run.name, args)
-    figures = None if summary is None else _norm_figures(run_dir, run.seed, threat, args)
+    figures = None if summary is None else _norm_figures(run_dir, run.seed, threats, args)
     if figures is None:
       continue
     rows.append({

@@ -62,8 +62,9 @@ def _parse(argv=None):
   parser.add_argument("--pgd-steps",
                       "--steps",
                       type=cli.positive_int,
-                      default=20,
-                      help="PGD steps (default 20; --steps: old spelling)")
+                      default=None,
+                      help="PGD steps (default: the run's own evaluation steps, its "
+                      "--eval-pgd-steps: 20 in every preset but tiny; --steps: old spelling)")
   cli.add_evaluation_arguments(parser)
   cli.add_distributed_arguments(parser)
   return parser.parse_args(argv)

@@ -221,17 +221,13 @@ def evaluate(config: Config, candidates: Mapping[str, Variables],
   figures, and every model of a seed (baselines and mixtures) meets the same perturbation keys.
   """
   mesh = parallel.make_mesh()
-  threat = Threat.of(config)
   results = evaluate_models(parallel.replicate(dict(candidates), mesh),
                             splits.test_x,
                             splits.test_y,
                             model=runs.build_model(config, splits.num_classes, for_evaluation=True),
                             key=stream_keys(config.seed)["eval"],
-                            eps=threat.eps,
-                            step_size=threat.step_size,
-                            steps=threat.steps,
+                            threat=Threat.of(config),
                             batch_size=config.eval_batch_size,
-                            norm=threat.norm,
                             sharding=parallel.data_sharding(mesh))
   return {name: {"clean": r["clean_acc"], "robust": r["pgd_acc"]} for name, r in results.items()}
 

@@ -123,8 +123,11 @@ def test_train_command_tiny_end_to_end(tmp_path):
   report = json.loads((workdir / "eval" / "report.json").read_text())
   roles = {"global", "natural", "robust"}
   assert set(report) == {
-      "eps", "n", "attacks", "models", "sanity", "boundary", "corruptions", "examples"
+      "eps", "step_size", "threats", "n", "attacks", "models", "sanity", "boundary", "corruptions",
+      "examples"
   }
+  assert report["threats"]["pgd20"]["name"].startswith("PGD-20 linf eps ")
+  assert set(report["threats"]) == {"pgd20"}  # clean and APGD-CE are no threat of the engine
   assert set(report["models"]) == roles and report["n"] == 16
   for row in report["models"].values():
     assert row["pgd20"]["accuracy"] <= row["clean"]["accuracy"]

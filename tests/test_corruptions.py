@@ -22,6 +22,7 @@ from gen_jax.evaluation import corruptions as C
 
 NOISES = ("gaussian_noise", "shot_noise", "impulse_noise")
 KEY = jax.random.key(0)
+KEY2 = jax.random.key(1)
 
 
 @pytest.fixture(scope="module")
@@ -344,6 +345,17 @@ def test_corruption_accuracy_float_input_and_subsets_agree(digits):
     assert one["models"][role]["per_corruption"]["shot_noise"] == \
         full["models"][role]["per_corruption"]["shot_noise"]
     assert as_float["models"][role] == as_uint8["models"][role]
+
+
+def test_corruption_figures_do_not_depend_on_the_batch_size(digits):
+  # Each example draws its noise from its own key (engine.example_keys), as the attacks do.
+  fns, images, labels = digits
+  args = dict(key=KEY, corruptions=NOISES, severities=(3,))
+  a = C.corruption_accuracy(fns, images, labels, batch_size=128, **args)
+  b = C.corruption_accuracy(fns, images, labels, batch_size=50, **args)
+  assert a["models"] == b["models"]
+  other = C.corruption_accuracy(fns, images, labels, batch_size=50, **{**args, "key": KEY2})
+  assert other["models"] != b["models"]  # the draws do depend on the key
 
 
 def test_corruption_accuracy_rejects_bad_input(digits):

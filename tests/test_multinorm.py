@@ -471,29 +471,38 @@ def three_teachers(data):
 def test_attack_table_adds_l2_and_the_per_example_union(data, three_teachers):
   _, images, labels = data
   modelset, _ = three_teachers
+  threat = Threat("linf", 0.1, 0.025, 20)
   table = report.attack_table(modelset.subset(("natural", "global")),
                               images,
                               labels,
                               key=jax.random.key(0),
-                              eps=0.1,
-                              step_size=0.025,
+                              threat=threat,
                               attacks=("clean", "pgd20", "pgd20-l2"),
-                              l2_eps=1.0)
+                              l2=threat.at(1.0, norm="l2"))
   assert table["l2_eps"] == 1.0 and table["l2_step_size"] == pytest.approx(0.25)
+  assert table["threats"]["pgd20"]["name"] == str(threat)
+  assert table["threats"]["pgd20-l2"] == threat.at(1.0, norm="l2").record()
   assert table["union"]["attacks"] == ["pgd20", "pgd20-l2"]
   for name, row in table["models"].items():
     union = table["union"]["models"][name]["accuracy"]
     assert union <= min(row["pgd20"]["accuracy"], row["pgd20-l2"]["accuracy"])
   text = report.to_markdown(table)
-  assert "## Union robustness" in text and "L2 attacks (pgd20-l2) at eps = 1" in text
-  with pytest.raises(ValueError, match="need the L2 radius"):
+  assert "## Union robustness" in text and "L2 attacks (pgd20-l2) at eps = 1, step 0.25" in text
+  assert "PGD step 0.025" in text
+  with pytest.raises(ValueError, match="need the L2 threat"):
     report.attack_table(modelset.subset(("natural",)),
                         images,
                         labels,
                         key=jax.random.key(0),
-                        eps=0.1,
-                        step_size=0.025,
+                        threat=threat,
                         attacks=("pgd20-l2",))
+  with pytest.raises(ValueError, match="must be the L-inf `Threat`"):
+    report.attack_table(modelset.subset(("natural",)),
+                        images,
+                        labels,
+                        key=jax.random.key(0),
+                        threat=threat.at(1.0, norm="l2"),
+                        attacks=("pgd20",))
 
 
 # ------------------------------------------------------------------ the simplex sweep
@@ -533,10 +542,9 @@ def test_simplex_sweep_evaluates_every_mixture_and_writes_its_files(data, three_
                               images[:8],
                               labels[:8],
                               key=jax.random.key(0),
-                              eps=0.1,
-                              step_size=0.025,
+                              threat=threats["linf"],
                               attacks=("clean", "pgd20", "pgd20-l2"),
-                              l2_eps=1.0)
+                              l2=threats["l2"])
   row = table["models"]["m"]
   assert [point[m] for m in result["metrics"]] == [
       row["clean"]["accuracy"], row["pgd20"]["accuracy"], row["pgd20-l2"]["accuracy"],

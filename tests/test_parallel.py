@@ -88,6 +88,7 @@ def _device_worker(devices: int, out: pathlib.Path) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_num_cpu_devices", devices)
   from gen_jax import parallel, runs  # pylint: disable=g-import-not-at-top
+  from gen_jax.attacks.threat import Threat  # pylint: disable=g-import-not-at-top
   from gen_jax.evaluation.accuracy import evaluate_models  # pylint: disable=g-import-not-at-top
   from gen_jax.training import steps as steps_lib  # pylint: disable=g-import-not-at-top
 
@@ -129,9 +130,7 @@ def _device_worker(devices: int, out: pathlib.Path) -> None:
                                                 y,
                                                 model=linear,
                                                 key=jax.random.key(2),
-                                                eps=0.1,
-                                                step_size=0.04,
-                                                steps=5,
+                                                threat=Threat("linf", 0.1, 0.04, 5),
                                                 batch_size=EVAL_BATCH,
                                                 sharding=sharding)
     accuracies[f"trained-{n}"] = evaluate_models(state.models(),
@@ -139,9 +138,7 @@ def _device_worker(devices: int, out: pathlib.Path) -> None:
                                                  y,
                                                  model=eval_model,
                                                  key=jax.random.key(2),
-                                                 eps=config.eps,
-                                                 step_size=config.eval_step_size,
-                                                 steps=config.eval_pgd_steps,
+                                                 threat=Threat.of(config),
                                                  batch_size=EVAL_BATCH,
                                                  sharding=sharding)
   (out / f"accuracy-{devices}.json").write_text(json.dumps(accuracies))

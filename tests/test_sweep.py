@@ -50,9 +50,7 @@ def test_two_expert_sweep_is_the_engine_on_each_mixture_and_writes_line_files(ti
                               run.test_y,
                               model=model,
                               key=jax.random.key(3),
-                              eps=config.eps,
-                              step_size=config.eval_step_size,
-                              steps=3)["m"]
+                              threat=Threat("linf", config.eps, config.eval_step_size, 3))["m"]
     return {"clean": figures["clean_acc"], "robust": figures["pgd_acc"]}
 
   for p in result["points"]:
@@ -277,9 +275,7 @@ def test_load_model_reads_a_runs_best_directory(tiny_run, tmp_path):
                            splits.val_y,
                            model=model,
                            key=jax.random.key(config.seed),
-                           eps=config.eps,
-                           step_size=config.eval_step_size,
-                           steps=0)["b"]
+                           threat=None)["b"]
   assert direct["clean_acc"] == pytest.approx(best["clean_acc"])  # the model selected on validation
   with pytest.raises(FileNotFoundError, match="neither a model checkpoint"):
     runs.load_model(tmp_path)

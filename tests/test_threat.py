@@ -23,3 +23,20 @@ def test_other_radii_and_the_l2_expert_scale_the_step_alike():
   assert Threat.of(cfg.get_config("cifar10"), norm="l2") is None  # no L2 expert
   with pytest.raises(ValueError, match="eps > 0"):
     Threat("linf", 0.0, 0.1, 10)
+
+
+def test_at_is_the_one_rescaling_rule_and_record_names_the_threat():
+  config = cfg.get_config("cifar10-multinorm")
+  own = Threat.of(config)
+  assert own.at(own.eps) == own  # its own radius: exactly its own step
+  assert Threat.of(config, norm="l2") == own.at(0.5, norm="l2")
+  assert Threat.of(config, eps=16 / 255) == own.at(16 / 255)
+  assert own.record() == {
+      "norm": "linf",
+      "eps": own.eps,
+      "step_size": own.step_size,
+      "steps": 20,
+      "attack": "pgd",
+      "restarts": 1,
+      "name": str(own)
+  }

@@ -13,6 +13,7 @@ Synopsis::
     x_adv = attacks.pgd(logits_fn, x, y, key=key, eps=8 / 255, step_size=2 / 255, steps=10)
     x_adv = attacks.apgd(logits_fn, x, y, key=key, eps=8 / 255, loss="ce")
     x_adv, report = attacks.autoattack(logits_fn, x, y, key=key, eps=8 / 255)
+    threat = attacks.Threat("linf", eps=8 / 255, step_size=2 / 255, steps=20)  # an evaluation's
 
 Passing `logits_fn` as a `jax.tree_util.Partial(apply_fn, variables)` keeps the variables as jit
 arguments (no recompilation when they change, no constants baked into the program).
@@ -26,10 +27,12 @@ from gen_jax.attacks.fab import fab, fab_targeted
 from gen_jax.attacks.pgd import cw, fgsm, mim, pgd, trades_attack
 from gen_jax.attacks.settings import DEFAULTS, RAND
 from gen_jax.attacks.square import square
+from gen_jax.attacks.threat import Threat
 
 __all__ = [
     "fgsm", "pgd", "mim", "trades_attack", "cw", "apgd", "apgd_targeted", "apgd_checkpoints", "fab",
     "fab_targeted", "square", "autoattack", "verify_adversarial", "attack_in_batches",
     "validate_attack_inputs", "project", "project_linf", "project_l2", "random_start", "ce_loss",
-    "margin_loss", "dlr_loss", "dlr_targeted_loss", "kl_loss", "lp_norm", "DEFAULTS", "RAND"
+    "margin_loss", "dlr_loss", "dlr_targeted_loss", "kl_loss", "lp_norm", "DEFAULTS", "RAND",
+    "Threat"
 ]

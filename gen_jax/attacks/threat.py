@@ -15,6 +15,7 @@ Synopsis::
     threat.eps, threat.step_size, threat.steps, threat.norm
     Threat.of(config, eps=16 / 255)                 # another radius, the step scaled alike
     Threat.of(config, norm="l2")                    # at the run's L2 expert's radius (or None)
+    threat.at(0.5, norm="l2")                       # any radius and norm, the step scaled alike
     str(threat)                                     # "PGD-20 linf eps 0.03137 (8.00/255), step ..."
     threat.id                                       # stable 31-bit integer: its attack keys' salt
 
@@ -77,10 +78,23 @@ class Threat:
       eps = config.eps if norm == config.norm else l2_radius(config)
       if eps is None:
         return None
-    # At the run's own radius exactly its step (no rounding through the ratio), so that every
-    # program reproduces the training loop's figures bit for bit.
-    step = config.eval_step_size if eps == config.eps else config.eval_step_size * eps / config.eps
-    return cls(norm=norm, eps=float(eps), step_size=float(step), steps=int(config.eval_pgd_steps))
+    own = cls(norm=config.norm,
+              eps=float(config.eps),
+              step_size=float(config.eval_step_size),
+              steps=int(config.eval_pgd_steps))
+    return own.at(eps, norm=norm)
+
+  def at(self, eps: float, *, norm: str | None = None) -> Threat:
+    """This threat at radius `eps` (and `norm`, default its own), the step scaled alike:
+    `step_size * eps / self.eps`, the rule of every rescaled evaluation (the module docstring).
+
+    >>> Threat("linf", 8 / 255, 2 / 255, 20).at(0.5, norm="l2").step_size
+    0.125
+    """
+    # At its own radius exactly its step (no rounding through the ratio), so that every program
+    # reproduces the training loop's figures bit for bit.
+    step = self.step_size if eps == self.eps else self.step_size * eps / self.eps
+    return dataclasses.replace(self, norm=norm or self.norm, eps=float(eps), step_size=float(step))
 
   @property
   def id(self) -> int:
@@ -90,6 +104,11 @@ class Threat:
     text = (f"{self.attack}|{self.norm}|{float(self.eps)!r}|{float(self.step_size)!r}|"
             f"{int(self.steps)}|{int(self.restarts)}")
     return zlib.crc32(text.encode()) & 0x7FFFFFFF
+
+  def record(self) -> dict[str, Any]:
+    """Its fields and its printed name: how `report.json`, `sweep.json` and `compare.json`
+    record the threat they ran."""
+    return {**dataclasses.asdict(self), "name": str(self)}
 
   def __str__(self) -> str:
     radius = f" ({255 * self.eps:.2f}/255)" if self.norm == "linf" else ""

@@ -17,10 +17,10 @@ batch_size, progress, ...)` with its own `to_markdown(result)`.
 
 Synopsis::
 
-    from gen_jax import evaluation, runs
+    from gen_jax import attacks, evaluation, runs
+    threat = attacks.Threat("linf", eps=8 / 255, step_size=2 / 255, steps=20)
     report = evaluation.evaluate(evaluation.ModelSet(model, {"global": v}), images, labels,
-                                 key=key, eps=8 / 255, step_size=2 / 255,
-                                 attacks=("clean", "pgd20", "aa"))
+                                 key=key, threat=threat, attacks=("clean", "pgd20", "aa"))
     report = evaluation.evaluate_run(runs.restore_models("runs/pilot"), attacks=("clean", "pgd20"))
     evaluation.write_report(report, "runs/pilot/eval")
 """

@@ -9,7 +9,7 @@ images that are given (no attack).
 Synopsis::
 
     results = evaluate_models({"natural": v_nat, "robust": v_rob, "global": v_mix}, images, labels,
-                              model=model, key=key, eps=8 / 255, step_size=2 / 255, steps=20)
+                              model=model, key=key, threat=Threat.of(config))
     results["global"]["pgd_acc"]
 """
 from __future__ import annotations
@@ -55,13 +55,10 @@ def evaluate_models(models: dict[str, Any],
                     *,
                     model: nn.Module,
                     key: jax.Array,
-                    eps: float,
-                    step_size: float,
-                    steps: int,
+                    threat: Threat | None,
                     batch_size: int = 500,
-                    norm: str = "linf",
                     sharding: Any = None) -> dict[str, dict[str, float]]:
-  """Clean and PGD accuracy (random start, `steps` steps) of each model: the engine's figures.
+  """Clean and PGD accuracy of each model under `threat`: the engine's figures.
 
   Args:
     models: role -> linen variables, all of the architecture `model`.
@@ -70,7 +67,8 @@ def evaluate_models(models: dict[str, Any],
     model: the linen module (evaluated in inference mode, as a `ModelSet` applies it).
     key: the evaluation key (`engine.attack_key(seed)` for a run's own figures); example i uses
       `fold_in(fold_in(key, threat.id), i)`, the same for every model (`engine.correctness`).
-    eps, step_size, steps, norm: the PGD attack (steps 0: clean accuracy only).
+    threat: the attack (`Threat.of(config)` for a run's own figures); None or 0 steps: clean
+      accuracy only (then "pgd_acc" repeats it).
     batch_size: images per batch (the last one is padded and masked); the figures depend on
       neither it nor the devices.
     sharding: optional sharding of the batches over a data-parallel mesh (e.g.
@@ -80,7 +78,7 @@ def evaluate_models(models: dict[str, Any],
   Returns:
     role -> {"clean_acc", "pgd_acc"} as fractions in [0, 1].
   """
-  threats = [Threat(norm, float(eps), float(step_size), int(steps))] if steps > 0 else []
+  threats = [threat] if threat is not None and threat.steps > 0 else []
   correct = engine.correctness(ModelSet(model, models),
                                images,
                                labels,

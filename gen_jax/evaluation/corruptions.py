@@ -47,11 +47,14 @@ from gen_jax.attacks.core import as_pytree_fn
 from gen_jax.data import to_float
 from gen_jax.data.batching import eval_batches
 from gen_jax.data.sources import import_tfds, read_tfds_source
+from gen_jax.evaluation.engine import example_keys
 from gen_jax.evaluation.modelset import ModelSet
 
 CORRUPTIONS: tuple[str, ...] = ("gaussian_noise", "shot_noise", "impulse_noise", "gaussian_blur",
                                 "contrast", "brightness", "pixelate", "jpeg_compression")
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
+# The corruptions that draw random numbers (the others ignore their key).
+RANDOM: tuple[str, ...] = ("gaussian_noise", "shot_noise", "impulse_noise")
 
 # Severity 1..5 parameters of make_cifar_c.py (CIFAR-10-C), one tuple per corruption.
 SEVERITY_PARAMS: dict[str, tuple[float, ...]] = {
@@ -464,13 +467,19 @@ def corrupt(images: jax.Array, name: str, severity: int, key: jax.Array) -> jax.
 
 
 @functools.partial(jax.jit, static_argnames=("name",))
-def _batch_correct(logits_fns, images, labels, mask, key, level, *, name: str | None):
+def _batch_correct(logits_fns, images, labels, index, mask, key, level, *, name: str | None):
   """Correct predictions of each model on one padded batch, after corruption `name` (None: none).
 
-  The batch is corrupted once and every model sees the same corrupted images.
+  The batch is corrupted once and every model sees the same corrupted images. `key` is the
+  corruption's; at severity s = `level` + 1 a random corruption draws example i's noise from
+  `fold_in(fold_in(key, s), i)` (`index` holds the examples' positions in the evaluated set), so
+  the draws do not depend on the batch.
   """
   x = to_float(images)
-  if name is not None:
+  if name in RANDOM:
+    keys = example_keys(key, level + 1, index)
+    x = jax.vmap(lambda xi, ki: _apply(xi[None], ki, level, name)[0])(x, keys)
+  elif name is not None:
     x = _apply(x, key, level, name)
   return {
       role: jnp.sum((jnp.argmax(fn(x), -1) == labels) & mask, dtype=jnp.int32)
@@ -527,15 +536,16 @@ def _check_data(fns: dict[str, jax.tree_util.Partial], images: np.ndarray, label
 
 
 def _device_batches(images: np.ndarray, labels: np.ndarray, batch_size: int) -> list[tuple]:
-  """Padded, masked batches, uploaded once and reused by every corruption and severity."""
+  """Padded, masked batches (images, labels, example indices, mask), uploaded once and reused by
+  every corruption and severity."""
   idx, masks = eval_batches(int(labels.shape[0]), batch_size)
-  return [jax.device_put((images[i], labels[i].astype(np.int32), m)) for i, m in zip(idx, masks)]
+  return [jax.device_put((images[i], labels[i].astype(np.int32), i, m)) for i, m in zip(idx, masks)]
 
 
 def _count(fns, batches, key, level, name) -> dict[str, jax.Array]:
   totals = {role: jnp.zeros((), jnp.int32) for role in fns}
-  for i, batch in enumerate(batches):
-    counts = _batch_correct(fns, *batch, jax.random.fold_in(key, i), level, name=name)
+  for batch in batches:
+    counts = _batch_correct(fns, *batch, key, level, name=name)
     totals = {role: totals[role] + counts[role] for role in fns}
   return totals
 
@@ -584,9 +594,10 @@ def corruption_accuracy(logits_fns: dict[str, Callable],
   The images are uploaded once as padded, masked batches; each batch is corrupted on the device
   and evaluated by every model in the same jitted call, so all models see the same corrupted
   images. Nothing retraces per batch or per severity: one program per corruption (plus the clean
-  one). Corruption `name` at severity `s` uses the key
-  `fold_in(fold_in(key, CORRUPTIONS.index(name)), s)`, folded again with the batch index, so its
-  draws do not depend on which other corruptions are evaluated (they do depend on `batch_size`).
+  one). Corruption `name` at severity `s` draws example i's noise from
+  `fold_in(fold_in(fold_in(key, CORRUPTIONS.index(name)), s), i)` (per example, as the
+  correctness engine draws its attacks' starts: `engine.example_keys`), so a figure depends
+  neither on `batch_size` nor on which other corruptions are evaluated.
 
   Args:
     logits_fns: role -> `x -> logits [B, C]` for float NHWC images in [0, 1] (e.g. a
@@ -596,7 +607,8 @@ def corruption_accuracy(logits_fns: dict[str, Callable],
     key: PRNG key for the noise corruptions.
     corruptions: names from `CORRUPTIONS`.
     severities: from `SEVERITIES`.
-    batch_size: images per compiled batch (capped at N; the last batch is padded and masked).
+    batch_size: images per compiled batch (capped at N; the last batch is padded and masked); the
+      figures do not depend on it.
     progress: optional callable, given a one-line message before each corruption.
 
   Returns:
@@ -620,10 +632,7 @@ def corruption_accuracy(logits_fns: dict[str, Callable],
     if progress is not None:
       progress(f"corruption {name} ({j + 1}/{len(names)}), severities {list(severities)}")
     name_key = jax.random.fold_in(key, CORRUPTIONS.index(name))
-    counts[name] = {
-        s: _count(fns, batches, jax.random.fold_in(name_key, s), jnp.int32(s - 1), name)
-        for s in severities
-    }
+    counts[name] = {s: _count(fns, batches, name_key, jnp.int32(s - 1), name) for s in severities}
   return _summarise("computed", names, severities, fns, clean, n, counts, n)
 
 

@@ -21,7 +21,13 @@ its sweep and its comparison. AutoAttack, its stages and Square keep their batch
 `fold_in(fold_in(key, 0), a)` for attack a of the table, batch by batch (they attack only the
 points still robust, which no per-example key can make independent of the batch).
 
-Union robustness (multi-norm runs, Generalist++): with an L2 radius (`l2_eps`; `evaluate_run`
+Threats: the table and the analyses take the evaluation's threat as one `Threat` value
+(`attacks.threat`: `Threat.of(config)` for a run), whose radius and step size every L-inf attack
+uses (each attack its own number of steps: "pgd20" 20, "pgd100" 100); the L2 attacks take a second
+one, `l2` (`Threat.of(config, norm="l2")`, or `threat.at(radius, norm="l2")`). Nothing here
+derives a radius or a step: the table records the threats it ran, and `report.md` prints them.
+
+Union robustness (multi-norm runs, Generalist++): with an L2 threat (`l2`; `evaluate_run`
 takes the run's L2 expert's) the table adds L2 PGD-20 ("pgd20-l2") beside L-inf PGD-20, and
 `union` gives per model the share of images that survive every norm's attack
 (`union_accuracy`: an image counts as robust only if it is classified right under each).
@@ -29,14 +35,15 @@ takes the run's L2 expert's) the table adds L2 PGD-20 ("pgd20-l2") beside L-inf 
 Synopsis::
 
     models = ModelSet(model, {"global": v_mix, "robust": v_rob})
-    report = evaluate(models, images, labels, key=key, eps=8 / 255, step_size=2 / 255,
+    threat = Threat("linf", eps=8 / 255, step_size=2 / 255, steps=20)   # or Threat.of(config)
+    report = evaluate(models, images, labels, key=key, threat=threat,
                       attacks=("clean", "pgd20", "aa"))
     write_report(report, "runs/c10/eval")      # report.json, report.md, boundary.png
 
     report = evaluate_run(runs.restore_models("runs/c10"), attacks=("clean", "pgd20"))
 
-    table = attack_table(models, images, labels, key=key, eps=8 / 255, step_size=2 / 255,
-                         attacks=("clean", "pgd20", "pgd20-l2"), l2_eps=0.5)
+    table = attack_table(models, images, labels, key=key, threat=threat,
+                         attacks=("clean", "pgd20", "pgd20-l2"), l2=threat.at(0.5, norm="l2"))
     table["union"]["models"]["global"]["accuracy"]     # survives L-inf AND L2 PGD-20
 """
 from __future__ import annotations
@@ -129,45 +136,55 @@ def check_analyses(names: Sequence[str]) -> tuple[str, ...]:
   return tuple(n for n in ANALYSES if n in names)
 
 
+def check_table_threats(threat: Threat, l2: Threat | None, names: Sequence[str]) -> None:
+  """Checks the threats of an attack table before any attack runs (ValueError naming the fix)."""
+  if not isinstance(threat, Threat) or threat.norm != "linf":
+    raise ValueError(f"threat must be the L-inf `Threat` of the table's L-inf attacks (e.g. "
+                     f"Threat.of(config) of an L-inf run), got {threat!r}; the L2 attacks take "
+                     "l2=.")
+  l2_names = [n for n in names if catalogue.ATTACKS[n].norm == "l2"]
+  if l2_names and l2 is None:
+    raise ValueError(f"the attack(s) {l2_names} need the L2 threat: pass l2= (a run's "
+                     "Threat.of(config, norm='l2'), or threat.at(0.5, norm='l2') for radius 0.5 "
+                     "on CIFAR-10).")
+  if l2 is not None and (not isinstance(l2, Threat) or l2.norm != "l2"):
+    raise ValueError(f"l2 must be an L2 `Threat`, got {l2!r}.")
+
+
 def attack_table(models: ModelSet,
                  images: np.ndarray,
                  labels: np.ndarray,
                  *,
                  key: jax.Array,
-                 eps: float,
-                 step_size: float,
+                 threat: Threat,
                  attacks: Sequence[str] = catalogue.REPORT_ATTACKS,
                  batch_size: int = 250,
                  progress: Callable[[str], None] | None = None,
-                 l2_eps: float | None = None,
-                 l2_step_size: float | None = None) -> dict[str, Any]:
+                 l2: Threat | None = None) -> dict[str, Any]:
   """Accuracy of each model under each attack.
 
   Keys: "clean" and the PGD-family entries are answered by the correctness engine with `key`
   (example i under threat t: `fold_in(fold_in(key, t.id), i)`, independent of the batch size);
   any other attack i of `attacks` uses `fold_in(fold_in(key, 0), i)`, batch by batch.
 
-  Attacks are L-inf at `eps` (PGD step `step_size`), except the L2 ones of the catalogue
-  ("pgd20-l2"), which run at `l2_eps` (step `l2_step_size`, default `step_size * l2_eps / eps`,
-  the L-inf evaluation's share of its radius). When the attacks hold the PGD-20 attack of more
-  than one norm (`catalogue.NORM_ATTACKS`), the table adds their union robustness
+  Attacks are L-inf at `threat`'s radius and step size, each with its own number of steps, except
+  the L2 ones of the catalogue ("pgd20-l2"), which run at `l2`'s. When the attacks hold the PGD-20
+  attack of more than one norm (`catalogue.NORM_ATTACKS`), the table adds their union robustness
   (`union_accuracy`). `progress`, if given, is told "model/attack" before each entry.
 
   Returns:
-    {"eps", "n", "attacks", "models": {name: {attack: {"accuracy", "seconds", ...}}}}, plus
-    "l2_eps" and "l2_step_size" with an L2 attack, and "union": {"attacks", "models": {name:
-    {"accuracy", "robust", "n"}}} with attacks of several norms.
+    {"eps", "step_size" (`threat`'s), "threats": {attack: `Threat.record()`} (each PGD-family
+    attack's exact threat, its steps included), "n", "attacks", "models": {name: {attack:
+    {"accuracy", "seconds", ...}}}}, plus "l2_eps" and "l2_step_size" with an L2 attack, and
+    "union": {"attacks", "models": {name: {"accuracy", "robust", "n"}}} with
+    attacks of several norms.
 
   Raises:
-    ValueError: an unknown attack, or an L2 attack without `l2_eps`.
+    ValueError: an unknown attack, `threat` not L-inf, or an L2 attack without an L2 `l2`.
   """
   names = catalogue.check_names(list(attacks), catalogue.TABLE_ATTACKS)
+  check_table_threats(threat, l2, names)
   l2_names = [n for n in names if catalogue.ATTACKS[n].norm == "l2"]
-  if l2_names and not l2_eps:
-    raise ValueError(f"the attack(s) {l2_names} need the L2 radius: pass l2_eps (a run's L2 "
-                     "expert's eps, e.g. 0.5 on CIFAR-10).")
-  if l2_names and l2_step_size is None:
-    l2_step_size = step_size * l2_eps / eps
   per_norm = [n for n in catalogue.NORM_ATTACKS.values() if n in names]
   union_names = per_norm if len(per_norm) > 1 else []
   x, y = to_float(np.asarray(images)), np.asarray(labels).astype(np.int32)
@@ -179,7 +196,7 @@ def attack_table(models: ModelSet,
       if progress:
         progress(f"{role}/{name}")
       started = time.time()
-      l2 = catalogue.ATTACKS[name].norm == "l2"
+      norm_threat = l2 if catalogue.ATTACKS[name].norm == "l2" else threat
       engine_kind = catalogue.ATTACKS[name].kind in ("clean", "pgd")
       hits, extra = catalogue.robust_correct(
           name,
@@ -187,8 +204,8 @@ def attack_table(models: ModelSet,
           x,
           y,
           key=key if engine_kind else jax.random.fold_in(batch_keyed, i),
-          eps=l2_eps if l2 else eps,
-          step_size=l2_step_size if l2 else step_size,
+          eps=norm_threat.eps,
+          step_size=norm_threat.step_size,
           batch_size=batch_size)
       if name in union_names:
         correct[name] = hits
@@ -199,9 +216,22 @@ def attack_table(models: ModelSet,
       }
     if union_names:
       unions[role] = {k: v for k, v in union_accuracy(correct).items() if k != "attacks"}
-  table = {"eps": eps, "n": int(len(y)), "attacks": list(names), "models": results}
+  exact = {}  # the engine's threat of each PGD-family attack, as recorded
+  for name in names:
+    base = l2 if catalogue.ATTACKS[name].norm == "l2" else threat
+    exact[name] = catalogue.threat_of(name, eps=base.eps, step_size=base.step_size)
+  table = {
+      "eps": threat.eps,
+      "step_size": threat.step_size,
+      "threats": {
+          name: t.record() for name, t in exact.items() if t is not None
+      },
+      "n": int(len(y)),
+      "attacks": list(names),
+      "models": results
+  }
   if l2_names:
-    table.update(l2_eps=float(l2_eps), l2_step_size=float(l2_step_size))
+    table.update(l2_eps=l2.eps, l2_step_size=l2.step_size)
   if union_names:
     table["union"] = {"attacks": union_names, "models": unions}
   return table
@@ -218,16 +248,14 @@ def evaluate(models: ModelSet,
              labels: Any,
              *,
              key: jax.Array,
-             eps: float,
-             step_size: float,
+             threat: Threat,
              attacks: Sequence[str] = catalogue.REPORT_ATTACKS,
              analyses: Sequence[str] = tuple(ANALYSES),
              analysis_n: int = 500,
              batch_size: int = 250,
              options: Mapping[str, Mapping[str, Any]] | None = None,
              progress: Callable[[str, bool], None] | None = None,
-             l2_eps: float | None = None,
-             l2_step_size: float | None = None) -> dict[str, Any]:
+             l2: Threat | None = None) -> dict[str, Any]:
   """The whole robustness report of `models` on `images` (the content of `report.json`).
 
   Args:
@@ -235,8 +263,9 @@ def evaluate(models: ModelSet,
     images, labels: the test points (uint8 NHWC or floats in [0, 1]; converted once here).
     key: PRNG key: the attack table uses `key` (see `attack_table`), analysis i
       `fold_in(key, i)`.
-    eps, step_size: L-inf radius and PGD step of the evaluation.
-    attacks: names from `catalogue.TABLE_ATTACKS` (the L2 ones need `l2_eps`).
+    threat: the L-inf threat of the evaluation: the table's L-inf attacks and the analyses use
+      its radius and PGD step (`Threat.of(config)` for a run).
+    attacks: names from `catalogue.TABLE_ATTACKS` (the L2 ones need `l2`).
     analyses: names from `ANALYSES`, run on the first `analysis_n` points.
     analysis_n: points of the analyses (at most all).
     batch_size: points per compiled call.
@@ -244,7 +273,7 @@ def evaluate(models: ModelSet,
     progress: optional `progress(message, new_unit)`: `new_unit` is True before each entry of
       the table ("global/pgd20") and each analysis ("sanity"), False for the analyses' own
       finer messages; a progress bar counts the units (models x attacks + analyses).
-    l2_eps, l2_step_size: the L2 radius and PGD step of L2 attacks (see `attack_table`).
+    l2: the L2 threat of the L2 attacks (see `attack_table`).
 
   Returns:
     The attack table (`attack_table`) with one more entry per analysis. The sanity checks reuse
@@ -258,13 +287,12 @@ def evaluate(models: ModelSet,
                         x,
                         y,
                         key=key,
-                        eps=eps,
-                        step_size=step_size,
+                        threat=threat,
                         attacks=attacks,
                         batch_size=batch_size,
                         progress=unit,
-                        l2_eps=l2_eps,
-                        l2_step_size=l2_step_size)
+                        l2=l2)
+  eps, step_size = threat.eps, threat.step_size
   m = min(analysis_n, len(y))
   common = {
       "sanity": {
@@ -345,8 +373,7 @@ def evaluate_run(run: Any,
   return evaluate(ModelSet(run.model, run.models),
                   *run.test_split(n),
                   key=engine.attack_key(seed),
-                  eps=threat.eps,
-                  step_size=threat.step_size,
+                  threat=threat,
                   attacks=attacks,
                   analyses=analyses,
                   analysis_n=analysis_n,
@@ -361,18 +388,20 @@ def evaluate_run(run: Any,
                       }
                   },
                   progress=progress,
-                  l2_eps=l2.eps if l2 else None,
-                  l2_step_size=l2.step_size if l2 else None)
+                  l2=l2)
 
 
 def to_markdown(report: Mapping[str, Any]) -> str:
   """The report as markdown: the attack table, then one section per analysis present."""
   names = report["attacks"]
+  # Reports written before the threat was recorded give the radii only.
+  step = f", PGD step {report['step_size']:.5g}" if "step_size" in report else ""
+  l2_step = f", step {report['l2_step_size']:.5g}" if "l2_step_size" in report else ""
   l2 = (f"; L2 attacks ({', '.join(n for n in names if catalogue.ATTACKS[n].norm == 'l2')}) at "
-        f"eps = {report['l2_eps']:g}" if "l2_eps" in report else "")
+        f"eps = {report['l2_eps']:g}{l2_step}" if "l2_eps" in report else "")
   lines = [
       "## Robust accuracy", "", f"Accuracy (%) under each attack, L-inf eps = {report['eps']:.5f} "
-      f"({255 * report['eps']:.2f}/255){l2}, {report['n']} test images.", "",
+      f"({255 * report['eps']:.2f}/255){step}{l2}, {report['n']} test images.", "",
       "| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)
   ]
   for role, row in report["models"].items():

@@ -387,11 +387,11 @@ def run(models: ModelSet,
   Returns:
     {"kind": "line" or "simplex", "roles", "betas" (line) or "grid_step" (simplex), "metrics"
      ("clean", the threats' names, "union" with several), "eps" and "steps" (the first threat's),
-     "l2_eps" (the "l2" threat's or None), "n", "bn_recalibrated" (the recalibration's name or
-     None), "points": [{"beta" or "weights": {role: w}, and the metrics}], "experts": {role:
-     figures}, "global": figures or None, "pareto": the models no other beats in clean and the
-     last metric, by increasing clean accuracy: a point's beta (line) or index (simplex), an
-     expert's role, "global"}.
+     "l2_eps" (the "l2" threat's or None), "threats" (name -> `Threat.record()`), "n",
+     "bn_recalibrated" (the recalibration's name or None), "points": [{"beta" or "weights": {role:
+     w}, and the metrics}], "experts": {role: figures}, "global": figures or None, "pareto": the
+     models no other beats in clean and the last metric, by increasing clean accuracy: a point's
+     beta (line) or index (simplex), an expert's role, "global"}.
 
   Raises:
     ValueError: fewer than two roles or one the models lack, no threat, bad betas or grid step.
@@ -442,6 +442,9 @@ def run(models: ModelSet,
       "eps": float(first.eps),
       "l2_eps": None if l2 is None else float(l2.eps),
       "steps": int(first.steps),
+      "threats": {
+          name: t.record() for name, t in threats.items()
+      },
       "n": int(len(labels)),
       "bn_recalibrated": recalibration or ("yes" if recalibrate is not None else None),
       "points": points,
@@ -462,7 +465,7 @@ def sweep_run(eval_run: runs.EvalRun,
               betas: Sequence[float] = DEFAULT_BETAS,
               n: int | None = None,
               eps: float | None = None,
-              steps: int = 20,
+              steps: int | None = None,
               bn_recalibrate: str | None = None,
               recalibration_n: int = 2000,
               select: Rule | tuple[str, float] | None = None,
@@ -473,7 +476,9 @@ def sweep_run(eval_run: runs.EvalRun,
   """The sweep of a training run (`runs.restore_models`), optionally saving a choice.
 
   Mixes the run's teachers (`Config.experts`, in order) on its first `n` test images, attacked by
-  `steps`-step PGD at the run's eps (or `eps`, the PGD step scaled alike): two experts along
+  the run's own evaluation threat (`Threat.of(config)`: its eval PGD steps, eps and step; `eps`
+  another radius, the step scaled alike; `steps` other PGD steps), so that its figures are the
+  run's `summary.json` figures for the same model and images: two experts along
   `betas`, under the run's own attack ("robust"); more over the simplex grid of `grid_step`, under
   L-inf PGD and, for an L-inf run with an L2 expert, L2 PGD at that expert's radius ("linf",
   "l2", "union"). With `bn_recalibrate` ("clean", or "matched" for two experts: it weighs clean
@@ -500,7 +505,9 @@ def sweep_run(eval_run: runs.EvalRun,
   if bn_recalibrate not in (None, "clean") and not line:
     raise ValueError(f"--bn-recalibrate {bn_recalibrate} weighs clean and PGD images by beta, "
                      "which two experts define; a run of more experts takes 'clean' only.")
-  threat = dataclasses.replace(Threat.of(config, eps=eps), steps=steps)
+  threat = Threat.of(config, eps=eps)
+  steps = threat.steps if steps is None else steps
+  threat = dataclasses.replace(threat, steps=steps)
   threats = {"robust": threat} if line else {threat.norm: threat}
   l2 = None if line or threat.norm != "linf" else Threat.of(config, norm="l2")
   if l2 is not None:
@@ -711,4 +718,9 @@ def to_markdown(result: dict[str, Any]) -> str:
     mark = "yes" if label in result["pareto"] else ""
     lines.append(f"| {name} | " + " | ".join(f"{100 * figures[m]:.2f}" for m in metrics) +
                  f" | {mark} |")
+  if result.get("threats"):  # sweeps written before the threats were recorded lack them
+    lines += [
+        "", "Threats: " +
+        "; ".join(f"{name}: {t['name']}" for name, t in result["threats"].items()) + "."
+    ]
   return "\n".join(lines) + "\n"

@@ -285,17 +285,13 @@ def _debug_nans(enabled: bool):
 
 def _evaluate(state, xs, ys, *, model, config, key, sharding, roles):
   candidates = state.models()
-  threat = Threat.of(config)
   return evaluate_models({r: candidates[r] for r in roles},
                          xs,
                          ys,
                          model=model,
                          key=key,
-                         eps=threat.eps,
-                         step_size=threat.step_size,
-                         steps=threat.steps,
+                         threat=Threat.of(config),
                          batch_size=config.eval_batch_size,
-                         norm=threat.norm,
                          sharding=sharding)
 
 
