@@ -35,7 +35,10 @@ gen_jax's own models). `ModelSet` applies a user's network inside `gen_jax.ops.i
 fast_cpu_ops` (gen_jax's fast CPU convolution and max-pool gradients); `--fast-ops false` applies
 the stock flax layers instead, the "before" figure. The weights are random (plaincnn's are
 `plaincnn_weights`, the same as bench_torch.py's): the time per step of PGD and APGD does not
-depend on them, AutoAttack's does (through how many points each stage still has to attack).
+depend on them, AutoAttack's does (through how many points each stage still has to attack), so
+for AutoAttack give a trained network: `--weights NPZ`, written by experiments/bench_fixture.py
+(PGD-AT of the same network), brings its weights and its test images with their true labels
+(`"labels": "file"`), the same file bench_torch.py --weights reads.
 
 Synopsis::
 
@@ -155,6 +158,12 @@ def _parse_args(argv=None) -> argparse.Namespace:
                  help="attack targets on a user's network (plaincnn): ModelSet's fast CPU "
                  "convolution and max-pool paths (true, default) or the stock flax layers (false); "
                  "gen_jax's own models keep --conv-impl")
+  p.add_argument("--weights",
+                 default=None,
+                 metavar="NPZ",
+                 help="plaincnn: a trained network and its test images and labels, from "
+                 "experiments/bench_fixture.py (default: random weights, random images labelled "
+                 "by the network's predictions)")
   p.add_argument("--dtype",
                  default="float32",
                  choices=tuple(COMPUTE_DTYPES),
@@ -236,6 +245,12 @@ def _parse_args(argv=None) -> argparse.Namespace:
             f"{','.join(ATTACK_WHATS)}; got --what {args.what}")
   if args.warmup < 0:
     p.error(f"--warmup must be >= 0; got {args.warmup}")
+  if args.weights is not None:
+    if args.model != "plaincnn":
+      p.error(f"--weights is plaincnn's (a file of bench_fixture.py); got --model {args.model}")
+    if not os.path.isfile(args.weights):
+      p.error(f"--weights {args.weights}: no such file (write it with "
+              "experiments/bench_fixture.py)")
   for name, flag in (("per_device_batch", "--per-device-batch"), ("cpu_devices", "--cpu-devices")):
     if getattr(args, name) is not None and getattr(args, name) < 1:
       p.error(f"{flag} must be >= 1; got {getattr(args, name)}")
@@ -576,6 +591,15 @@ def plaincnn_weights(seed: int, num_classes: int, image_size: int) -> list[tuple
   return weights
 
 
+def plaincnn_file(path: str) -> tuple[list[tuple[Any, Any]], Any, Any]:
+  """PlainCNN's (kernel, bias) per layer (flax's layout), test images (uint8 NHWC) and labels
+  from a file of experiments/bench_fixture.py. NumPy only, identical in bench.py and
+  bench_torch.py (tests/test_bench.py compares the two sources)."""
+  with np.load(path) as f:
+    weights = [(f[f"kernel_{i}"], f[f"bias_{i}"]) for i in range(6)]
+    return weights, f["images"], f["labels"].astype(np.int64)
+
+
 def _attack_network(args: argparse.Namespace) -> tuple[Any, Any, Any]:
   """(module, variables, logits_fn): the network of the attack targets in inference mode.
 
@@ -589,7 +613,8 @@ def _attack_network(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     shapes = jax.eval_shape(model.init, jax.random.key(args.seed),
                             jnp.zeros((1, args.image_size, args.image_size, 3), jnp.float32))
     names = ("Conv_0", "Conv_1", "Conv_2", "Conv_3", "Dense_0", "Dense_1")
-    weights = plaincnn_weights(args.seed, args.num_classes, args.image_size)
+    weights = (plaincnn_file(args.weights)[0] if args.weights else plaincnn_weights(
+        args.seed, args.num_classes, args.image_size))
     variables = {
         "params": {
             name: {
@@ -625,14 +650,22 @@ def bench_attack(args: argparse.Namespace, what: str) -> dict[str, Any]:
   model, variables, logits_fn = _attack_network(args)
   n = args.n or args.batch
   b = min(args.batch, n)
-  rng = np.random.default_rng(args.seed + 1)
-  x = (rng.integers(0, 256, (n, args.image_size, args.image_size, 3), dtype=np.uint8) /
-       np.float32(255.0)).astype(np.float32)
-  y = _predictions(logits_fn, x, args.batch)
+  if args.weights:  # a trained network: its test images and their labels
+    _, images, labels = plaincnn_file(args.weights)
+    if n > len(labels):
+      raise ValueError(f"--n {n}: {args.weights} holds {len(labels)} test images.")
+    x = (images[:n] / np.float32(255.0)).astype(np.float32)
+    y = labels[:n].astype(np.int32)
+  else:
+    rng = np.random.default_rng(args.seed + 1)
+    x = (rng.integers(0, 256, (n, args.image_size, args.image_size, 3), dtype=np.uint8) /
+         np.float32(255.0)).astype(np.float32)
+    y = _predictions(logits_fn, x, args.batch)
   steps = _pgd_steps(args, what)
   record = _context(args, what)
   record.update(n=n,
-                labels="predictions",
+                labels="file" if args.weights else "predictions",
+                weights=os.path.basename(args.weights) if args.weights else None,
                 eps=EPS,
                 fast_ops=args.fast_ops if args.model in USER_MODELS else None)
   if args.model in USER_MODELS:

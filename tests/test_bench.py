@@ -160,16 +160,15 @@ def test_fast_ops_do_not_change_the_attacks_results():
 
 def test_user_network_is_the_same_on_both_sides():
   bench = _load(BENCH, "bench_under_test")
-  # The weights are drawn by the same code in both scripts (bench_torch.py needs torch to run).
-  sources = []
-  for path in (BENCH, BENCH_TORCH):
-    text = open(path, encoding="utf-8").read()
-    (fn,) = [
-        n for n in ast.parse(text).body
-        if isinstance(n, ast.FunctionDef) and n.name == "plaincnn_weights"
-    ]
-    sources.append(ast.get_source_segment(text, fn))
-  assert sources[0] == sources[1]
+  # The weights are drawn (or read from a bench_fixture.py file) by the same code in both scripts
+  # (bench_torch.py needs torch to run).
+  for name in ("plaincnn_weights", "plaincnn_file"):
+    sources = []
+    for path in (BENCH, BENCH_TORCH):
+      text = open(path, encoding="utf-8").read()
+      (fn,) = [n for n in ast.parse(text).body if isinstance(n, ast.FunctionDef) and n.name == name]
+      sources.append(ast.get_source_segment(text, fn))
+    assert sources[0] == sources[1], name
   weights = bench.plaincnn_weights(0, 10, 16)
   assert [k.shape for k, _ in weights][-2:] == [(4 * 4 * 64, 256), (256, 10)]
   args = bench._parse_args(["--what", "pgd20", "--model", "plaincnn", "--image-size", "16"])
@@ -280,3 +279,46 @@ def test_side_by_side_pairs_rounds_and_reports_the_median_ratio(tmp_path):
   assert len(torch_calls) == 2
   assert torch_calls[0].startswith(BENCH_TORCH + " --what pgd20 --model smallcnn --batch-size 2 "
                                    "--repeats 1 --warmup 0 --pgd-steps 1 --image-size 8")
+
+
+def test_a_trained_fixture_is_the_network_and_the_images_the_attacks_get(tmp_path):
+  """bench_fixture.py trains PlainCNN on an image folder; bench.py --weights attacks that network
+  on the file's images with their true labels."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  for split, count in (("train", 6), ("test", 3)):
+    for label in range(3):
+      folder = tmp_path / "data" / split / f"c{label}"
+      folder.mkdir(parents=True)
+      for i in range(count):
+        image = rng.integers(0, 100, (8, 8, 3), dtype=np.uint8)
+        image[..., label] = 255
+        Image.fromarray(image).save(folder / f"{i}.png")
+  fixture = _load(os.path.join(ROOT, "experiments", "bench_fixture.py"), "fixture_under_test")
+  out = tmp_path / "plaincnn.npz"
+  argv = [
+      "--data-dir",
+      str(tmp_path / "data"), "--out",
+      str(out), "--image-size", "8", "--epochs", "2", "--batch-size", "6", "--pgd-steps", "1",
+      "--test-n", "5", "--lr", "0.05"
+  ]
+  assert fixture.main(argv) == 0
+  with pytest.raises(SystemExit):  # an existing file is never replaced
+    fixture._parse(argv)
+  bench = _load(BENCH, "bench_under_test")
+  weights, images, labels = bench.plaincnn_file(str(out))
+  assert images.shape == (5, 8, 8, 3) and images.dtype == np.uint8 and set(labels) <= {0, 1, 2}
+  args = bench._parse_args([
+      "--what", "pgd20", "--model", "plaincnn", "--image-size", "8", "--num-classes", "3", "--n",
+      "5", "--batch-size", "5", "--pgd-steps", "2", "--repeats", "1", "--warmup", "0", "--weights",
+      str(out)
+  ])
+  _, variables, logits_fn = bench._attack_network(args)
+  assert [np.asarray(variables["params"][f"Dense_{i}"]["kernel"]).tolist() for i in (0, 1)
+         ] == [weights[4][0].tolist(), weights[5][0].tolist()]
+  clean = np.argmax(np.asarray(logits_fn(images / np.float32(255))), -1) == labels
+  record = bench.bench_attack(args, "pgd20")
+  assert record["labels"] == "file" and record["weights"] == "plaincnn.npz"
+  assert record["n"] == 5 and record["robust_count"] <= clean.sum()
+  with pytest.raises(SystemExit):  # --weights belongs to plaincnn
+    bench._parse_args(["--what", "pgd20", "--model", "smallcnn", "--weights", str(out)])

@@ -37,7 +37,9 @@ as it is inside gen_jax's jitted step.
 The attack targets run as in bench.py: the whole attack over `--n` images (default: one batch) in
 batches of `--batch-size` (the last one may be smaller), L-inf eps 8/255, the model in eval mode;
 the labels are the model's own predictions (every point starts robust: APGD and AutoAttack
-attack only the points classified right); `robust_count` checks the result. `--model plaincnn`
+attack only the points classified right), or with `--weights` (plaincnn trained by
+experiments/bench_fixture.py) the file's test images and true labels; `robust_count` checks the
+result. `--model plaincnn`
 is bench.py's user network (`PlainCNN` here: the same layer shapes, NCHW), for the attack
 targets only. torchattacks (installed with --no-deps, README.md) is imported only for the targets
 that use it.
@@ -219,12 +221,23 @@ MODELS = {
 }
 
 
+def plaincnn_file(path: str) -> tuple[list[tuple[Any, Any]], Any, Any]:
+  """PlainCNN's (kernel, bias) per layer (flax's layout), test images (uint8 NHWC) and labels
+  from a file of experiments/bench_fixture.py. NumPy only, identical in bench.py and
+  bench_torch.py (tests/test_bench.py compares the two sources)."""
+  with np.load(path) as f:
+    weights = [(f[f"kernel_{i}"], f[f"bias_{i}"]) for i in range(6)]
+    return weights, f["images"], f["labels"].astype(np.int64)
+
+
 def build_model(args: argparse.Namespace) -> nn.Module:
-  """The network of `--model`; plaincnn with bench.py's weights (`plaincnn_weights`)."""
+  """The network of `--model`; plaincnn with bench.py's weights (`plaincnn_weights`, or those of
+  `--weights`, a file of bench_fixture.py)."""
   if args.model != "plaincnn":
     return MODELS[args.model](num_classes=args.num_classes)
   net = PlainCNN(args.num_classes, args.image_size)
-  (c0, c1, c2, c3, d0, d1) = plaincnn_weights(args.seed, args.num_classes, args.image_size)
+  (c0, c1, c2, c3, d0, d1) = (plaincnn_file(args.weights)[0] if args.weights else plaincnn_weights(
+      args.seed, args.num_classes, args.image_size))
   side = args.image_size // 4
   # HWIO -> OIHW; the first dense kernel's rows from flax's (h, w, c) flattening to torch's
   # (c, h, w); [in, out] -> [out, in].
@@ -394,15 +407,19 @@ class AttackWorkload:
     self.model = build_model(args).eval()
     if args.channels_last:
       self.model = self.model.to(memory_format=torch.channels_last)
-    # bench.py's images (NumPy, seed + 1), NHWC -> NCHW.
-    rng = np.random.default_rng(args.seed + 1)
+    # bench.py's images (NumPy, seed + 1; or the --weights file's), NHWC -> NCHW.
     s, n = args.image_size, args.n or args.batch
-    x = rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8) / np.float32(255.0)
+    if args.weights:
+      _, images, labels = plaincnn_file(args.weights)
+      x = images[:n] / np.float32(255.0)
+    else:
+      rng = np.random.default_rng(args.seed + 1)
+      x = rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8) / np.float32(255.0)
     x = torch.from_numpy(np.ascontiguousarray(x.astype(np.float32).transpose(0, 3, 1, 2)))
     if args.channels_last:
       x = x.contiguous(memory_format=torch.channels_last)
     self.x = x
-    self.y = self._predict(x)
+    self.y = torch.from_numpy(labels[:n]) if args.weights else self._predict(x)
     self.x_adv = x
     self.attack = self._make_attack()
 
@@ -489,7 +506,11 @@ def bench(args: argparse.Namespace, what: str) -> dict:
       "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
   if attack:
-    record.update(n=images, labels="predictions", eps=EPS, robust_count=work.robust_count())
+    record.update(n=images,
+                  labels="file" if args.weights else "predictions",
+                  weights=os.path.basename(args.weights) if args.weights else None,
+                  eps=EPS,
+                  robust_count=work.robust_count())
     record["robust_accuracy"] = record["robust_count"] / images
     if what == "pgd20":
       record["pgd_impl"] = args.pgd_impl
@@ -564,6 +585,10 @@ def main(argv=None) -> int:
   p.add_argument("--reference-monitoring", action="store_true")
   p.add_argument("--out", default=None, help="also append the JSON lines to this file")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--weights",
+                 default=None,
+                 metavar="NPZ",
+                 help="plaincnn: a trained network, its test images and labels (bench_fixture.py)")
   args = p.parse_args(argv)
   whats = [w.strip() for w in args.what.split(",") if w.strip()]
   if not whats or any(w not in WHATS for w in whats):

@@ -10,16 +10,17 @@ For each `--what`, runs `--rounds` rounds; a round is one `experiments/bench.py`
 once by one `experiments/reference/bench_torch.py` process (the same workload, in the PyTorch
 environment given by `--torch-python`: see README.md beside this file), so each pair shares the
 minute and the machine's load. `--batch-size`, `--repeats`, `--warmup`, `--pgd-steps`,
-`--image-size` and `--n` (attack targets: N images) are passed to both (`--batch` and the
-deprecated `--steps` are still accepted); `--fast-ops` only to bench.py (`false`: a user's network
-with the stock flax layers, the "before" figure) and `--torch-pgd-impl` only to bench_torch.py (as
-its `--pgd-impl`: `torchattacks` for torchattacks.PGD). For the attack targets the table also
-shows each side's `robust_count` (the same network and images on both sides for `plaincnn`), a
-check that both did comparable work: AutoAttack's later stages attack only the points still robust.
-Reports per workload the median images/s of each side and the median of the per-round ratios
-(gen_jax over PyTorch: the paired ratio is less sensitive to load drifting between rounds than the
-ratio of medians). Prints a markdown table and writes every raw JSON line plus the summary to
-`--out`.
+`--image-size`, `--n` (attack targets: N images) and `--weights` (plaincnn trained by
+experiments/bench_fixture.py: its weights, test images and labels) are passed to both (`--batch` and
+the deprecated `--steps` are still accepted); `--fast-ops` only to bench.py (`false`: a user's
+network with the stock flax layers, the "before" figure) and `--torch-pgd-impl` only to
+bench_torch.py (as its `--pgd-impl`: `torchattacks` for torchattacks.PGD). For the attack targets
+the table also shows each side's `robust_count` (the same network and images on both sides for
+`plaincnn`), a check that both did comparable work: AutoAttack's later stages attack only the points
+still robust. Reports per workload the median images/s of each side and the median of the per-round
+ratios (gen_jax over PyTorch: the paired ratio is less sensitive to load drifting between rounds
+than the ratio of medians). Prints a markdown table and writes every raw JSON line plus the summary
+to `--out`.
 Timing lives here and in the two bench scripts only; tests never time anything.
 """
 from __future__ import annotations
@@ -60,6 +61,8 @@ def _commands(args, what: str) -> tuple[list[str], list[str]]:
     common += ["--image-size", str(args.image_size)]
   if args.n is not None:
     common += ["--n", str(args.n)]
+  if args.weights is not None:
+    common += ["--weights", os.path.abspath(args.weights)]
   ours = [sys.executable, BENCH, *common]
   if args.fast_ops is not None:
     ours += ["--fast-ops", args.fast_ops]
@@ -91,6 +94,11 @@ def _parse_args(argv=None) -> argparse.Namespace:
                  default=None,
                  metavar="N",
                  help="attack targets: images attacked per repetition (default: one batch)")
+  p.add_argument("--weights",
+                 default=None,
+                 metavar="NPZ",
+                 help="plaincnn: a trained network and its test images (bench_fixture.py), given "
+                 "to both sides")
   p.add_argument("--fast-ops",
                  choices=("true", "false"),
                  default=None,
