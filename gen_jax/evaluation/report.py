@@ -189,6 +189,8 @@ def attack_table(models: ModelSet,
   union_names = per_norm if len(per_norm) > 1 else []
   x, y = to_float(np.asarray(images)), np.asarray(labels).astype(np.int32)
   batch_keyed = jax.random.fold_in(key, 0)
+  # Each attack's radius and step: the L2 threat's for the L2 attacks, the L-inf one's otherwise.
+  base = {n: l2 if catalogue.ATTACKS[n].norm == "l2" else threat for n in names}
   results, unions = {}, {}
   for role, logits_fn in models.logits_fns().items():
     results[role], correct = {}, {}
@@ -196,7 +198,6 @@ def attack_table(models: ModelSet,
       if progress:
         progress(f"{role}/{name}")
       started = time.time()
-      norm_threat = l2 if catalogue.ATTACKS[name].norm == "l2" else threat
       engine_kind = catalogue.ATTACKS[name].kind in ("clean", "pgd")
       hits, extra = catalogue.robust_correct(
           name,
@@ -204,8 +205,8 @@ def attack_table(models: ModelSet,
           x,
           y,
           key=key if engine_kind else jax.random.fold_in(batch_keyed, i),
-          eps=norm_threat.eps,
-          step_size=norm_threat.step_size,
+          eps=base[name].eps,
+          step_size=base[name].step_size,
           batch_size=batch_size)
       if name in union_names:
         correct[name] = hits
@@ -216,10 +217,9 @@ def attack_table(models: ModelSet,
       }
     if union_names:
       unions[role] = {k: v for k, v in union_accuracy(correct).items() if k != "attacks"}
-  exact = {}  # the engine's threat of each PGD-family attack, as recorded
-  for name in names:
-    base = l2 if catalogue.ATTACKS[name].norm == "l2" else threat
-    exact[name] = catalogue.threat_of(name, eps=base.eps, step_size=base.step_size)
+  exact = {  # the engine's threat of each PGD-family attack, as recorded
+      n: catalogue.threat_of(n, eps=base[n].eps, step_size=base[n].step_size) for n in names
+  }
   table = {
       "eps": threat.eps,
       "step_size": threat.step_size,

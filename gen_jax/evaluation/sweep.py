@@ -506,7 +506,7 @@ def sweep_run(eval_run: runs.EvalRun,
     raise ValueError(f"--bn-recalibrate {bn_recalibrate} weighs clean and PGD images by beta, "
                      "which two experts define; a run of more experts takes 'clean' only.")
   threat = Threat.of(config, eps=eps)
-  steps = threat.steps if steps is None else steps
+  steps = threat.steps if steps is None else steps  # the L2 threat gets the same steps
   threat = dataclasses.replace(threat, steps=steps)
   threats = {"robust": threat} if line else {threat.norm: threat}
   l2 = None if line or threat.norm != "linf" else Threat.of(config, norm="l2")
