@@ -5,9 +5,12 @@ This module owns `max_pool` (the signature and values of `flax.linen.max_pool`) 
 
 Why: the gradient of `lax.reduce_window` with `lax.max` is XLA's `SelectAndScatter`, which the
 CPU backend runs as a scalar loop over every window, several times slower than the convolutions
-around it in a small CNN. Here the forward pass records, for every output element, WHICH tap of
-its window holds the maximum (one small integer per output: kh*kw strided slices of the padded
-input compared in one fused elementwise pass), and the backward pass routes the cotangent back to
+around it in a small CNN. A forward pass that is not differentiated is XLA's own reduce-window
+(the tap slices below, left in a forward-only program such as Square's queries, made a plain
+CNN's forward about twice as slow). The forward pass of the VJP records, for every output
+element, WHICH tap of its window holds the maximum (one small integer per output: kh*kw strided
+slices of the padded input compared in one fused elementwise pass), and the backward pass routes
+the cotangent back to
 that tap with elementwise selects: for non-overlapping windows (strides == window) one select
 into the windows laid out by a reshape, otherwise one interior-padded (strided "unslice") copy
 per tap, summed. No gather, no scatter.
@@ -123,7 +126,7 @@ def _backward_overlapping(g, index, padded_shape, dims, strides) -> jax.Array:
 def _reduce_window_max_custom(x: jax.Array, dims: tuple[int, ...], strides: tuple[int, ...],
                               pads: Pads, in_shape: tuple[int, ...]) -> jax.Array:
   del in_shape
-  return _argmax_forward(x, dims, strides, pads)[0]
+  return lax.reduce_window(x, -jnp.inf, lax.max, dims, strides, pads)
 
 
 def _fwd(x, dims, strides, pads, in_shape):
