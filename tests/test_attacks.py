@@ -6,6 +6,7 @@ of steps does not change what is tested; shapes and static arguments are shared 
 that the compiled programs are reused.
 """
 import dataclasses
+import importlib
 
 import chex
 import jax
@@ -321,6 +322,19 @@ def test_autoattack_not_weaker_than_its_components(norm):
   # Points that no stage fooled keep their clean image.
   still = np.asarray(jnp.argmax(MLP(jnp.asarray(x_adv)), axis=1) == Y)
   np.testing.assert_array_equal(x_adv[still], np.asarray(X)[still])
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8, 50, 500])
+def test_autoattack_pads_remainders_to_few_shapes_and_small_ones_to_powers_of_two(batch_size):
+  autoattack_lib = importlib.import_module("gen_jax.attacks.autoattack")  # the padding rule
+  sizes = {m: autoattack_lib._padded_size(m, batch_size) for m in range(1, batch_size)}
+  quarter = -(-batch_size // 4)
+  for m, size in sizes.items():
+    assert m <= size <= batch_size
+    assert size - m < max(quarter, 1) and (size == m or size - m < m)
+  assert len(set(sizes.values())) <= 4 + max(quarter - 1, 0).bit_length()
+  if batch_size == 50:  # the 5 points FAB-T and Square met in the plain-CNN benchmark
+    assert sizes[5] == 8 and sizes[9] == 13 and sizes[14] == 26
 
 
 def test_autoattack_rand_version_with_a_randomised_model():
