@@ -100,8 +100,9 @@ def _padded_size(m: int, batch_size: int) -> int:
   A multiple of batch_size / 4 (rounded up), or, where the remainder's next power of two is
   smaller than that quarter, the power of two: the few points left for the last stages of a
   robust model (FAB-T and Square on 5 of 50 images, say) would otherwise pay for a quarter batch
-  of padding in each of their thousands of forward passes. At most 4 + log2(batch_size / 4) shapes per attack are
-  compiled, and padding wastes less than a quarter batch and less than the remainder itself.
+  of padding in each of their thousands of forward passes. At most 4 + log2(batch_size / 4)
+  shapes per attack are compiled, and padding wastes less than a quarter batch and less than the
+  remainder itself.
   """
   quarter = -(-batch_size // 4)
   power = 1 << max(m - 1, 0).bit_length()
