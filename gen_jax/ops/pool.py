@@ -10,10 +10,9 @@ around it in a small CNN. A forward pass that is not differentiated is XLA's own
 CNN's forward about twice as slow). The forward pass of the VJP records, for every output
 element, WHICH tap of its window holds the maximum (one small integer per output: kh*kw strided
 slices of the padded input compared in one fused elementwise pass), and the backward pass routes
-the cotangent back to
-that tap with elementwise selects: for non-overlapping windows (strides == window) one select
-into the windows laid out by a reshape, otherwise one interior-padded (strided "unslice") copy
-per tap, summed. No gather, no scatter.
+the cotangent back to that tap with elementwise selects: for non-overlapping windows (strides ==
+window) one select into the windows laid out by a reshape, otherwise one interior-padded
+(strided "unslice") copy per tap, summed. No gather, no scatter.
 
 Ties go where XLA sends them: XLA's select-and-scatter for max (`select_prim=ge`) keeps the
 element it has selected unless a later one is strictly greater, scanning the window in row-major
