@@ -107,15 +107,14 @@ def project_hyperplane_linf(t: jax.Array, w: jax.Array, b: jax.Array) -> jax.Arr
   """
   # Orient each hyperplane so that the point lies on its positive side: w.t - b = c >= 0 must
   # shrink by exactly c.
-  sign = jnp.where(jnp.sum(w * t, axis=1) - b >= 0, 1.0, -1.0).astype(t.dtype)
-  w = w * sign[:, None]
-  b = b * sign
+  c = jnp.sum(w * t, axis=1) - b
+  w = w * jnp.where(c >= 0, 1.0, -1.0).astype(t.dtype)[:, None]
+  c = jnp.abs(c)
   neg = w < 0
   nonzero = w != 0
   d_box = jnp.where(nonzero, neg.astype(t.dtype) - t, 0.0)  # the corner that shrinks w.z most
   room = jnp.where(nonzero, jnp.where(neg, 1.0 - t, t), 0.0)  # how far each coordinate can move
   weight = jnp.abs(w)
-  c = jnp.sum(w * t, axis=1) - b
   corner = jnp.sum(weight * room, axis=1)  # F(max room): the most the box allows
 
   def halve(_, bounds):
