@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 
+import flax.linen
 import jax
 import numpy as np
 import pytest
@@ -156,6 +157,23 @@ def test_fast_ops_do_not_change_the_attacks_results():
       assert record["conv_impl"] == ("auto" if fast == "true" else "xla")
       counts[fast] = record["robust_count"]
     assert counts["true"] == counts["false"], (what, counts)
+
+
+def test_model_flops_count_every_convolution_multiply_add_twice():
+  """The FLOP count behind MFU comes from the HLO before compilation, where a convolution is a
+  `convolution` op on every backend (after GPU compilation it is a cuDNN call XLA counts as 0)."""
+  bench = _load(BENCH, "bench_under_test")
+  model = flax.linen.Conv(8, (3, 3), strides=(2, 2), padding="VALID", use_bias=False)
+  variables = model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))
+
+  class Apply:  # the `train=` keyword every gen_jax model takes
+
+    def apply(self, v, x, train):
+      del train
+      return model.apply(v, x)
+
+  flops = bench._forward_flops(Apply(), variables, batch=4, image_size=16)
+  assert flops == pytest.approx(2 * 4 * 7 * 7 * 8 * 3 * 3 * 3)  # 7 x 7 outputs, 3 x 3 x 3 taps
 
 
 def test_user_network_is_the_same_on_both_sides():
