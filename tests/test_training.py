@@ -242,3 +242,44 @@ def test_workdir_of_another_config_is_refused(tmp_path):
   other = dataclasses.replace(cfg.get_config("tiny"), eps=0.1)
   with pytest.raises(ValueError, match="another config.*eps"):
     training.train_and_evaluate(other, tmp_path, progress=False)
+
+
+def test_the_loop_attacks_each_distinct_model_once_per_evaluation(tmp_path, monkeypatch):
+  from gen_jax.training import loop  # pylint: disable=import-outside-toplevel
+  calls = []  # (roles attacked, images) of every evaluation the loop runs
+
+  def counting(models_, images, labels, **kwargs):
+    calls.append((tuple(models_), len(labels)))
+    return evaluate(models_, images, labels, **kwargs)
+
+  evaluate = loop.evaluate_models
+  monkeypatch.setattr(loop, "evaluate_models", counting)
+  config = dataclasses.replace(cfg.get_config("tiny"), epochs=1)
+  summary = training.train_and_evaluate(config, tmp_path / "whole", progress=False)
+  n, val = summary["test_images"], config.validation_size
+  # The last epoch's evaluation of the whole test split is the summary's: not attacked twice.
+  assert sorted(calls) == [(("global",), val), (("natural", "robust", "global"), n)]
+  (record,) = [
+      json.loads(l) for l in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+  ]
+  assert summary["models"] == record["test"]
+  # A rerun after the last checkpoint but before the summary evaluates nothing again.
+  (tmp_path / "whole" / "summary.json").unlink()
+  calls.clear()
+  assert training.train_and_evaluate(config, tmp_path / "whole",
+                                     progress=False)["models"] == summary["models"]
+  assert not calls
+  # Epochs evaluated on part of the test split: the summary evaluates the whole of it.
+  part = dataclasses.replace(config, eval_test_size=n // 2)
+  calls.clear()
+  cut = training.train_and_evaluate(part, tmp_path / "part", progress=False)
+  assert sorted(c[1] for c in calls) == sorted([n // 2, val, n])
+  assert cut["models"] == summary["models"]  # the same state, key and engine
+  # A single-expert method's global model is its teacher: attacked once, reported twice.
+  calls.clear()
+  baseline = training.train_and_evaluate(dataclasses.replace(config, method="pgd_at"),
+                                         tmp_path / "pgd_at",
+                                         progress=False)
+  assert sorted(calls) == [(("global",), val), (("robust",), n)]
+  assert list(baseline["models"]) == ["robust", "global"]
+  assert baseline["models"]["global"] == baseline["models"]["robust"]

@@ -284,15 +284,46 @@ def _debug_nans(enabled: bool):
 
 
 def _evaluate(state, xs, ys, *, model, config, key, sharding, roles):
+  """Clean and PGD accuracy of the models `roles` of `state` on (xs, ys), by the engine.
+
+  A single-expert method's global model is its teacher (`steps.generalist_update`), so when both
+  are asked for the teacher is attacked once and its figures are the global model's too: the
+  engine's answers depend only on the variables, the images and the key, all the same here.
+  """
   candidates = state.models()
-  return evaluate_models({r: candidates[r] for r in roles},
-                         xs,
-                         ys,
-                         model=model,
-                         key=key,
-                         threat=Threat.of(config),
-                         batch_size=config.eval_batch_size,
-                         sharding=sharding)
+  aliases = {}
+  if config.method != experts.MULTI_EXPERT_METHOD and experts.GLOBAL in roles:
+    (teacher,) = state.teachers
+    if teacher in roles:
+      aliases[experts.GLOBAL] = teacher
+  figures = evaluate_models({r: candidates[r] for r in roles if r not in aliases},
+                            xs,
+                            ys,
+                            model=model,
+                            key=key,
+                            threat=Threat.of(config),
+                            batch_size=config.eval_batch_size,
+                            sharding=sharding)
+  figures.update({alias: dict(figures[source]) for alias, source in aliases.items()})
+  return {r: figures[r] for r in roles}
+
+
+def _final_figures(records: list[dict[str, Any]], config: Config,
+                   test_images: int) -> dict[str, Any] | None:
+  """The summary's figures when the last epoch's record already holds them, else None.
+
+  The last epoch is always evaluated (`eval_every` or not), on `eval_test_size` test images,
+  by the same engine with the same key on the same state as the final evaluation. When that
+  was the whole test split, evaluating again would repeat the same attack on every image (a
+  large share of a run's time when the test split is large), so its figures are the
+  summary's. A run resumed after its last epoch reads them from the record its checkpoint kept.
+  """
+  last = records[-1] if records else None
+  if last is None or last.get("epoch") != config.epochs or "test" not in last:
+    return None
+  if config.eval_test_size is not None and config.eval_test_size < test_images:
+    return None
+  return last["test"]
 
 
 def _warm_start(config: Config, model, key, image_shape,
@@ -622,7 +653,9 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, max_epochs:
                   config=config,
                   where="the end of training",
                   saved=saved_note())
-    final = evaluate(state, splits.test_x, splits.test_y, roles=roles)
+    final = _final_figures(records, config, len(splits.test_y))
+    if final is None:
+      final = evaluate(state, splits.test_x, splits.test_y, roles=roles)
     stop.check()  # a signal during the final evaluation: no summary (the rerun evaluates again)
     summary = {
         "models": final,
