@@ -308,22 +308,21 @@ def _evaluate(state, xs, ys, *, model, config, key, sharding, roles):
   return {r: figures[r] for r in roles}
 
 
-def _final_figures(records: list[dict[str, Any]], config: Config,
-                   test_images: int) -> dict[str, Any] | None:
+def _final_figures(records: list[dict[str, Any]], epochs: int,
+                   whole_split: bool) -> dict[str, Any] | None:
   """The summary's figures when the last epoch's record already holds them, else None.
 
-  The last epoch is always evaluated (`eval_every` or not), on `eval_test_size` test images,
+  The last epoch is always evaluated (`eval_every` or not), on the loop's `test_n` test images,
   by the same engine with the same key on the same state as the final evaluation. When that
-  was the whole test split, evaluating again would repeat the same attack on every image (a
-  large share of a run's time when the test split is large), so its figures are the
-  summary's. A run resumed after its last epoch reads them from the record its checkpoint kept.
+  was the whole test split (`whole_split`), evaluating again would repeat the same attack on
+  every image (a large share of a run's time when the test split is large), so its figures are
+  the summary's. A run resumed after its last epoch reads them from the record its checkpoint
+  kept.
   """
-  last = records[-1] if records else None
-  if last is None or last.get("epoch") != config.epochs or "test" not in last:
-    return None
-  if config.eval_test_size is not None and config.eval_test_size < test_images:
-    return None
-  return last["test"]
+  last = records[-1] if records else {}
+  if whole_split and last.get("epoch") == epochs and "test" in last:
+    return last["test"]
+  return None
 
 
 def _warm_start(config: Config, model, key, image_shape,
@@ -653,7 +652,7 @@ def _train(config: Config, workdir: pathlib.Path, *, progress: bool, max_epochs:
                   config=config,
                   where="the end of training",
                   saved=saved_note())
-    final = _final_figures(records, config, len(splits.test_y))
+    final = _final_figures(records, config.epochs, test_n >= len(splits.test_y))
     if final is None:
       final = evaluate(state, splits.test_x, splits.test_y, roles=roles)
     stop.check()  # a signal during the final evaluation: no summary (the rerun evaluates again)
